@@ -43,7 +43,7 @@ class ModelConfig:
             num_attention_heads=heads,
             num_key_value_heads=d.get("num_key_value_heads") or heads,
             head_dim=d.get("head_dim") or d["hidden_size"] // heads,
-            rope_theta=float(d.get("rope_theta", 10000.0)),
+            rope_theta=float(_rope_theta(d)),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
             max_position_embeddings=d.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
@@ -78,3 +78,9 @@ class ModelConfig:
     def kv_bytes_per_token(self) -> int:
         """Elements of K and V across all layers for one token (multiply by dtype size)."""
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
+
+
+def _rope_theta(d: dict) -> float:
+    # transformers >= 5 nests it under rope_parameters; config.json files on disk use the flat key
+    nested = d.get("rope_parameters") or {}
+    return d.get("rope_theta") or nested.get("rope_theta") or 10000.0

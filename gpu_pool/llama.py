@@ -1,0 +1,147 @@
+"""Llama-family decoder as plain functions over a weights container.
+
+There are no nn.Modules on purpose: the weights are tensors held in `LlamaWeights`, so a model
+switch rebinds views (DESIGN §4) and a forward pass is one loop with no module dispatch cost.
+Attention reads and writes the paged KV cache through `AttentionMetadata`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tokenpool.gpu_pool.attention import AttentionMetadata, paged_attention
+from tokenpool.gpu_pool.kv_cache import PagedKVCache
+from tokenpool.models.config import ModelConfig
+
+
+@dataclass(slots=True)
+class LayerWeights:
+    input_norm: torch.Tensor  # [hidden]
+    qkv: torch.Tensor  # [(H + 2*KVH) * D, hidden], q, k and v fused so one GEMM serves all
+    o: torch.Tensor  # [hidden, H * D]
+    post_norm: torch.Tensor  # [hidden]
+    gate_up: torch.Tensor  # [2 * ffn, hidden]
+    down: torch.Tensor  # [hidden, ffn]
+
+
+@dataclass(slots=True)
+class LlamaWeights:
+    embed: torch.Tensor  # [vocab, hidden]
+    layers: list[LayerWeights]
+    norm: torch.Tensor  # [hidden]
+    lm_head: torch.Tensor  # [vocab, hidden]; the same tensor as `embed` when tied
+
+    @classmethod
+    def from_hf(cls, cfg: ModelConfig, sd: dict[str, torch.Tensor], dtype: torch.dtype,
+                device: torch.device | str) -> "LlamaWeights":
+        def get(name: str) -> torch.Tensor:
+            return sd[name].to(device=device, dtype=dtype).contiguous()
+
+        def fuse(*names: str) -> torch.Tensor:
+            return torch.cat([sd[n] for n in names]).to(device=device, dtype=dtype).contiguous()
+
+        layers = []
+        for i in range(cfg.num_hidden_layers):
+            p = f"model.layers.{i}."
+            layers.append(LayerWeights(
+                input_norm=get(p + "input_layernorm.weight"),
+                qkv=fuse(*(p + f"self_attn.{x}_proj.weight" for x in "qkv")),
+                o=get(p + "self_attn.o_proj.weight"),
+                post_norm=get(p + "post_attention_layernorm.weight"),
+                gate_up=fuse(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+                down=get(p + "mlp.down_proj.weight"),
+            ))
+        embed = get("model.embed_tokens.weight")
+        tied = cfg.tie_word_embeddings or "lm_head.weight" not in sd
+        lm_head = embed if tied else get("lm_head.weight")
+        return cls(embed=embed, layers=layers, norm=get("model.norm.weight"), lm_head=lm_head)
+
+    def nbytes(self) -> int:
+        seen, total = set(), 0
+        for t in self.tensors():
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = [self.embed, self.norm, self.lm_head]
+        for lw in self.layers:
+            out += [lw.input_norm, lw.qkv, lw.o, lw.post_norm, lw.gate_up, lw.down]
+        return out
+
+
+class RotaryTable:
+    """cos/sin for every position up to the context length, computed once in float32.
+
+    Computed exactly as HF does (outer product of positions and inverse frequencies, then
+    cos/sin in float32, cast last) so logits agree with the reference to float rounding.
+    """
+
+    def __init__(self, head_dim: int, theta: float, max_positions: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float()
+                                    / head_dim))
+        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = emb.cos().to(device=device, dtype=dtype)  # [P, D]
+        self.sin = emb.sin().to(device=device, dtype=dtype)
+
+    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [N, heads, D], positions: [N]."""
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    # HF normalises in float32 and multiplies by the weight in the model's dtype.
+    normed = F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+    return weight * normed
+
+
+class LlamaForward:
+    """Runs the decoder for one flattened, unpadded batch of tokens."""
+
+    def __init__(self, cfg: ModelConfig, weights: LlamaWeights, rope: RotaryTable):
+        self.cfg = cfg
+        self.weights = weights
+        self.rope = rope
+        self.q_size = cfg.num_attention_heads * cfg.head_dim
+        self.kv_size = cfg.num_key_value_heads * cfg.head_dim
+
+    @torch.inference_mode()
+    def __call__(self, token_ids: torch.Tensor, positions: torch.Tensor,
+                 meta: AttentionMetadata, kv: PagedKVCache) -> torch.Tensor:
+        """token_ids, positions: [N]. Returns final hidden states at `meta.logits_rows`."""
+        cfg, w = self.cfg, self.weights
+        x = w.embed[token_ids]  # [N, hidden]
+        for layer_idx, lw in enumerate(w.layers):
+            h = rms_norm(x, lw.input_norm, cfg.rms_norm_eps)
+            attn = self._attention(h, positions, lw, meta, kv, layer_idx)
+            x = x + F.linear(attn, lw.o)
+            h = rms_norm(x, lw.post_norm, cfg.rms_norm_eps)
+            gate, up = F.linear(h, lw.gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, lw.down)
+        x = x[meta.logits_rows]
+        return rms_norm(x, w.norm, cfg.rms_norm_eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.weights.lm_head).float()
+
+    def _attention(self, h, positions, lw: LayerWeights, meta, kv, layer_idx) -> torch.Tensor:
+        cfg = self.cfg
+        n = h.shape[0]
+        q, k, v = F.linear(h, lw.qkv).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = self.rope.apply(q.view(n, cfg.num_attention_heads, cfg.head_dim), positions)
+        k = self.rope.apply(k.view(n, cfg.num_key_value_heads, cfg.head_dim), positions)
+        v = v.view(n, cfg.num_key_value_heads, cfg.head_dim)
+        kv.write(layer_idx, k, v, meta.slot_mapping)
+        return paged_attention(q, k, v, kv, layer_idx, meta).reshape(n, self.q_size)

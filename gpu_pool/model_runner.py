@@ -1,0 +1,95 @@
+"""Executes one engine step on the device: build the flattened batch, run, sample."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenpool.gpu_pool.attention import AttentionMetadata
+from tokenpool.gpu_pool.kv_cache import PagedKVCache
+from tokenpool.gpu_pool.llama import LlamaForward
+from tokenpool.gpu_pool.sampler import SampleRow, sample
+from tokenpool.gpu_pool.sequence import Sequence
+
+
+@dataclass(frozen=True, slots=True)
+class StepBatch:
+    """Sequences to run this step: prefills first (whole token lists), then one-token decodes."""
+
+    prefills: tuple[Sequence, ...]
+    decodes: tuple[Sequence, ...]
+    block_tables: dict[str, list[int]]
+
+    @property
+    def sequences(self) -> tuple[Sequence, ...]:
+        return self.prefills + self.decodes
+
+    def __bool__(self) -> bool:
+        return bool(self.prefills or self.decodes)
+
+
+class ModelRunner:
+    def __init__(self, forward: LlamaForward, kv: PagedKVCache, device: torch.device):
+        self.forward = forward
+        self.kv = kv
+        self.device = device
+
+    def run(self, batch: StepBatch) -> tuple[list[int], list]:
+        logits = self.logits(batch)
+        rows = [SampleRow(s.params, s.generator) for s in batch.sequences]
+        return sample(logits, rows)
+
+    def logits(self, batch: StepBatch) -> torch.Tensor:
+        """[num_seqs, vocab] float32 logits of each sequence's next token."""
+        token_ids, positions, meta = self._prepare(batch)
+        hidden = self.forward(token_ids, positions, meta, self.kv)
+        return self.forward.logits(hidden)
+
+    def _prepare(self, batch: StepBatch):
+        bs = self.kv.block_size
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logits_rows: list[int] = []
+        for seq in batch.prefills:
+            ids = seq.all_ids()
+            table = batch.block_tables[seq.seq_id]
+            tokens += ids
+            positions += range(len(ids))
+            slots += [table[p // bs] * bs + p % bs for p in range(len(ids))]
+            logits_rows.append(len(tokens) - 1)
+        for seq in batch.decodes:
+            pos = seq.num_tokens - 1
+            tokens.append(seq.last_token)
+            positions.append(pos)
+            slots.append(batch.block_tables[seq.seq_id][pos // bs] * bs + pos % bs)
+            logits_rows.append(len(tokens) - 1)
+        pages, mask = self._decode_layout(batch)
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(slots),
+            prefill_lens=[s.num_tokens for s in batch.prefills],
+            num_decodes=len(batch.decodes),
+            decode_pages=pages,
+            decode_mask=mask,
+            logits_rows=self._tensor(logits_rows),
+        )
+        return self._tensor(tokens), self._tensor(positions), meta
+
+    def _decode_layout(self, batch: StepBatch):
+        """Pad decode block tables to the longest one; mask keys past each context."""
+        if not batch.decodes:
+            return None, None
+        tables = [batch.block_tables[s.seq_id] for s in batch.decodes]
+        context = [s.num_tokens for s in batch.decodes]
+        width = max(-(-c // self.kv.block_size) for c in context)
+        pages = [p for t in tables for p in (t[:width] + [0] * (width - len(t[:width])))]
+        if len(set(context)) == 1 and context[0] == width * self.kv.block_size:
+            return self._tensor(pages), None
+        lens = self._tensor(context)
+        keys = torch.arange(width * self.kv.block_size, device=self.device)
+        mask = (keys.unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]
+        return self._tensor(pages), mask
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=self.device)

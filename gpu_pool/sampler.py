@@ -1,0 +1,93 @@
+"""Turns a step's logits into tokens, one row per sequence, each with its own parameters.
+
+Every random row draws its uniform number from the request's own generator, and every other
+operation is row-wise. A seeded request therefore gets the same tokens whatever else shares
+its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenpool.sampling import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # the N most likely (token id, logprob), best first
+
+
+@dataclass(slots=True)
+class SampleRow:
+    params: SamplingParams
+    generator: torch.Generator | None  # None for greedy rows
+
+
+def sample(logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list]:
+    """logits: [B, V] float32. Returns token ids and per-row TokenLogprobs (or None)."""
+    tokens = logits.argmax(dim=-1)
+    random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if random_rows:
+        idx = torch.tensor(random_rows, device=logits.device)
+        drawn = _sample_random(logits.index_select(0, idx), [rows[i] for i in random_rows])
+        tokens = tokens.index_copy(0, idx, drawn)
+    token_list = tokens.tolist()
+    return token_list, _logprobs(logits, token_list, rows)
+
+
+def _sample_random(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    device = logits.device
+    temps = torch.tensor([r.params.temperature for r in rows], device=device)
+    logits = logits / temps.unsqueeze(1)
+    top_ks = [r.params.top_k for r in rows]
+    if any(k > 0 for k in top_ks):
+        logits = _apply_top_k(logits, top_ks)
+    probs = logits.softmax(dim=-1)
+    top_ps = torch.tensor([r.params.top_p for r in rows], device=device)
+    if bool((top_ps < 1.0).any()):
+        probs = _apply_top_p(probs, top_ps)
+    uniform = torch.cat([torch.rand(1, generator=r.generator) for r in rows]).to(device)
+    cdf = probs.cumsum(dim=-1)
+    # Scaling u by the row total keeps the draw exact after masking without renormalising.
+    target = uniform * cdf[:, -1]
+    picked = torch.searchsorted(cdf, target.unsqueeze(1)).squeeze(1)
+    return picked.clamp_(max=logits.shape[-1] - 1)
+
+
+def _apply_top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    ks = [k if 0 < k < vocab else vocab for k in top_ks]
+    kth = logits.topk(max(ks), dim=-1).values  # [B, max_k], sorted descending
+    index = torch.tensor([k - 1 for k in ks], device=logits.device).unsqueeze(1)
+    threshold = kth.gather(1, index)
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def _apply_top_p(probs: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    # Keep the smallest prefix whose mass reaches top_p; the first token always stays.
+    drop_sorted = mass_before >= top_ps.unsqueeze(1)
+    drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
+    return probs.masked_fill(drop, 0.0)
+
+
+def _logprobs(logits: torch.Tensor, tokens: list[int], rows: list[SampleRow]) -> list:
+    wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    out: list = [None] * len(rows)
+    if not wanted:
+        return out
+    idx = torch.tensor(wanted, device=logits.device)
+    logp = logits.index_select(0, idx).log_softmax(dim=-1)
+    max_n = max(rows[i].params.logprobs for i in wanted)
+    top_vals, top_ids = logp.topk(max(max_n, 1), dim=-1)
+    chosen = logp.gather(1, torch.tensor([[tokens[i]] for i in wanted], device=logits.device))
+    for j, i in enumerate(wanted):
+        n = rows[i].params.logprobs
+        top = tuple(zip(top_ids[j, :n].tolist(), top_vals[j, :n].tolist()))
+        out[i] = TokenLogprobs(tokens[i], float(chosen[j, 0]), top)
+    return out

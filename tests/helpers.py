@@ -1,0 +1,44 @@
+"""Small factories and reference runners shared by tests."""
+
+from __future__ import annotations
+
+import torch
+
+NEAR_TIE = 0.01  # HF top-2 logit gap below which float rounding may flip the greedy choice
+
+
+def random_prompts(lengths, seed=0, vocab=49152) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    # Skip the first ids: SmolLM2's special tokens live there.
+    return [torch.randint(100, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def hf_greedy(model, prompt_ids: list[int], new_tokens: int) -> tuple[list[int], list[float]]:
+    """HF's greedy tokens from raw logits, and per step the gap between its two best logits.
+
+    A plain loop over HF's forward with its own KV cache: `generate(min_new_tokens=...)` would
+    mask EOS, so it is not a neutral reference when EOS is ignored.
+    """
+    tokens, gaps = [], []
+    ids, past = torch.tensor([prompt_ids]), None
+    with torch.inference_mode():
+        for _ in range(new_tokens):
+            out = model(ids, past_key_values=past, use_cache=True)
+            logits = out.logits[0, -1].float()
+            top2 = logits.topk(2).values
+            gaps.append(float(top2[0] - top2[1]))
+            tokens.append(int(logits.argmax()))
+            ids, past = torch.tensor([[tokens[-1]]]), out.past_key_values
+    return tokens, gaps
+
+
+def agreed_prefix(ours: list[int], ref: list[int], gaps: list[float]) -> int:
+    """Length of the compared prefix. Fails unless any divergence sits at a near tie."""
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        if a != b:
+            assert gaps[i] < NEAR_TIE, (
+                f"diverged at step {i}: ours {a}, HF {b}, HF top-2 gap {gaps[i]:.4f} "
+                f"is not a near tie\nours {ours}\nref  {ref}")
+            return i
+    assert len(ours) == len(ref), f"length differs: {len(ours)} vs {len(ref)}"
+    return len(ours)
