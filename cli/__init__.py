@@ -1,1 +1,1 @@
-"""tokenpool.cli"""
+"""tokenpool.cli: the `tokenpool` command line (see cli/main.py)."""

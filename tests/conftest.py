@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tokenpool.gpu_pool.engine import EngineConfig, LLMEngine
+from helpers import parse_gguf_once
 from tokenpool.models import load_checkpoint, smollm2_gguf_path
 
 
@@ -29,8 +30,9 @@ def hf_smollm2():
     """HF transformers' own load of the same GGUF: the correctness reference."""
     transformers = pytest.importorskip("transformers")
     path = smollm2_gguf_path()
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    with parse_gguf_once():
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32)
     return model.eval()
 
 
@@ -49,8 +51,3 @@ def engine(shared_engine):
         shared_engine.abort(seq_id)
     assert not leftover, f"test left requests behind: {leftover}"
     assert shared_engine.num_used_pages == 0, "KV pages leaked"
-
-
-def make_engine(checkpoint, **overrides) -> LLMEngine:
-    defaults = {"dtype": "float32", "kv_cache_bytes": 64 << 20}
-    return LLMEngine.from_checkpoint(checkpoint, EngineConfig(**{**defaults, **overrides}))

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
+import pytest
 import torch
+
+from tokenpool.gpu_pool.engine import EngineConfig, LLMEngine
 
 NEAR_TIE = 0.01  # HF top-2 logit gap below which float rounding may flip the greedy choice
 
@@ -42,3 +47,30 @@ def agreed_prefix(ours: list[int], ref: list[int], gaps: list[float]) -> int:
             return i
     assert len(ours) == len(ref), f"length differs: {len(ours)} vs {len(ref)}"
     return len(ours)
+
+
+def make_engine(checkpoint, **overrides) -> LLMEngine:
+    defaults = {"dtype": "float32", "kv_cache_bytes": 64 << 20}
+    return LLMEngine.from_checkpoint(checkpoint, EngineConfig(**{**defaults, **overrides}))
+
+
+_READERS: dict = {}
+
+
+@contextmanager
+def parse_gguf_once():
+    """transformers builds a gguf.GGUFReader for the config, again for the weights and again
+    for the tokenizer, each 5-10 s for SmolLM2 on 2 cores. Hand it the same (read-only) reader
+    instead; what it reads is unchanged."""
+    gguf = pytest.importorskip("gguf")
+    real = gguf.GGUFReader
+
+    def shared(path, *args, **kwargs):
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in _READERS:
+            _READERS[key] = real(path, *args, **kwargs)
+        return _READERS[key]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "GGUFReader", shared)
+        yield

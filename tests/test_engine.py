@@ -6,8 +6,7 @@ import pytest
 
 from tokenpool.errors import EmptyPromptError, InvalidRequestError, PromptTooLongError
 from tokenpool.sampling import SamplingParams
-from tests.conftest import make_engine
-from tests.helpers import random_prompts
+from helpers import make_engine, random_prompts
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tokenpool.sampling import SamplingParams
-from tests.helpers import agreed_prefix, hf_greedy
+from helpers import agreed_prefix, hf_greedy
 
 NEW_TOKENS = 48
 PLAIN = [

@@ -1,0 +1,1 @@
+"""tokenpool.bench: benchmarks behind `tokenpool bench` (engine now; swap and serve later)."""

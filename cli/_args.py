@@ -1,0 +1,80 @@
+"""Argument helpers shared by the subcommands: option definitions and value parsers.
+
+Nothing heavy is imported here, so `tokenpool --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+# The fleet file in this repository; `--config` falls back to it.
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fleet.yaml"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the line breaks of descriptions and epilogs (the examples)."""
+
+    def __init__(self, prog: str):
+        super().__init__(prog, max_help_position=32)
+
+
+def add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", metavar="FILE", type=Path, default=DEFAULT_CONFIG,
+        help="fleet file (YAML) that lists the models and the engine settings "
+             "(default: configs/fleet.yaml of this repository)")
+
+
+def add_dtype(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default=None,
+        help=f"weight and compute dtype of {what}, overriding the fleet file "
+             "(auto: bfloat16 on CUDA and on CPUs with AVX512-BF16/AMX, else float32; "
+             "float16 needs CUDA)")
+
+
+def add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", metavar="DEV", default=None, type=device_name,
+        help="cpu, cuda or cuda:N, overriding engine.device of the fleet file")
+
+
+def device_name(text: str) -> str:
+    if not _DEVICE.match(text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def any_int(text: str) -> int:
+    return _int(text)
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def checked(parse, what: str):
+    """Wrap a parser that raises ValueError so argparse reports its message (exit 2)."""
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = what  # argparse names the type in some messages
+    return convert

@@ -1,0 +1,132 @@
+"""`tokenpool bench engine`: our engine's throughput against HF transformers, as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from tokenpool.cli import _args
+
+ENGINE_DESCRIPTION = """\
+Measure our engine on batches of random prompts (greedy, ignore EOS, exactly --new-tokens
+tokens each) and, unless --no-hf, HF transformers' batched generate() on the same checkpoint,
+dtype, device and prompts. Prints a table to stdout and writes one JSON object to --json.
+
+For each batch size B the prompts are B random token sequences (fixed by --seed) whose
+lengths are spread evenly over --prompt-lens (a batch of one gets the midpoint).
+  ttft_s                mean time from the start to a request's first token
+                        (HF: the time of generate(max_new_tokens=1) on the batch)
+  prefill_tokens_per_s  prompt tokens / time until every request has its first token
+                        (HF: unpadded prompt tokens / ttft)
+  decode_tokens_per_s   the all-decode phase: tokens generated after the last request got
+                        its first token / the time from then to the end
+                        (HF: B*(N-1) / (t_generate(N) - ttft))
+  speedup_vs_hf         ours / HF decode tokens per second, per batch size"""
+
+ENGINE_EPILOG = """\
+examples:
+  tokenpool bench engine --model smollm2-135m-instruct --json bench-engine.json
+  tokenpool bench engine --model smollm2-135m-instruct --batch 1,8,32 \\
+      --prompt-lens 64-512 --new-tokens 64 --dtype float32 --json bench-engine.json
+  tokenpool bench engine --config synth.yaml --model synth-l2-h64-nh4-kv2-f192 \\
+      --batch 1,2 --prompt-lens 16-32 --new-tokens 4 --no-hf --json /tmp/b.json"""
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "bench", help="benchmarks that write one JSON object (engine)",
+        description="Benchmarks. Each prints a short table to stdout and writes one JSON "
+                    "object to --json OUT.",
+        formatter_class=_args.HelpFormatter)
+    kinds = p.add_subparsers(dest="bench_command", metavar="KIND", required=True)
+    # `swap` and `serve` will be added here.
+    _add_engine(kinds)
+
+
+def _add_engine(kinds: argparse._SubParsersAction) -> None:
+    from tokenpool.bench.engine_bench import parse_batches, parse_prompt_lens
+
+    p = kinds.add_parser(
+        "engine", help="engine throughput and TTFT, against HF transformers",
+        description=ENGINE_DESCRIPTION, epilog=ENGINE_EPILOG, formatter_class=_args.HelpFormatter)
+    p.add_argument("--model", metavar="ID", required=True,
+                   help="model id, as listed under models: in the fleet file")
+    _args.add_config(p)
+    p.add_argument("--batch", metavar="B[,B...]", default=(1, 8, 32),
+                   type=_args.checked(parse_batches, "batch sizes"),
+                   help="comma-separated batch sizes, each run separately (default: 1,8,32)")
+    p.add_argument("--prompt-lens", metavar="LOW-HIGH", default=(64, 512),
+                   type=_args.checked(parse_prompt_lens, "prompt lengths"),
+                   help="prompt lengths in tokens, spread evenly over LOW..HIGH within a "
+                        "batch; a single N means every prompt has N tokens (default: 64-512)")
+    p.add_argument("--new-tokens", metavar="N", default=64,
+                   type=_args.checked(_at_least_two, "new tokens"),
+                   help="tokens generated per request, at least 2 (default: 64)")
+    _args.add_dtype(p, "both engines")
+    _args.add_device(p)
+    p.add_argument("--seed", metavar="N", type=_args.any_int, default=0,
+                   help="seed of the random prompts (default: 0)")
+    p.add_argument("--threads", metavar="N", type=_args.positive_int, default=None,
+                   help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-hf", action="store_true",
+                   help="skip the HF transformers reference (hf is [], speedup_vs_hf {})")
+    p.add_argument("--json", metavar="OUT", type=Path, required=True,
+                   help="write the results as one JSON object to this file")
+    p.set_defaults(func=run_engine)
+
+
+def run_engine(args: argparse.Namespace) -> int:
+    import torch
+
+    from tokenpool.bench import engine_bench, report
+    from tokenpool.cli._model import find_model, load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fleet, spec = find_model(args.config, args.model)
+    model = load_model(fleet, spec, dtype=args.dtype, device=args.device)
+    engine = model.engine
+    low, high = args.prompt_lens
+    engine_bench.check_fits(engine, high, args.new_tokens)
+    if max(args.batch) > engine.config.max_num_seqs:
+        print(f"tokenpool: warning: batches above engine.max_num_seqs="
+              f"{engine.config.max_num_seqs} run in waves", file=sys.stderr)
+    workloads = {b: engine_bench.make_prompts(b, low, high, model.checkpoint.config.vocab_size,
+                                              args.seed) for b in args.batch}
+    ours = engine_bench.bench_engine(engine, workloads, args.new_tokens)
+    device, dtype = engine.device, engine.dtype
+    del model, engine  # free our weights and KV cache before HF loads its own copy
+    hf = [] if args.no_hf else _bench_hf(fleet, spec, dtype, device, workloads, args.new_tokens)
+    result = report.engine_report(
+        model=spec.id, device=str(device), dtype=str(dtype).removeprefix("torch."),
+        new_tokens=args.new_tokens, prompt_lens=(low, high), ours=ours, hf=hf,
+        torch_threads=torch.get_num_threads(), command=_command(args))
+    report.write_json(args.json, result)
+    sys.stdout.write(report.engine_table(result))
+    return 0
+
+
+def _bench_hf(fleet, spec, dtype, device, workloads, new_tokens):
+    from tokenpool.bench import hf_reference
+    from tokenpool.models import resolve_source
+
+    print("tokenpool: loading the HF transformers reference", file=sys.stderr, flush=True)
+    model = hf_reference.load_hf_model(resolve_source(spec.source, fleet.base_dir), dtype, device)
+    return hf_reference.bench_hf(model, workloads, new_tokens)
+
+
+def _command(args: argparse.Namespace) -> str:
+    argv = getattr(args, "argv", None)
+    return shlex.join(["tokenpool", *(sys.argv[1:] if argv is None else argv)])
+
+
+def _at_least_two(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"expected an integer, got {text!r}") from None
+    if value < 2:
+        raise ValueError(f"must be at least 2 (one prefill token plus decode), got {text!r}")
+    return value

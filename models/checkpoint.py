@@ -1,0 +1,83 @@
+"""One loaded checkpoint: config, HF-named CPU weights and tokenizer, whatever the file format."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tokenpool.errors import CheckpointError
+from tokenpool.models.config import ModelConfig
+from tokenpool.models.tokenizer import Tokenizer
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]  # HF LlamaForCausalLM names, CPU, contiguous
+    tokenizer: Tokenizer
+    source: str
+
+
+def load_checkpoint(path: str | Path, *, progress: bool = True) -> Checkpoint:
+    """Load a `.gguf` file or an HF-layout directory (config.json + *.safetensors)."""
+    from tokenpool.models.gguf_loader import load_gguf
+    from tokenpool.models.hf_loader import load_hf_dir
+
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        ckpt = load_gguf(path, progress=progress)
+    elif path.is_dir() and (path / "config.json").is_file():
+        ckpt = load_hf_dir(path, progress=progress)
+    elif not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    else:
+        raise CheckpointError(
+            f"{path} is neither a .gguf file nor a directory with config.json")
+    check_weights(ckpt.config, ckpt.weights, path)
+    return ckpt
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every weight a Llama checkpoint with this config must have, with its shape."""
+    h, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, \
+        cfg.num_key_value_heads * cfg.head_dim
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, q),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "mlp.gate_proj.weight": (cfg.intermediate_size, h),
+            p + "mlp.up_proj.weight": (cfg.intermediate_size, h),
+            p + "mlp.down_proj.weight": (h, cfg.intermediate_size),
+        }
+    return shapes
+
+
+def check_weights(cfg: ModelConfig, weights: dict[str, torch.Tensor], source: Path) -> None:
+    expected = expected_shapes(cfg)
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    if missing or extra:
+        raise CheckpointError(
+            f"{source}: weights do not match the config: missing {_few(missing)}, "
+            f"unexpected {_few(extra)}")
+    for name, shape in expected.items():
+        if tuple(weights[name].shape) != shape:
+            raise CheckpointError(
+                f"{source}: {name} has shape {tuple(weights[name].shape)}, config implies {shape}")
+
+
+def _few(names: list[str]) -> str:
+    if not names:
+        return "none"
+    more = f" (+{len(names) - 5} more)" if len(names) > 5 else ""
+    return ", ".join(names[:5]) + more

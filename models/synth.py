@@ -1,0 +1,114 @@
+"""Random-initialised Llama checkpoints (HF layout, SmolLM2's tokenizer) for load tests."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from tokenpool.models.checkpoint import expected_shapes
+from tokenpool.models.config import ModelConfig
+from tokenpool.models.gguf_file import read_gguf
+from tokenpool.models.locate import smollm2_gguf_path
+from tokenpool.models.tokenizer import Tokenizer
+
+SHAPE_FORMAT = "L,H,NH,NKV[,FFN] (layers, hidden size, attention heads, KV heads, FFN size)"
+_FFN_RATIO = 1536 / 576  # SmolLM2's intermediate/hidden
+_INIT_STD = 0.02  # HF's initializer_range: small enough that 30 layers stay finite
+
+
+@functools.lru_cache(maxsize=1)
+def smollm2_tokenizer() -> Tokenizer:
+    """SmolLM2's tokenizer, read from the packaged GGUF once per process."""
+    return Tokenizer.from_gguf(read_gguf(smollm2_gguf_path()).metadata)
+
+
+def default_intermediate_size(hidden_size: int) -> int:
+    return max(64, round(hidden_size * _FFN_RATIO / 64) * 64)
+
+
+def parse_shape(spec: str) -> dict[str, int]:
+    """'L,H,NH,NKV[,FFN]' -> keyword arguments for write_synthetic_checkpoint."""
+    parts = [p.strip() for p in spec.split(",")]
+    if len(parts) not in (4, 5):
+        raise ValueError(f"shape {spec!r}: expected {SHAPE_FORMAT}, e.g. '4,256,8,2'")
+    names = ["num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size"]
+    values = {}
+    for name, part in zip(names, parts):
+        try:
+            values[name] = int(part)
+        except ValueError:
+            raise ValueError(f"shape {spec!r}: {name} must be an integer, got {part!r}") from None
+    validate_shape(**values)
+    return values
+
+
+def validate_shape(num_layers: int, hidden_size: int, num_heads: int, num_kv_heads: int,
+                   intermediate_size: int | None = None) -> None:
+    sizes = dict(num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads,
+                 num_kv_heads=num_kv_heads)
+    if intermediate_size is not None:
+        sizes["intermediate_size"] = intermediate_size
+    for name, value in sizes.items():
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    if hidden_size % num_heads:
+        raise ValueError(
+            f"hidden_size ({hidden_size}) must be a multiple of num_heads ({num_heads})")
+    if (hidden_size // num_heads) % 2:
+        raise ValueError(f"head_dim = hidden_size / num_heads = {hidden_size // num_heads} must be "
+                         "even (RoPE rotates pairs)")
+    if num_heads % num_kv_heads:
+        raise ValueError(
+            f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+
+
+def write_synthetic_checkpoint(
+    out_dir: str | Path, *, num_layers: int, hidden_size: int, num_heads: int, num_kv_heads: int,
+    intermediate_size: int | None = None, seed: int = 0, dtype: torch.dtype = torch.float32,
+    tokenizer: Tokenizer | None = None, tie_word_embeddings: bool = True,
+) -> Path:
+    """Write config.json, model.safetensors, tokenizer files and generation_config.json."""
+    validate_shape(num_layers, hidden_size, num_heads, num_kv_heads, intermediate_size)
+    tokenizer = tokenizer or smollm2_tokenizer()
+    config = ModelConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=hidden_size,
+        intermediate_size=intermediate_size or default_intermediate_size(hidden_size),
+        num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads, head_dim=hidden_size // num_heads,
+        rope_theta=100000.0, rms_norm_eps=1e-5, max_position_embeddings=8192,
+        tie_word_embeddings=tie_word_embeddings, bos_token_id=tokenizer.bos_token_id,
+        eos_token_ids=tokenizer.eos_token_ids,
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(random_weights(config, seed, dtype), str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    _write_json(out / "config.json", {**config.to_hf_dict(), "torch_dtype": _dtype_name(dtype)})
+    _write_json(out / "generation_config.json", {
+        "bos_token_id": config.bos_token_id, "eos_token_id": list(config.eos_token_ids)})
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def random_weights(config: ModelConfig, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Normal(0, 0.02) matrices and all-ones norms, as HF initialises Llama."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, shape in expected_shapes(config).items():
+        if len(shape) == 1:
+            weights[name] = torch.ones(shape, dtype=dtype)
+        else:
+            weights[name] = torch.empty(shape).normal_(0.0, _INIT_STD, generator=gen).to(dtype)
+    return weights
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")

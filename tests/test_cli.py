@@ -1,0 +1,221 @@
+"""The `tokenpool` command line, run as real processes on real checkpoints (no mocks).
+
+Tiny settings keep the file near a minute on 2 CPU cores: 8 tokens on SmolLM2, and a 2-layer
+synthetic checkpoint (written by `tokenpool fleet synth` itself) for everything else.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tokenpool.fleet import load_fleet
+from tokenpool.gpu_pool.engine import LLMEngine
+from tokenpool.models import load_checkpoint
+from tokenpool.sampling import SamplingParams
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_FLEET = REPO / "configs" / "fleet.yaml"
+MODEL = "smollm2-135m-instruct"
+PROMPT = "The capital of France is"
+SHAPES = {"2,64,4,2": "synth-l2-h64-nh4-kv2-f192", "2,64,4,1,128": "synth-l2-h64-nh4-kv1-f128"}
+SYNTH = "synth-l2-h64-nh4-kv2-f192"
+
+
+def tokenpool(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tokenpool.cli.main", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_usage_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stdout == ""
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def engine_text(checkpoint, prompt_ids: list[int], max_tokens: int) -> str:
+    """The engine's own greedy text for a prompt, under the default fleet's engine settings."""
+    engine = LLMEngine.from_checkpoint(checkpoint, load_fleet(DEFAULT_FLEET).engine_config(MODEL))
+    engine.add_request(prompt_ids, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    text = []
+    while engine.has_unfinished():
+        text += [out.new_text for out in engine.step()]
+    return "".join(text)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """`fleet synth` output: (the directory, the YAML snippet it printed)."""
+    out = tmp_path_factory.mktemp("synth")
+    shapes = [arg for shape in SHAPES for arg in ("--shape", shape)]
+    result = tokenpool("fleet", "synth", "--out", out, *shapes, "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    return out, result.stdout
+
+
+@pytest.fixture(scope="module")
+def synth_fleet(synth) -> Path:
+    """A fleet file made of the pasted snippet plus a small KV cache."""
+    out, snippet = synth
+    path = out / "fleet.yaml"
+    path.write_text(snippet + "engine:\n  kv_cache_bytes: 64MiB\n")
+    return path
+
+
+# -- help and usage ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", [[], ["generate"], ["fleet"], ["fleet", "synth"], ["bench"],
+                                     ["bench", "engine"]], ids=" ".join)
+def test_help_exits_zero(command):
+    result = tokenpool(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: tokenpool {' '.join(command)}".rstrip())
+
+
+def test_console_script_and_no_command():
+    script = Path(sys.executable).with_name("tokenpool")
+    if script.exists():
+        assert subprocess.run([script, "--version"], capture_output=True).returncode == 0
+    assert_usage_error(tokenpool(), "required")
+
+
+# -- generate ----------------------------------------------------------------------------------
+
+def test_generate_prints_exactly_the_greedy_completion(smollm2):
+    expected = engine_text(smollm2, smollm2.tokenizer.encode(PROMPT, add_special_tokens=True), 8)
+    result = tokenpool("generate", "--model", MODEL, "--prompt", PROMPT, "--max-tokens", 8)
+    assert result.returncode == 0, result.stderr
+    assert expected.strip()
+    assert result.stdout == expected + "\n"
+    assert "8 generated tokens" in result.stderr
+
+
+def test_generate_chat_uses_the_chat_template(smollm2):
+    tok = smollm2.tokenizer
+    chat = tok.apply_chat_template([{"role": "user", "content": "Hi!"}], add_generation_prompt=True)
+    expected = engine_text(smollm2, tok.encode(chat, add_special_tokens=False), 8)
+    result = tokenpool("generate", "--config", DEFAULT_FLEET, "--model", MODEL, "--prompt", "Hi!",
+                       "--chat", "--max-tokens", 8)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+
+
+def test_generate_bfloat16_with_stop_and_sampling(synth_fleet):
+    result = tokenpool("generate", "--config", synth_fleet, "--model", SYNTH, "--prompt", "1, 2,",
+                       "--dtype", "bfloat16", "--max-tokens", 6, "--temperature", 0.5,
+                       "--seed", 1, "--top-k", 20, "--top-p", 0.9, "--stop", "\n")
+    assert result.returncode == 0, result.stderr
+    assert f"{SYNTH} (bfloat16 on cpu)" in result.stderr
+    assert result.stdout.endswith("\n") and "\n" not in result.stdout[:-1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "nope", "--prompt", "hi"], f"unknown model 'nope'; known models: {MODEL}"),
+    (["--model", MODEL, "--prompt", ""], "prompt is empty"),
+    (["--model", MODEL, "--prompt", "hi", "--temperature", "-1"], "temperature must be >= 0"),
+    (["--model", MODEL, "--prompt", "hi", "--temperature", "hot"], "invalid float value"),
+    (["--model", MODEL, "--prompt", "hi", "--max-tokens", "0"], "must be an integer >= 1"),
+    (["--model", MODEL, "--prompt", "hi", "--config", "missing.yaml"], "config file not found"),
+    (["--model", MODEL, "--prompt", "hi", "--top-p", "0"], "top_p must be in (0, 1]"),
+    (["--model", MODEL, "--prompt", "hi", "--device", "tpu"], "expected cpu, cuda or cuda:N"),
+    (["--model", MODEL], "the following arguments are required: --prompt"),
+], ids=["unknown-model", "empty-prompt", "negative-temperature", "bad-float", "zero-max-tokens",
+        "missing-config", "zero-top-p", "bad-device", "no-prompt"])
+def test_generate_bad_input_exits_2(args, message):
+    assert_usage_error(tokenpool("generate", *args), message)
+
+
+def test_generate_float16_on_cpu_exits_2(synth_fleet):
+    result = tokenpool("generate", "--config", synth_fleet, "--model", SYNTH, "--prompt", "hi",
+                       "--dtype", "float16")
+    assert_usage_error(result, "float16 is not supported on cpu")
+
+
+# -- fleet synth -------------------------------------------------------------------------------
+
+def test_synth_snippet_parses_and_checkpoints_load(synth, synth_fleet):
+    out, snippet = synth
+    models = yaml.safe_load(snippet)["models"]
+    assert [m["id"] for m in models] == list(SHAPES.values())
+    fleet = load_fleet(synth_fleet)
+    for spec, (name, kv_heads) in zip(fleet.models, [(SYNTH, 2), (list(SHAPES.values())[1], 1)]):
+        assert Path(spec.source) == (out / name).resolve()
+        ckpt = load_checkpoint(spec.source, progress=False)
+        assert ckpt.config.num_key_value_heads == kv_heads
+        engine = LLMEngine.from_checkpoint(ckpt, fleet.engine_config(spec.id))
+        [tokens] = engine.generate([ckpt.tokenizer.encode("hello")],
+                                   SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+        assert len(tokens) == 3
+
+
+@pytest.mark.parametrize("shape, message", [
+    ("2,65,4,2", "must be a multiple of num_heads"),
+    ("1,2,3", "expected L,H,NH,NKV[,FFN]"),
+    ("2,64,4,3", "must be a multiple of num_kv_heads"),
+    ("2,x,4,2", "hidden_size must be an integer"),
+])
+def test_synth_bad_shape_exits_2(tmp_path, shape, message):
+    result = tokenpool("fleet", "synth", "--out", tmp_path / "out", "--shape", shape)
+    assert_usage_error(result, "--shape", message)
+    assert not (tmp_path / "out").exists()
+
+
+# -- bench engine ------------------------------------------------------------------------------
+
+REPORT_KEYS = {"model", "device", "dtype", "new_tokens", "prompt_lens", "results", "hf",
+               "speedup_vs_hf", "torch_threads", "cpu", "timestamp", "command"}
+RESULT_KEYS = {"batch", "decode_tokens_per_s", "prefill_tokens_per_s", "ttft_s"}
+
+
+def run_bench(fleet: Path, out: Path, *extra) -> dict:
+    result = tokenpool("bench", "engine", "--config", fleet, "--model", SYNTH, "--batch", "1,2",
+                       "--prompt-lens", "16-32", "--new-tokens", 4, "--json", out, *extra)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{SYNTH} on cpu (float32")
+    return json.loads(out.read_text())
+
+
+def assert_results(results: list[dict]) -> None:
+    assert [r["batch"] for r in results] == [1, 2]
+    for r in results:
+        assert set(r) == RESULT_KEYS
+        assert all(r[k] > 0 for k in RESULT_KEYS)
+
+
+def test_bench_engine_writes_the_report_with_hf(synth_fleet, tmp_path):
+    report = run_bench(synth_fleet, tmp_path / "b.json", "--seed", 5)
+    assert set(report) == REPORT_KEYS
+    assert (report["model"], report["device"], report["dtype"]) == (SYNTH, "cpu", "float32")
+    assert (report["new_tokens"], report["prompt_lens"]) == (4, [16, 32])
+    assert_results(report["results"])
+    assert_results(report["hf"])
+    assert set(report["speedup_vs_hf"]) == {"1", "2"}
+    assert all(v > 0 for v in report["speedup_vs_hf"].values())
+    assert report["torch_threads"] >= 1 and report["command"].startswith("tokenpool bench engine")
+
+
+def test_bench_engine_without_hf(synth_fleet, tmp_path):
+    report = run_bench(synth_fleet, tmp_path / "sub" / "b.json", "--no-hf")
+    assert_results(report["results"])
+    assert (report["hf"], report["speedup_vs_hf"]) == ([], {})
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch", "1,x"], "batch sizes must be comma-separated integers"),
+    (["--batch", "0"], "batch sizes must be >= 1"),
+    (["--prompt-lens", "64-16"], "prompt lengths must be N or LOW-HIGH"),
+    (["--new-tokens", "1"], "must be at least 2"),
+    (["--prompt-lens", "9000"], "exceed the engine's context"),
+])
+def test_bench_bad_input_exits_2(synth_fleet, tmp_path, args, message):
+    result = tokenpool("bench", "engine", "--config", synth_fleet, "--model", SYNTH,
+                       "--json", tmp_path / "b.json", *args)
+    assert_usage_error(result, message)
+    assert not (tmp_path / "b.json").exists()
