@@ -1,8 +1,9 @@
 """Attention over a flattened batch: prefill sequences first, then one token per decode.
 
 Prefill attends within the prompt's own fresh K/V (causal SDPA, no page reads). Decode reads
-every earlier token through the block tables. Nothing is padded to the longest prompt; only
-the decode keys are padded to the longest context in the step, and masked.
+every earlier token through the block tables: on CPU with the fused kernel straight from the
+pages; otherwise by gathering pages and masking keys past each context. Nothing is padded to
+the longest prompt.
 """
 
 from __future__ import annotations
@@ -20,13 +21,11 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [N] where each token's K/V is written
     prefill_lens: list[int]  # tokens of each prefill sequence, in batch order
     num_decodes: int
-    decode_pages: torch.Tensor | None  # [num_decodes * max_pages] page ids, padded with 0
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_pages * BLOCK_SIZE] bool
+    decode_tables: torch.Tensor | None  # [num_decodes, max_pages] page ids, padded with 0
+    decode_lens: torch.Tensor | None  # [num_decodes] context length including the new token
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_pages * BLOCK_SIZE]; gather path
     logits_rows: torch.Tensor  # [num_seqs] rows whose next token is sampled
-
-    @property
-    def num_prefill_tokens(self) -> int:
-        return sum(self.prefill_lens)
+    decode_kernel: object | None = None  # compiled CPU kernel module, when in use
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: PagedKVCache,
@@ -53,8 +52,12 @@ def _prefill_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
 
 
 def _decode(q: torch.Tensor, kv: PagedKVCache, layer: int, meta: AttentionMetadata):
+    if meta.decode_kernel is not None:
+        return meta.decode_kernel.paged_decode_attention(
+            q, kv.keys(layer), kv.values(layer), meta.decode_tables, meta.decode_lens,
+            q.shape[-1] ** -0.5)
     b = meta.num_decodes
-    keys, values = kv.gather(layer, meta.decode_pages, b)  # [B, T, KVH, D]
+    keys, values = kv.gather(layer, meta.decode_tables.flatten(), b)  # [B, T, KVH, D]
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
         attn_mask=meta.decode_mask, enable_gqa=True,

@@ -9,13 +9,16 @@ recomputed from its prompt plus the tokens it already produced.
 from __future__ import annotations
 
 import itertools
+import re
 from collections import deque
 from dataclasses import dataclass
 
 import torch
 
-from tokenpool.errors import EmptyPromptError, InvalidSamplingError, PromptTooLongError
-from tokenpool.gpu_pool.device import dtype_name, resolve_device, resolve_dtype
+from tokenpool.errors import (ConfigError, EmptyPromptError, InvalidSamplingError,
+                             PromptTooLongError)
+from tokenpool.gpu_pool.cpu_ops import paged_attention_kernel
+from tokenpool.gpu_pool.device import DTYPES, dtype_name, resolve_device, resolve_dtype
 from tokenpool.gpu_pool.kv_cache import PagedKVCache
 from tokenpool.gpu_pool.llama import LlamaForward, LlamaWeights, RotaryTable
 from tokenpool.gpu_pool.model_runner import ModelRunner, StepBatch
@@ -34,6 +37,18 @@ class EngineConfig:
     kv_cache_bytes: int = 1 << 30
     max_model_len: int | None = None  # defaults to the model's context length
     seed: int = 0  # for requests that bring no seed of their own
+    fused_kernels: bool = True  # CPU: compiled paged decode attention (falls back if unbuildable)
+
+    def __post_init__(self):
+        # Checked when the fleet file loads, long before a checkpoint is read.
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device must be cpu, cuda or cuda:N; got {self.device!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be auto or one of {', '.join(DTYPES)}; "
+                              f"got {self.dtype!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +86,9 @@ class LLMEngine:
         self.weights = LlamaWeights.from_hf(mc, weights, self.dtype, self.device)
         rope = RotaryTable(mc.head_dim, mc.rope_theta, self.max_model_len, self.dtype,
                            self.device)
-        self.runner = ModelRunner(LlamaForward(mc, self.weights, rope), kv, self.device)
+        kernel = paged_attention_kernel() if self.device.type == "cpu" and config.fused_kernels \
+            else None
+        self.runner = ModelRunner(LlamaForward(mc, self.weights, rope), kv, self.device, kernel)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._ids = itertools.count()

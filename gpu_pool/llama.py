@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenpool.gpu_pool.attention import AttentionMetadata, paged_attention
+from tokenpool.gpu_pool.cpu_ops import linear
 from tokenpool.gpu_pool.kv_cache import PagedKVCache
 from tokenpool.models.config import ModelConfig
 
@@ -90,21 +91,27 @@ class RotaryTable:
         self.cos = emb.cos().to(device=device, dtype=dtype)  # [P, D]
         self.sin = emb.sin().to(device=device, dtype=dtype)
 
-    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [N, heads, D], positions: [N]."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin as [N, 1, D]: gathered once per forward, shared by every layer."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [N, heads, D], rotating the two halves of each head as HF's Llama does."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    # HF normalises in float32 and multiplies by the weight in the model's dtype.
-    normed = F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
-    return weight * normed
+    """HF's LlamaRMSNorm step for step: normalise in float32, scale in the model dtype.
+
+    Written out rather than F.rms_norm: it is the reference's exact arithmetic, and on CPU
+    these few ops are faster than the fused op for decode-sized inputs (~70 us per call).
+    """
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
 
 
 class LlamaForward:
@@ -123,25 +130,30 @@ class LlamaForward:
         """token_ids, positions: [N]. Returns final hidden states at `meta.logits_rows`."""
         cfg, w = self.cfg, self.weights
         x = w.embed[token_ids]  # [N, hidden]
+        rope = self.rope.lookup(positions)
         for layer_idx, lw in enumerate(w.layers):
             h = rms_norm(x, lw.input_norm, cfg.rms_norm_eps)
-            attn = self._attention(h, positions, lw, meta, kv, layer_idx)
-            x = x + F.linear(attn, lw.o)
+            attn = self._attention(h, rope, lw, meta, kv, layer_idx)
+            x = x + linear(attn, lw.o)
             h = rms_norm(x, lw.post_norm, cfg.rms_norm_eps)
-            gate, up = F.linear(h, lw.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, lw.down)
+            gate, up = linear(h, lw.gate_up).chunk(2, dim=-1)
+            x = x + linear(F.silu(gate) * up, lw.down)
         x = x[meta.logits_rows]
         return rms_norm(x, w.norm, cfg.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weights.lm_head).float()
+        # Contiguous for the sampler: row-wise argmax/softmax on a transposed GEMM result is
+        # several times slower than the copy.
+        return linear(hidden, self.weights.lm_head).float().contiguous()
 
-    def _attention(self, h, positions, lw: LayerWeights, meta, kv, layer_idx) -> torch.Tensor:
+    def _attention(self, h, rope, lw: LayerWeights, meta, kv, layer_idx) -> torch.Tensor:
         cfg = self.cfg
         n = h.shape[0]
-        q, k, v = F.linear(h, lw.qkv).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.rope.apply(q.view(n, cfg.num_attention_heads, cfg.head_dim), positions)
-        k = self.rope.apply(k.view(n, cfg.num_key_value_heads, cfg.head_dim), positions)
-        v = v.view(n, cfg.num_key_value_heads, cfg.head_dim)
+        heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        # reshape, not view: on CPU the projection may come back transposed (cpu_ops.linear)
+        qkv = linear(h, lw.qkv).reshape(n, heads + 2 * kv_heads, cfg.head_dim)
+        qk = apply_rope(qkv[:, : heads + kv_heads], *rope)  # q and k rotated in one pass
+        q, k = qk[:, :heads], qk[:, heads:]
+        v = qkv[:, heads + kv_heads:]
         kv.write(layer_idx, k, v, meta.slot_mapping)
         return paged_attention(q, k, v, kv, layer_idx, meta).reshape(n, self.q_size)

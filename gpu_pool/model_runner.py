@@ -30,10 +30,12 @@ class StepBatch:
 
 
 class ModelRunner:
-    def __init__(self, forward: LlamaForward, kv: PagedKVCache, device: torch.device):
+    def __init__(self, forward: LlamaForward, kv: PagedKVCache, device: torch.device,
+                 decode_kernel=None):
         self.forward = forward
         self.kv = kv
         self.device = device
+        self.decode_kernel = decode_kernel  # fused CPU paged attention, or None: gather + SDPA
 
     def run(self, batch: StepBatch) -> tuple[list[int], list]:
         logits = self.logits(batch)
@@ -65,31 +67,33 @@ class ModelRunner:
             positions.append(pos)
             slots.append(batch.block_tables[seq.seq_id][pos // bs] * bs + pos % bs)
             logits_rows.append(len(tokens) - 1)
-        pages, mask = self._decode_layout(batch)
+        tables, lens, mask = self._decode_layout(batch)
         meta = AttentionMetadata(
             slot_mapping=self._tensor(slots),
             prefill_lens=[s.num_tokens for s in batch.prefills],
             num_decodes=len(batch.decodes),
-            decode_pages=pages,
+            decode_tables=tables,
+            decode_lens=lens,
             decode_mask=mask,
             logits_rows=self._tensor(logits_rows),
+            decode_kernel=self.decode_kernel,
         )
         return self._tensor(tokens), self._tensor(positions), meta
 
     def _decode_layout(self, batch: StepBatch):
-        """Pad decode block tables to the longest one; mask keys past each context."""
+        """Block tables padded to the longest; a key mask only for the gather path."""
         if not batch.decodes:
-            return None, None
-        tables = [batch.block_tables[s.seq_id] for s in batch.decodes]
+            return None, None, None
         context = [s.num_tokens for s in batch.decodes]
         width = max(-(-c // self.kv.block_size) for c in context)
-        pages = [p for t in tables for p in (t[:width] + [0] * (width - len(t[:width])))]
-        if len(set(context)) == 1 and context[0] == width * self.kv.block_size:
-            return self._tensor(pages), None
+        rows = [batch.block_tables[s.seq_id][:width] for s in batch.decodes]
+        tables = self._tensor([r + [0] * (width - len(r)) for r in rows])
         lens = self._tensor(context)
+        if self.decode_kernel is not None or min(context) == width * self.kv.block_size:
+            return tables, lens, None
         keys = torch.arange(width * self.kv.block_size, device=self.device)
         mask = (keys.unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]
-        return self._tensor(pages), mask
+        return tables, lens, mask
 
-    def _tensor(self, values: list[int]) -> torch.Tensor:
+    def _tensor(self, values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)

@@ -1,0 +1,70 @@
+"""The CPU fast paths agree with the portable torch computations they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import make_engine, random_prompts
+from tokenpool.gpu_pool.cpu_ops import linear, paged_attention_kernel
+from tokenpool.sampling import SamplingParams
+
+kernel = paged_attention_kernel()
+needs_kernel = pytest.mark.skipif(kernel is None, reason="no C++ toolchain to build the kernel")
+
+
+def reference_decode(q, k_cache, v_cache, tables, lens):
+    """Gather each sequence's pages, mask past its length, SDPA with GQA."""
+    b, width = tables.shape
+    block, kv_heads, dim = k_cache.shape[1:]
+    keys = k_cache[tables.flatten()].view(b, width * block, kv_heads, dim)
+    values = v_cache[tables.flatten()].view(b, width * block, kv_heads, dim)
+    mask = (torch.arange(width * block)[None] < lens[:, None])[:, None, None, :]
+    return F.scaled_dot_product_attention(
+        q.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask,
+        enable_gqa=True).squeeze(2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("heads, kv_heads, lengths", [
+    (9, 3, [1, 16, 17, 300]), (4, 4, [5, 64]), (8, 1, [33] * 7), (6, 2, [129]),
+])
+def test_paged_decode_kernel_matches_gather_and_sdpa(dtype, tol, heads, kv_heads, lengths):
+    g = torch.Generator().manual_seed(len(lengths) * heads)
+    dim, block = 64, 16
+    width = max(-(-n // block) for n in lengths)
+    pages = width * len(lengths) + 5
+    k_cache = torch.randn(pages, block, kv_heads, dim, generator=g).to(dtype)
+    v_cache = torch.randn(pages, block, kv_heads, dim, generator=g).to(dtype)
+    # Scattered, non-overlapping pages per sequence, as a block manager hands them out.
+    order = torch.randperm(pages, generator=g)[: width * len(lengths)]
+    tables = order.view(len(lengths), width)
+    lens = torch.tensor(lengths)
+    q = torch.randn(len(lengths), heads, dim, generator=g).to(dtype)
+    got = kernel.paged_decode_attention(q, k_cache, v_cache, tables, lens, dim ** -0.5)
+    want = reference_decode(q.float(), k_cache.float(), v_cache.float(), tables, lens)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 32, 257, 600])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_routing_matches_f_linear(rows, dtype):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 96, generator=g).to(dtype)
+    w = torch.randn(160, 96, generator=g).to(dtype)
+    got = linear(x, w)
+    assert got.shape == (rows, 160) and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(got.float(), F.linear(x.float(), w.float()), atol=tol, rtol=tol)
+
+
+@needs_kernel
+def test_engine_with_and_without_fused_kernels_agree(smollm2, engine):
+    prompts = random_prompts([7, 40, 95, 16], seed=21)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    portable = make_engine(smollm2, fused_kernels=False)
+    assert portable.runner.decode_kernel is None and engine.runner.decode_kernel is not None
+    assert engine.generate(prompts, params) == portable.generate(prompts, params)
