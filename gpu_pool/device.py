@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from tokenpool.errors import ConfigError
@@ -9,6 +11,7 @@ from tokenpool.errors import ConfigError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+@functools.cache
 def cpu_has_fast_bf16() -> bool:
     """bfloat16 GEMMs beat float32 only with AVX512-BF16 or AMX (7x slower with AVX2 alone)."""
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()

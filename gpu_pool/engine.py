@@ -91,6 +91,7 @@ class LLMEngine:
         self.runner = ModelRunner(LlamaForward(mc, self.weights, rope), kv, self.device, kernel)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
         self._ids = itertools.count()
         self._rng = torch.Generator().manual_seed(config.seed)
 
@@ -211,7 +212,7 @@ class LLMEngine:
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.free(seq.seq_id)
-        seq.num_cached = 0
+        self.num_preemptions += 1
         seq.num_preemptions += 1
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
@@ -219,7 +220,6 @@ class LLMEngine:
     def _postprocess(self, batch: StepBatch, tokens: list[int], logprobs: list):
         outputs = []
         for seq, token, lp in zip(batch.sequences, tokens, logprobs):
-            seq.num_cached = seq.num_tokens
             seq.output_ids.append(token)
             text, reason = self._check_finish(seq, token)
             if reason is not None:

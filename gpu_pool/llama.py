@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenpool.gpu_pool.attention import AttentionMetadata, paged_attention
-from tokenpool.gpu_pool.cpu_ops import linear
+from tokenpool.gpu_pool.cpu_ops import linear, upcast_scratch
 from tokenpool.gpu_pool.kv_cache import PagedKVCache
 from tokenpool.models.config import ModelConfig
 
@@ -123,6 +123,7 @@ class LlamaForward:
         self.rope = rope
         self.q_size = cfg.num_attention_heads * cfg.head_dim
         self.kv_size = cfg.num_key_value_heads * cfg.head_dim
+        self.scratch = upcast_scratch(weights.tensors())  # bf16 on CPUs without bf16 GEMMs
 
     @torch.inference_mode()
     def __call__(self, token_ids: torch.Tensor, positions: torch.Tensor,
@@ -134,24 +135,27 @@ class LlamaForward:
         for layer_idx, lw in enumerate(w.layers):
             h = rms_norm(x, lw.input_norm, cfg.rms_norm_eps)
             attn = self._attention(h, rope, lw, meta, kv, layer_idx)
-            x = x + linear(attn, lw.o)
+            x = x + self._linear(attn, lw.o)
             h = rms_norm(x, lw.post_norm, cfg.rms_norm_eps)
-            gate, up = linear(h, lw.gate_up).chunk(2, dim=-1)
-            x = x + linear(F.silu(gate) * up, lw.down)
+            gate, up = self._linear(h, lw.gate_up).chunk(2, dim=-1)
+            x = x + self._linear(F.silu(gate) * up, lw.down)
         x = x[meta.logits_rows]
         return rms_norm(x, w.norm, cfg.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # Contiguous for the sampler: row-wise argmax/softmax on a transposed GEMM result is
         # several times slower than the copy.
-        return linear(hidden, self.weights.lm_head).float().contiguous()
+        return self._linear(hidden, self.weights.lm_head).float().contiguous()
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return linear(x, weight, self.scratch)
 
     def _attention(self, h, rope, lw: LayerWeights, meta, kv, layer_idx) -> torch.Tensor:
         cfg = self.cfg
         n = h.shape[0]
         heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         # reshape, not view: on CPU the projection may come back transposed (cpu_ops.linear)
-        qkv = linear(h, lw.qkv).reshape(n, heads + 2 * kv_heads, cfg.head_dim)
+        qkv = self._linear(h, lw.qkv).reshape(n, heads + 2 * kv_heads, cfg.head_dim)
         qk = apply_rope(qkv[:, : heads + kv_heads], *rope)  # q and k rotated in one pass
         q, k = qk[:, :heads], qk[:, heads:]
         v = qkv[:, heads + kv_heads:]

@@ -25,7 +25,6 @@ class Sequence:
     detokenizer: object | None = None  # models.IncrementalDetokenizer when text is wanted
     output_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
-    num_cached: int = 0  # tokens whose K/V is in pages; 0 means the next step is a prefill
     num_preemptions: int = 0
 
     @property

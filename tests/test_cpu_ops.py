@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import make_engine, random_prompts
-from tokenpool.gpu_pool.cpu_ops import linear, paged_attention_kernel
+from tokenpool.gpu_pool.cpu_ops import linear, paged_attention_kernel, upcast_scratch
 from tokenpool.sampling import SamplingParams
 
 kernel = paged_attention_kernel()
@@ -55,7 +55,7 @@ def test_linear_routing_matches_f_linear(rows, dtype):
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 96, generator=g).to(dtype)
     w = torch.randn(160, 96, generator=g).to(dtype)
-    got = linear(x, w)
+    got = linear(x, w, upcast_scratch([w]))
     assert got.shape == (rows, 160) and got.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(got.float(), F.linear(x.float(), w.float()), atol=tol, rtol=tol)

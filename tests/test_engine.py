@@ -149,6 +149,7 @@ def test_preemption_under_page_pressure_keeps_outputs_exact(smollm2, engine):
     tight = make_engine(smollm2, kv_cache_bytes=12 * 30 * 2 * 16 * 3 * 64 * 4)
     assert tight.blocks.num_pages == 12
     got = tight.generate(prompts, GREEDY)
+    assert tight.num_preemptions > 0, "the pool was meant to be too small for all six"
     assert got == expected
     assert tight.num_used_pages == 0
 
