@@ -126,13 +126,17 @@ def _gguf_name(hf: str) -> str:
     return f"blk.{i}.{_GGUF_NAMES[rest.removesuffix('.weight')]}.weight"
 
 
+def _rope_heads(hf_name: str) -> int | None:
+    """Heads whose rows llama.cpp permutes in this weight: Q's, K's, or none."""
+    if "q_proj" in hf_name:
+        return TINY["heads"]
+    return TINY["kv_heads"] if "k_proj" in hf_name else None
+
+
 def _stored(hf_name: str, w: np.ndarray) -> np.ndarray:
     """What llama.cpp's converter writes for this weight: Q and K rows permuted."""
-    if "q_proj" in hf_name:
-        return llama_cpp_permute(w, TINY["heads"])
-    if "k_proj" in hf_name:
-        return llama_cpp_permute(w, TINY["kv_heads"])
-    return w
+    heads = _rope_heads(hf_name)
+    return w if heads is None else llama_cpp_permute(w, heads)
 
 
 def _write_tiny_gguf(path, qtype: Q, *, seed: int = 0, untied: bool = False,
@@ -188,11 +192,8 @@ def test_tiny_gguf_loads_with_correct_values(gguf_dir, qtype):
 
 
 def _unpermute(name: str, w: torch.Tensor) -> torch.Tensor:
-    if "q_proj" in name:
-        return unpermute_rope_rows(w, TINY["heads"])
-    if "k_proj" in name:
-        return unpermute_rope_rows(w, TINY["kv_heads"])
-    return w
+    heads = _rope_heads(name)
+    return w if heads is None else unpermute_rope_rows(w, heads)
 
 
 @pytest.mark.parametrize("qtype,untied", [(Q.Q8_0, False), (Q.Q4_1, True), (Q.F16, False),
