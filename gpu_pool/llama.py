@@ -60,14 +60,6 @@ class LlamaWeights:
         lm_head = embed if tied else get("lm_head.weight")
         return cls(embed=embed, layers=layers, norm=get("model.norm.weight"), lm_head=lm_head)
 
-    def nbytes(self) -> int:
-        seen, total = set(), 0
-        for t in self.tensors():
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
-        return total
-
     def tensors(self) -> list[torch.Tensor]:
         out = [self.embed, self.norm, self.lm_head]
         for lw in self.layers:

@@ -64,6 +64,3 @@ class BlockManager:
         table = self._tables.pop(seq_id, [])
         self._free.extend(table)
         return len(table)
-
-    def owns(self, seq_id: str) -> bool:
-        return seq_id in self._tables

@@ -74,11 +74,6 @@ class ModelConfig:
             "mlp_bias": False,
         }
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Elements of K and V across all layers for one token (multiply by dtype size)."""
-        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
-
 
 def _rope_theta(d: dict) -> float:
     # transformers >= 5 nests it under rope_parameters; config.json files on disk use the flat key
