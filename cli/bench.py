@@ -17,12 +17,13 @@ dtype, device and prompts. Prints a table to stdout and writes one JSON object t
 For each batch size B the prompts are B random token sequences (fixed by --seed) whose
 lengths are spread evenly over --prompt-lens (a batch of one gets the midpoint).
   ttft_s                mean time from the start to a request's first token
-                        (HF: the time of generate(max_new_tokens=1) on the batch)
+                        (HF: the time until generate() hands its streamer the first token)
   prefill_tokens_per_s  prompt tokens / time until every request has its first token
                         (HF: unpadded prompt tokens / ttft)
   decode_tokens_per_s   the all-decode phase: tokens generated after the last request got
                         its first token / the time from then to the end
-                        (HF: B*(N-1) / (t_generate(N) - ttft))
+                        (HF: B*(N-1) / (time of the last token - time of the first),
+                        each step timestamped by a streamer in one generate() call)
   speedup_vs_hf         ours / HF decode tokens per second, per batch size"""
 
 ENGINE_EPILOG = """\
