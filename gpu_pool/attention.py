@@ -18,10 +18,11 @@ from tokenpool.gpu_pool.kv_cache import PagedKVCache
 
 @dataclass(slots=True)
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [N] where each token's K/V is written
+    write_index: tuple  # where each token's K/V is written: PagedKVCache.token_index
     prefill_lens: list[int]  # tokens of each prefill sequence, in batch order
     num_decodes: int
-    decode_tables: torch.Tensor | None  # [num_decodes, max_pages] page ids, padded with 0
+    decode_tables: torch.Tensor | None  # [num_decodes, max_pages] page ids, padded with 0;
+    # for the fused kernel, element offsets of those pages instead (PagedKVCache.page_offsets)
     decode_lens: torch.Tensor | None  # [num_decodes] context length including the new token
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_pages * BLOCK_SIZE]; gather path
     logits_rows: torch.Tensor  # [num_seqs] rows whose next token is sampled
@@ -54,10 +55,9 @@ def _prefill_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
 def _decode(q: torch.Tensor, kv: PagedKVCache, layer: int, meta: AttentionMetadata):
     if meta.decode_kernel is not None:
         return meta.decode_kernel.paged_decode_attention(
-            q, kv.keys(layer), kv.values(layer), meta.decode_tables, meta.decode_lens,
+            q, kv.base(layer, 0), kv.base(layer, 1), meta.decode_tables, meta.decode_lens,
             q.shape[-1] ** -0.5)
-    b = meta.num_decodes
-    keys, values = kv.gather(layer, meta.decode_tables.flatten(), b)  # [B, T, KVH, D]
+    keys, values = kv.gather(layer, meta.decode_tables)  # [B, T, KVH, D]
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
         attn_mask=meta.decode_mask, enable_gqa=True,

@@ -40,7 +40,7 @@ def paged_attention_kernel():
         from torch.utils.cpp_extension import load
 
         source = Path(__file__).with_name("csrc") / "paged_attention.cpp"
-        return load(name="tokenpool_paged_attention", sources=[str(source)],
+        return load(name="tokenpool_paged_attention_v2", sources=[str(source)],
                     extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, or a build error
@@ -48,16 +48,16 @@ def paged_attention_kernel():
         return None
 
 
-def upcast_scratch(weights: list[torch.Tensor]) -> torch.Tensor | None:
-    """A float32 buffer for `linear`'s upcast path, when this CPU needs one; else None.
+def upcast_scratch(dtype: torch.dtype, device: torch.device,
+                   numel: int) -> torch.Tensor | None:
+    """A float32 buffer of `numel` for `linear`'s upcast path, when this CPU needs one.
 
-    Allocated once per engine: a fresh buffer per call would page-fault its way through
-    hundreds of MB per step.
+    Allocated once per worker, sized for its largest weight: a fresh buffer per call would
+    page-fault its way through hundreds of MB per step.
     """
-    if not weights or weights[0].dtype != torch.bfloat16 or weights[0].device.type != "cpu" \
-            or cpu_has_fast_bf16():
+    if dtype != torch.bfloat16 or device.type != "cpu" or cpu_has_fast_bf16():
         return None
-    return torch.empty(max(w.numel() for w in weights), dtype=torch.float32)
+    return torch.empty(numel, dtype=torch.float32)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor,

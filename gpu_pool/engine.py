@@ -2,98 +2,95 @@
 
 `step()` is three calls, as in nano-vllm and vLLM v1: schedule a batch (new prompts and
 running decodes together), run it, and postprocess the sampled tokens. Sequences join and
-leave between steps. When pages run short, the newest running sequence is preempted and later
-recomputed from its prompt plus the tokens it already produced.
+leave between steps. When pages run short, the newest running sequence is preempted: its KV
+pages are swapped out to host slabs when there is room there (and swapped back in before new
+prompts are admitted), else it is recomputed later from its prompt plus its tokens so far.
 """
 
 from __future__ import annotations
 
 import itertools
-import re
 from collections import deque
-from dataclasses import dataclass
 
 import torch
 
-from tokenpool.errors import (ConfigError, EmptyPromptError, InvalidSamplingError,
-                             PromptTooLongError)
+from tokenpool.errors import EmptyPromptError, InvalidSamplingError, PromptTooLongError
 from tokenpool.gpu_pool.cpu_ops import paged_attention_kernel
-from tokenpool.gpu_pool.device import DTYPES, dtype_name, resolve_device, resolve_dtype
-from tokenpool.gpu_pool.kv_cache import PagedKVCache
+from tokenpool.gpu_pool.device import dtype_name, resolve_device, resolve_dtype
+from tokenpool.gpu_pool.engine_config import EngineConfig, RequestOutput
+from tokenpool.gpu_pool.kv_swap import KVSwapper
 from tokenpool.gpu_pool.llama import LlamaForward, LlamaWeights, RotaryTable
 from tokenpool.gpu_pool.model_runner import ModelRunner, StepBatch
 from tokenpool.gpu_pool.sequence import Sequence, SeqStatus
+from tokenpool.gpu_pool.weights import bind_llama, is_tied, pack_llama
+from tokenpool.gpu_pool.worker_memory import EngineMemory, ModelLayout, WorkerMemory
 from tokenpool.memory.block_manager import BLOCK_SIZE, BlockManager
+from tokenpool.memory.config import MemoryConfig
 from tokenpool.models.config import ModelConfig
 from tokenpool.sampling import SamplingParams
 
 
-@dataclass(frozen=True, slots=True)
-class EngineConfig:
-    device: str = "cpu"
-    dtype: str = "auto"
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 8192
-    kv_cache_bytes: int = 1 << 30
-    max_model_len: int | None = None  # defaults to the model's context length
-    seed: int = 0  # for requests that bring no seed of their own
-    fused_kernels: bool = True  # CPU: compiled paged decode attention (falls back if unbuildable)
-
-    def __post_init__(self):
-        # Checked when the fleet file loads, long before a checkpoint is read.
-        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
-            raise ConfigError(f"device must be cpu, cuda or cuda:N; got {self.device!r}")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be auto or one of {', '.join(DTYPES)}; "
-                              f"got {self.dtype!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-
-@dataclass(frozen=True, slots=True)
-class RequestOutput:
-    """What one step produced for one request."""
-
-    request_id: str
-    new_token_ids: tuple[int, ...]
-    new_text: str
-    finished: bool
-    finish_reason: str | None  # "stop" | "length" | None while running
-    logprobs: tuple = ()  # TokenLogprobs per new token when asked for
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0
-
-
 class LLMEngine:
-    def __init__(self, model_config: ModelConfig, weights: dict[str, torch.Tensor],
-                 config: EngineConfig = EngineConfig(), tokenizer=None):
+    """The requests of one model on one worker, stepped while the model is switched in.
+
+    Built alone (`LLMEngine(config, weights, ...)`) it gets a private arena holding its KV and
+    its weights. A `Worker` instead builds one engine per model over shared memory and binds
+    each engine's weights on `switch`.
+    """
+
+    def __init__(self, model_config: ModelConfig, weights: dict[str, torch.Tensor] | None,
+                 config: EngineConfig = EngineConfig(), tokenizer=None, *,
+                 memory: EngineMemory | None = None):
         self.config = config
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         mc = model_config
+        own_weights = None
+        if memory is None:
+            memory, own_weights = self._private_memory(weights)
+        self.memory = memory
+        self.blocks = BlockManager(memory.pages)
+        self.swapper = None if memory.swap_kv is None else KVSwapper(
+            memory.kv, self.blocks, memory.swap_kv, BlockManager(memory.swap_pages))
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
-                                 mc.max_position_embeddings)
-        page_bytes = PagedKVCache.page_bytes(mc.num_hidden_layers, mc.num_key_value_heads,
-                                             mc.head_dim, self.dtype)
-        num_pages = max(1, config.kv_cache_bytes // page_bytes)
-        self.max_model_len = min(self.max_model_len, num_pages * BLOCK_SIZE)
-        self.blocks = BlockManager(num_pages)
-        kv = PagedKVCache(mc.num_hidden_layers, num_pages, mc.num_key_value_heads, mc.head_dim,
-                          self.dtype, self.device)
-        self.weights = LlamaWeights.from_hf(mc, weights, self.dtype, self.device)
+                                 mc.max_position_embeddings, memory.pages.capacity * BLOCK_SIZE)
         rope = RotaryTable(mc.head_dim, mc.rope_theta, self.max_model_len, self.dtype,
                            self.device)
         kernel = paged_attention_kernel() if self.device.type == "cpu" and config.fused_kernels \
             else None
-        self.runner = ModelRunner(LlamaForward(mc, self.weights, rope), kv, self.device, kernel)
+        self.forward = LlamaForward(mc, rope, memory.scratch)
+        self.forward.weights = own_weights
+        self.runner = ModelRunner(self.forward, memory.kv, self.device, kernel)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.swapped: deque[Sequence] = deque()
         self.num_preemptions = 0
         self._ids = itertools.count()
         self._rng = torch.Generator().manual_seed(config.seed)
+
+    def _private_memory(self, weights: dict[str, torch.Tensor] | None
+                        ) -> tuple[EngineMemory, LlamaWeights]:
+        """A one-model arena: `kv_cache_bytes` of KV slabs and one slot with these weights."""
+        if weights is None:
+            raise ValueError("a standalone engine needs weights (or a worker's memory)")
+        layout = ModelLayout.of("model", self.model_config, self.dtype,
+                                tied=is_tied(self.model_config, weights))
+        self._worker_memory = WorkerMemory([layout], self.device, MemoryConfig(prefetch=False),
+                                           self.config.kv_cache_bytes, num_slots=1)
+        slot = self._worker_memory.slots[0][: layout.index.nbytes]
+        pack_llama(self.model_config, weights, layout.index, slot)
+        bound = bind_llama(self.model_config, layout.index, slot)
+        return self._worker_memory.engine_memory("model"), bound
+
+    def bind(self, weights: LlamaWeights | None) -> None:
+        """Point the model at weights in a worker's slot (None: the model is switched out)."""
+        self.forward.weights = weights
+
+    @property
+    def is_bound(self) -> bool:
+        return self.forward.weights is not None
 
     @classmethod
     def from_checkpoint(cls, checkpoint, config: EngineConfig = EngineConfig()) -> "LLMEngine":
@@ -116,7 +113,7 @@ class LLMEngine:
         return request_id
 
     def abort(self, request_id: str) -> bool:
-        for queue in (self.waiting, self.running):
+        for queue in (self.waiting, self.running, self.swapped):
             for seq in queue:
                 if seq.seq_id == request_id:
                     queue.remove(seq)
@@ -125,7 +122,7 @@ class LLMEngine:
         return False
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
 
     @property
     def num_used_pages(self) -> int:
@@ -172,8 +169,10 @@ class LLMEngine:
         return self._postprocess(batch, tokens, logprobs)
 
     def _schedule(self) -> StepBatch:
+        self._swap_in_ready()
         decodes = self._reserve_decodes()
-        prefills = self._admit_prefills(len(decodes))
+        # Swapped-out sequences come back before new prompts start, so none starves.
+        prefills = [] if self.swapped else self._admit_prefills(len(decodes))
         self.running = decodes + prefills
         tables = {s.seq_id: self.blocks.block_table(s.seq_id) for s in self.running}
         return StepBatch(tuple(prefills), tuple(decodes), tables)
@@ -211,11 +210,48 @@ class LLMEngine:
         return admitted
 
     def _preempt(self, seq: Sequence) -> None:
-        self.blocks.free(seq.seq_id)
+        """Swap the sequence's KV out to the host if there is room, else recompute it later."""
         self.num_preemptions += 1
         seq.num_preemptions += 1
+        if self.swapper is not None and self.swapper.can_swap_out(seq.seq_id):
+            self._swap_out(seq)
+            return
+        self.blocks.free(seq.seq_id)
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
+
+    def _swap_out(self, seq: Sequence) -> int:
+        moved = self.swapper.swap_out(seq.seq_id)
+        seq.status = SeqStatus.SWAPPED
+        self.swapped.appendleft(seq)
+        return moved
+
+    def _swap_in_ready(self) -> None:
+        """Bring swapped sequences back, oldest first, while pages (and one to grow) allow."""
+        while self.swapped and len(self.running) < self.config.max_num_seqs:
+            seq = self.swapped[0]
+            if not self.swapper.can_swap_in(seq.seq_id, headroom=1):
+                break
+            self.swapped.popleft()
+            self.swapper.swap_in(seq.seq_id)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+
+    def swap_out(self, request_ids: list[str] | None = None) -> int:
+        """Move running requests' KV to host slabs (all of them by default); bytes moved.
+
+        Used at the end of a model's turn when another batch needs the device pages. The
+        requests resume, swapped back in, on a later step of this engine.
+        """
+        if self.swapper is None:
+            return 0
+        wanted = None if request_ids is None else set(request_ids)
+        moved = 0
+        for seq in list(self.running):
+            if (wanted is None or seq.seq_id in wanted) and self.swapper.can_swap_out(seq.seq_id):
+                self.running.remove(seq)
+                moved += self._swap_out(seq)
+        return moved
 
     def _postprocess(self, batch: StepBatch, tokens: list[int], logprobs: list):
         outputs = []
@@ -249,6 +285,8 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence) -> None:
         self.blocks.free(seq.seq_id)
+        if self.swapper is not None:
+            self.swapper.drop(seq.seq_id)
         seq.status = SeqStatus.FINISHED
 
     def next_token_logits(self, prompt_ids: list[int]) -> torch.Tensor:

@@ -1,60 +1,83 @@
-"""The paged KV cache tensor of one model on one device.
+"""The paged KV cache of one page shape, as a view over a byte region cut into slabs.
 
-Layout is layer-major, `[layers, 2 (K, V), pages, BLOCK_SIZE, kv_heads, head_dim]`: decode
-gathers one layer's pages at a time, and rows of one layer being contiguous makes that gather
-about 2.5x faster on CPU than a page-major layout (measured with index_select, SmolLM2 shapes,
-batch 32). Which page belongs to whom is decided by `memory.BlockManager`, not here.
+The region (a worker arena's KV part, or host swap space) is divided into equal slabs
+(`memory.SlabPool` decides who owns which). Seen through one model's page shape it is
+`[slabs, pages_per_slab, layers, 2 (K, V), BLOCK_SIZE, kv_heads, head_dim]`: page-major, so a
+page is one contiguous run of bytes and swapping it out or in is a plain copy. Slabs of other
+shapes are simply never indexed through this view.
+
+Page `p` is slot `p % pages_per_slab` of slab `p // pages_per_slab`, as in memory/slabs.py.
 """
 
 from __future__ import annotations
 
 import torch
 
-from tokenpool.memory.block_manager import BLOCK_SIZE
+from tokenpool.memory.slabs import PageShape
 
 
 class PagedKVCache:
-    def __init__(self, num_layers: int, num_pages: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str,
-                 storage: torch.Tensor | None = None, block_size: int = BLOCK_SIZE):
-        self.shape = (num_layers, 2, num_pages, block_size, num_kv_heads, head_dim)
-        self.num_pages = num_pages
-        self.block_size = block_size
-        if storage is None:
-            self.data = torch.zeros(self.shape, dtype=dtype, device=device)
-        else:  # a region of a preallocated arena, reinterpreted in place
-            self.data = storage.view(dtype)[: _numel(self.shape)].view(self.shape)
+    def __init__(self, region: torch.Tensor, shape: PageShape, slab_bytes: int,
+                 dtype: torch.dtype):
+        if region.dtype != torch.uint8 or region.dim() != 1:
+            raise ValueError("region must be a flat uint8 tensor")
+        if slab_bytes % shape.itemsize or shape.page_bytes > slab_bytes:
+            raise ValueError(f"slab of {slab_bytes} B cannot hold {shape.page_bytes} B pages")
+        self.shape = shape
+        self.region = region
+        self.block_size = shape.block_size
+        self.num_slabs = region.numel() // slab_bytes
+        self.pages_per_slab = slab_bytes // shape.page_bytes
+        self.slab_elems = slab_bytes // shape.itemsize
+        self.page_elems = shape.page_elems
+        elems = region[: self.num_slabs * slab_bytes].view(dtype)
+        L, bs, kvh, d = shape.num_layers, shape.block_size, shape.num_kv_heads, shape.head_dim
+        row = kvh * d
+        self.data = elems.as_strided(
+            (self.num_slabs, self.pages_per_slab, L, 2, bs, kvh, d),
+            (self.slab_elems, self.page_elems, 2 * bs * row, bs * row, row, d, 1),
+            elems.storage_offset())
 
-    @staticmethod
-    def page_bytes(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                   block_size: int = BLOCK_SIZE) -> int:
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
+    @property
+    def num_pages(self) -> int:
+        return self.num_slabs * self.pages_per_slab
 
-    def keys(self, layer: int) -> torch.Tensor:
-        """[pages, BLOCK_SIZE, kv_heads, head_dim]"""
-        return self.data[layer, 0]
+    def locate(self, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slab, slot) of each page id."""
+        return pages // self.pages_per_slab, pages % self.pages_per_slab
 
-    def values(self, layer: int) -> torch.Tensor:
-        return self.data[layer, 1]
+    def page_offsets(self, pages: torch.Tensor) -> torch.Tensor:
+        """Element offset of each page from page 0, for the fused decode kernel."""
+        slab, slot = self.locate(pages)
+        return slab * self.slab_elems + slot * self.page_elems
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        """k, v: [N, kv_heads, head_dim]; slots: [N], slot = page * BLOCK_SIZE + offset."""
-        heads, dim = k.shape[1], k.shape[2]
-        self.keys(layer).view(-1, heads, dim).index_copy_(0, slots, k)
-        self.values(layer).view(-1, heads, dim).index_copy_(0, slots, v)
+    def base(self, layer: int, kind: int) -> torch.Tensor:
+        """Page 0's [BLOCK_SIZE, kv_heads, head_dim] block of K (kind 0) or V (kind 1)."""
+        return self.data[0, 0, layer, kind]
 
-    def gather(self, layer: int, pages: torch.Tensor, num_seqs: int) -> tuple[torch.Tensor, ...]:
-        """K and V of `pages` ([num_seqs * pages_per_seq]) as [num_seqs, tokens, kv_heads, D]."""
-        out = []
-        for part in (self.keys(layer), self.values(layer)):
-            rows = part.reshape(self.num_pages, -1).index_select(0, pages)
-            out.append(rows.view(num_seqs, -1, part.shape[2], part.shape[3]))
-        return tuple(out)
+    def token_index(self, slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(slab, slot, offset) of token slots `page * BLOCK_SIZE + offset`, for `write`."""
+        pages, offsets = slots // self.block_size, slots % self.block_size
+        return (*self.locate(pages), offsets)
 
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+              index: tuple[torch.Tensor, ...]) -> None:
+        """k, v: [N, kv_heads, head_dim] at tokens located by `token_index`."""
+        slab, slot, offset = index
+        self.data[slab, slot, layer, 0, offset] = k
+        self.data[slab, slot, layer, 1, offset] = v
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    def gather(self, layer: int, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of block tables [B, pages] as [B, pages * BLOCK_SIZE, kv_heads, D]."""
+        slab, slot = self.locate(tables)
+        keys = self.data[slab, slot, layer, 0]  # [B, pages, BLOCK_SIZE, KVH, D], a copy
+        values = self.data[slab, slot, layer, 1]
+        return keys.flatten(1, 2), values.flatten(1, 2)
+
+    def page_bytes_view(self, page: int, count: int = 1) -> torch.Tensor:
+        """The bytes of `count` pages from `page` on, all in one slab: what a swap copies."""
+        slab, slot = divmod(page, self.pages_per_slab)
+        if slot + count > self.pages_per_slab:
+            raise ValueError(f"pages {page}..{page + count - 1} cross a slab boundary")
+        start = slab * self.slab_elems * self.shape.itemsize + slot * self.shape.page_bytes
+        return self.region[start: start + count * self.shape.page_bytes]

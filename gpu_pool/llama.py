@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenpool.gpu_pool.attention import AttentionMetadata, paged_attention
-from tokenpool.gpu_pool.cpu_ops import linear, upcast_scratch
+from tokenpool.gpu_pool.cpu_ops import linear
 from tokenpool.gpu_pool.kv_cache import PagedKVCache
 from tokenpool.models.config import ModelConfig
 
@@ -34,37 +34,6 @@ class LlamaWeights:
     layers: list[LayerWeights]
     norm: torch.Tensor  # [hidden]
     lm_head: torch.Tensor  # [vocab, hidden]; the same tensor as `embed` when tied
-
-    @classmethod
-    def from_hf(cls, cfg: ModelConfig, sd: dict[str, torch.Tensor], dtype: torch.dtype,
-                device: torch.device | str) -> "LlamaWeights":
-        def get(name: str) -> torch.Tensor:
-            return sd[name].to(device=device, dtype=dtype).contiguous()
-
-        def fuse(*names: str) -> torch.Tensor:
-            return torch.cat([sd[n] for n in names]).to(device=device, dtype=dtype).contiguous()
-
-        layers = []
-        for i in range(cfg.num_hidden_layers):
-            p = f"model.layers.{i}."
-            layers.append(LayerWeights(
-                input_norm=get(p + "input_layernorm.weight"),
-                qkv=fuse(*(p + f"self_attn.{x}_proj.weight" for x in "qkv")),
-                o=get(p + "self_attn.o_proj.weight"),
-                post_norm=get(p + "post_attention_layernorm.weight"),
-                gate_up=fuse(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
-                down=get(p + "mlp.down_proj.weight"),
-            ))
-        embed = get("model.embed_tokens.weight")
-        tied = cfg.tie_word_embeddings or "lm_head.weight" not in sd
-        lm_head = embed if tied else get("lm_head.weight")
-        return cls(embed=embed, layers=layers, norm=get("model.norm.weight"), lm_head=lm_head)
-
-    def tensors(self) -> list[torch.Tensor]:
-        out = [self.embed, self.norm, self.lm_head]
-        for lw in self.layers:
-            out += [lw.input_norm, lw.qkv, lw.o, lw.post_norm, lw.gate_up, lw.down]
-        return out
 
 
 class RotaryTable:
@@ -109,13 +78,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class LlamaForward:
     """Runs the decoder for one flattened, unpadded batch of tokens."""
 
-    def __init__(self, cfg: ModelConfig, weights: LlamaWeights, rope: RotaryTable):
+    def __init__(self, cfg: ModelConfig, rope: RotaryTable,
+                 scratch: torch.Tensor | None = None):
         self.cfg = cfg
-        self.weights = weights
+        # Views into a worker's weight slot, rebound on every model switch (None: not loaded).
+        self.weights: LlamaWeights | None = None
         self.rope = rope
         self.q_size = cfg.num_attention_heads * cfg.head_dim
         self.kv_size = cfg.num_key_value_heads * cfg.head_dim
-        self.scratch = upcast_scratch(weights.tensors())  # bf16 on CPUs without bf16 GEMMs
+        self.scratch = scratch  # cpu_ops.upcast_scratch: bf16 on CPUs without bf16 GEMMs
 
     @torch.inference_mode()
     def __call__(self, token_ids: torch.Tensor, positions: torch.Tensor,
@@ -151,5 +122,5 @@ class LlamaForward:
         qk = apply_rope(qkv[:, : heads + kv_heads], *rope)  # q and k rotated in one pass
         q, k = qk[:, :heads], qk[:, heads:]
         v = qkv[:, heads + kv_heads:]
-        kv.write(layer_idx, k, v, meta.slot_mapping)
+        kv.write(layer_idx, k, v, meta.write_index)
         return paged_attention(q, k, v, kv, layer_idx, meta).reshape(n, self.q_size)

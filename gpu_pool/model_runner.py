@@ -69,7 +69,7 @@ class ModelRunner:
             logits_rows.append(len(tokens) - 1)
         tables, lens, mask = self._decode_layout(batch)
         meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots),
+            write_index=self.kv.token_index(self._tensor(slots)),
             prefill_lens=[s.num_tokens for s in batch.prefills],
             num_decodes=len(batch.decodes),
             decode_tables=tables,
@@ -89,7 +89,9 @@ class ModelRunner:
         rows = [batch.block_tables[s.seq_id][:width] for s in batch.decodes]
         tables = self._tensor([r + [0] * (width - len(r)) for r in rows])
         lens = self._tensor(context)
-        if self.decode_kernel is not None or min(context) == width * self.kv.block_size:
+        if self.decode_kernel is not None:
+            return self.kv.page_offsets(tables), lens, None
+        if min(context) == width * self.kv.block_size:
             return tables, lens, None
         keys = torch.arange(width * self.kv.block_size, device=self.device)
         mask = (keys.unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]

@@ -13,6 +13,7 @@ from tokenpool.sampling import SamplingParams
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    SWAPPED = "swapped"  # KV pages on the host; resumes as a decode once they are back
     FINISHED = "finished"
 
 

@@ -1,43 +1,55 @@
-"""Paged KV bookkeeping: which page belongs to which sequence. Pure Python, no torch.
+"""Paged KV bookkeeping: which pages belong to which sequence. Pure Python, no torch.
 
-A page holds BLOCK_SIZE consecutive tokens of one sequence's K and V for every layer. Page
-ids index the engine's page pool tensor, so this class decides placement and the model runner
-only follows the block tables it is given.
+A page holds BLOCK_SIZE consecutive tokens of one sequence's K and V for every layer. Pages
+come from a page source (a shape's view of a SlabPool), so this class decides which page ids
+a sequence owns and the model runner only follows the block tables it is given.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from typing import Protocol
 
-BLOCK_SIZE = 16
+from tokenpool.memory.slabs import BLOCK_SIZE, OutOfPagesError
+
+__all__ = ["BLOCK_SIZE", "BlockManager", "OutOfPagesError", "PageSource", "blocks_needed"]
 
 
 def blocks_needed(num_tokens: int, block_size: int = BLOCK_SIZE) -> int:
     return -(-num_tokens // block_size)
 
 
-class OutOfPagesError(RuntimeError):
-    """Asked for more pages than are free. Callers check `can_allocate` first."""
+class PageSource(Protocol):
+    capacity: int
+    num_free: int
+
+    def alloc(self, n: int) -> list[int]: ...
+
+    def free(self, pages: list[int]) -> None: ...
 
 
 class BlockManager:
-    """Free list plus per-sequence block tables over `num_pages` pages."""
+    """Per-sequence block tables over the pages of one page source."""
 
-    def __init__(self, num_pages: int, block_size: int = BLOCK_SIZE):
-        if num_pages < 1:
-            raise ValueError(f"num_pages must be >= 1, got {num_pages}")
-        self.num_pages = num_pages
+    def __init__(self, pages: PageSource, block_size: int = BLOCK_SIZE):
+        self.pages = pages
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_pages))
         self._tables: dict[str, list[int]] = {}
 
     @property
+    def num_pages(self) -> int:
+        return self.pages.capacity
+
+    @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self.pages.num_free
 
     @property
     def num_used(self) -> int:
-        return self.num_pages - len(self._free)
+        """Pages held by this manager's sequences."""
+        return sum(len(t) for t in self._tables.values())
+
+    def has(self, seq_id: str) -> bool:
+        return seq_id in self._tables
 
     def block_table(self, seq_id: str) -> list[int]:
         return self._tables[seq_id]
@@ -48,19 +60,19 @@ class BlockManager:
         return max(0, blocks_needed(num_tokens, self.block_size) - have)
 
     def can_grow(self, seq_id: str, num_tokens: int) -> bool:
-        return self.pages_to_grow(seq_id, num_tokens) <= len(self._free)
+        return self.pages_to_grow(seq_id, num_tokens) <= self.pages.num_free
 
     def grow(self, seq_id: str, num_tokens: int) -> list[int]:
         """Make `seq_id` able to hold `num_tokens` tokens; returns its block table."""
         need = self.pages_to_grow(seq_id, num_tokens)
-        if need > len(self._free):
-            raise OutOfPagesError(f"{seq_id}: needs {need} pages, {len(self._free)} free")
+        new = self.pages.alloc(need) if need else []
         table = self._tables.setdefault(seq_id, [])
-        table.extend(self._free.popleft() for _ in range(need))
+        table.extend(new)
         return table
 
     def free(self, seq_id: str) -> int:
-        """Return every page of `seq_id` to the free list; a no-op for unknown ids."""
+        """Return every page of `seq_id` to its source; a no-op for unknown ids."""
         table = self._tables.pop(seq_id, [])
-        self._free.extend(table)
+        if table:
+            self.pages.free(table)
         return len(table)

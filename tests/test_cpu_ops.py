@@ -43,7 +43,9 @@ def test_paged_decode_kernel_matches_gather_and_sdpa(dtype, tol, heads, kv_heads
     tables = order.view(len(lengths), width)
     lens = torch.tensor(lengths)
     q = torch.randn(len(lengths), heads, dim, generator=g).to(dtype)
-    got = kernel.paged_decode_attention(q, k_cache, v_cache, tables, lens, dim ** -0.5)
+    # The kernel takes element offsets of pages from a base page (pages live in slabs).
+    offsets = tables * (block * kv_heads * dim)
+    got = kernel.paged_decode_attention(q, k_cache[0], v_cache[0], offsets, lens, dim ** -0.5)
     want = reference_decode(q.float(), k_cache.float(), v_cache.float(), tables, lens)
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
@@ -55,7 +57,7 @@ def test_linear_routing_matches_f_linear(rows, dtype):
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 96, generator=g).to(dtype)
     w = torch.randn(160, 96, generator=g).to(dtype)
-    got = linear(x, w, upcast_scratch([w]))
+    got = linear(x, w, upcast_scratch(w.dtype, w.device, w.numel()))
     assert got.shape == (rows, 160) and got.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(got.float(), F.linear(x.float(), w.float()), atol=tol, rtol=tol)

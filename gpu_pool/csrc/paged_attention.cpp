@@ -5,6 +5,10 @@
 // longest context in the batch. A token's K (or V) row for all kv heads is contiguous in the
 // page, so each sequence streams its rows once and every query head reuses them. Sequences
 // are spread over threads dynamically because their lengths differ.
+//
+// Block tables hold element offsets of pages from the cache base, not page numbers: pages live
+// in slabs shared by models of different page shapes (memory/slabs.py), so where a page sits
+// is not a multiple of one page size.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
@@ -43,7 +47,7 @@ template <typename T, typename Fn>
 inline void for_each_row(const T* cache, const int64_t* table, int64_t len, const Shape& s,
                          Fn fn) {
   for (int64_t first = 0; first < len; first += s.block) {
-    const T* page = cache + table[first / s.block] * s.block * s.row();
+    const T* page = cache + table[first / s.block];
     const int64_t n = std::min(s.block, len - first);
     for (int64_t i = 0; i < n; ++i) fn(first + i, page + i * s.row());
   }
@@ -108,23 +112,24 @@ void decode_batch(const T* q, const T* k_cache, const T* v_cache, const int64_t*
 
 }  // namespace
 
-// q: [B, H, D]; k_cache, v_cache: [pages, block, KVH, D]; block_tables: [B, max_pages] int64;
+// q: [B, H, D]; k_base, v_base: [block, KVH, D], the first page of this layer's K and V;
+// page_offsets: [B, max_pages] int64 element offsets of each page from the base;
 // context_lens: [B] int64. Returns [B, H, D].
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
-                                     torch::Tensor v_cache, torch::Tensor block_tables,
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_base,
+                                     torch::Tensor v_base, torch::Tensor page_offsets,
                                      torch::Tensor context_lens, double scale) {
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "expected q [B,H,D], cache [P,BS,KVH,D]");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "cache must be contiguous");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q and cache dtypes differ");
+  TORCH_CHECK(q.dim() == 3 && k_base.dim() == 3, "expected q [B,H,D], base page [BS,KVH,D]");
+  TORCH_CHECK(k_base.is_contiguous() && v_base.is_contiguous(), "pages must be contiguous");
+  TORCH_CHECK(q.scalar_type() == k_base.scalar_type(), "q and cache dtypes differ");
   q = q.contiguous();
-  block_tables = block_tables.contiguous();
+  page_offsets = page_offsets.contiguous();
   context_lens = context_lens.contiguous();
-  const Shape s{q.size(1), k_cache.size(2), q.size(2), k_cache.size(1)};
-  const int64_t batch = q.size(0), max_pages = block_tables.size(1);
+  const Shape s{q.size(1), k_base.size(1), q.size(2), k_base.size(0)};
+  const int64_t batch = q.size(0), max_pages = page_offsets.size(1);
   auto out = torch::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
-    decode_batch(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
-                 v_cache.data_ptr<scalar_t>(), block_tables.data_ptr<int64_t>(),
+    decode_batch(q.data_ptr<scalar_t>(), k_base.data_ptr<scalar_t>(),
+                 v_base.data_ptr<scalar_t>(), page_offsets.data_ptr<int64_t>(),
                  context_lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), batch, max_pages,
                  s, static_cast<float>(scale));
   });

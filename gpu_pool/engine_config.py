@@ -1,0 +1,46 @@
+"""The engine's settings (the `engine:` block of a fleet file) and its per-step output."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from tokenpool.errors import ConfigError
+from tokenpool.gpu_pool.device import DTYPES
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    device: str = "cpu"
+    dtype: str = "auto"
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 8192
+    kv_cache_bytes: int = 1 << 30
+    max_model_len: int | None = None  # defaults to the model's context length
+    seed: int = 0  # for requests that bring no seed of their own
+    fused_kernels: bool = True  # CPU: compiled paged decode attention (falls back if unbuildable)
+
+    def __post_init__(self):
+        # Checked when the fleet file loads, long before a checkpoint is read.
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device must be cpu, cuda or cuda:N; got {self.device!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be auto or one of {', '.join(DTYPES)}; "
+                              f"got {self.dtype!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    new_text: str
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | None while running
+    logprobs: tuple = ()  # TokenLogprobs per new token when asked for
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0

@@ -1,0 +1,173 @@
+"""KV pages in fixed-size slabs, shared by models whose pages differ in shape.
+
+Models differ in layers x kv heads x head dim x dtype, so one page size cannot serve a fleet.
+The KV byte range is cut into equal slabs instead. A slab holds pages of one shape while any
+of them is in use and returns to the shared pool, for any shape, once it is empty. The same
+class keeps the device's KV region and the host's swap space.
+
+Page ids are per shape: page `p` of a shape with `n` pages per slab is page `p % n` of slab
+`p // n`. Its bytes start at `slab * slab_bytes + (p % n) * page_bytes`. Pure bookkeeping: it
+owns no memory and imports no framework.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BLOCK_SIZE = 16
+
+
+class OutOfPagesError(RuntimeError):
+    """Asked for more pages than are free. Callers check `num_free` first."""
+
+
+class PageOwnershipError(RuntimeError):
+    """A page was freed that is not in use: a double free or a foreign page."""
+
+
+@dataclass(frozen=True, slots=True)
+class PageShape:
+    """One KV page: BLOCK_SIZE tokens' K and V for every layer of one model."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    itemsize: int
+    block_size: int = BLOCK_SIZE
+
+    @property
+    def row_elems(self) -> int:
+        """Elements of one token's K (or V) in one layer."""
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def page_elems(self) -> int:
+        return 2 * self.num_layers * self.block_size * self.row_elems
+
+    @property
+    def page_bytes(self) -> int:
+        return self.page_elems * self.itemsize
+
+
+class SlabPool:
+    def __init__(self, num_slabs: int, slab_bytes: int):
+        if num_slabs < 0 or slab_bytes < 1:
+            raise ValueError(f"need num_slabs >= 0 and slab_bytes >= 1, got {num_slabs}, "
+                             f"{slab_bytes}")
+        self.num_slabs = num_slabs
+        self.slab_bytes = slab_bytes
+        self._empty: list[int] = list(range(num_slabs - 1, -1, -1))  # pop() takes the lowest
+        self._shape: dict[int, PageShape] = {}  # slabs in use -> their page shape
+        self._free: dict[int, list[int]] = {}  # slabs in use -> free page slots, lowest last
+        self._partial: dict[PageShape, list[int]] = {}  # slabs of a shape with free slots
+
+    # -- capacity ---------------------------------------------------------------------------
+
+    def pages_per_slab(self, shape: PageShape) -> int:
+        return self.slab_bytes // shape.page_bytes
+
+    def capacity(self, shape: PageShape) -> int:
+        """Pages of `shape` that fit when every slab holds that shape."""
+        return self.num_slabs * self.pages_per_slab(shape)
+
+    def num_free(self, shape: PageShape) -> int:
+        """Pages of `shape` that can be allocated now."""
+        partial = sum(len(self._free[s]) for s in self._partial.get(shape, ()))
+        return partial + len(self._empty) * self.pages_per_slab(shape)
+
+    def num_used(self, shape: PageShape) -> int:
+        per_slab = self.pages_per_slab(shape)
+        return sum(per_slab - len(self._free[s]) for s, sh in self._shape.items() if sh == shape)
+
+    @property
+    def num_empty_slabs(self) -> int:
+        return len(self._empty)
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of pages in use (a slab's unused tail is not counted)."""
+        return sum((self.pages_per_slab(sh) - len(self._free[s])) * sh.page_bytes
+                   for s, sh in self._shape.items())
+
+    def shape_of(self, slab: int) -> PageShape | None:
+        return self._shape.get(slab)
+
+    # -- pages ------------------------------------------------------------------------------
+
+    def alloc(self, shape: PageShape, n: int) -> list[int]:
+        """`n` page ids of `shape`, filling slabs already holding that shape first."""
+        if n > self.num_free(shape):
+            raise OutOfPagesError(f"{n} pages of {shape.page_bytes} B asked, "
+                                  f"{self.num_free(shape)} free")
+        per_slab = self.pages_per_slab(shape)
+        partial = self._partial.setdefault(shape, [])
+        pages = []
+        while len(pages) < n:
+            if not partial:
+                partial.append(self._take_slab(shape))
+            slab = partial[-1]
+            slots = self._free[slab]
+            while slots and len(pages) < n:
+                pages.append(slab * per_slab + slots.pop())
+            if not slots:
+                partial.pop()
+        return pages
+
+    def free(self, shape: PageShape, pages: list[int]) -> None:
+        """Return pages; checks them all first, so a bad list changes nothing."""
+        per_slab = self.pages_per_slab(shape)
+        located = [divmod(page, per_slab) for page in pages]
+        for page, (slab, slot) in zip(pages, located):
+            if self._shape.get(slab) != shape or slot in self._free[slab]:
+                raise PageOwnershipError(f"page {page} of {shape} is not in use")
+        if len(set(pages)) != len(pages):
+            raise PageOwnershipError(f"pages freed twice in one call: {sorted(pages)}")
+        for slab, slot in located:
+            slots = self._free[slab]
+            if not slots:
+                self._partial[shape].append(slab)
+            slots.append(slot)
+            if len(slots) == per_slab:
+                self._release_slab(slab)
+
+    def byte_offset(self, shape: PageShape, page: int) -> int:
+        slab, slot = divmod(page, self.pages_per_slab(shape))
+        return slab * self.slab_bytes + slot * shape.page_bytes
+
+    def _take_slab(self, shape: PageShape) -> int:
+        slab = self._empty.pop()
+        self._shape[slab] = shape
+        self._free[slab] = list(range(self.pages_per_slab(shape) - 1, -1, -1))
+        return slab
+
+    def _release_slab(self, slab: int) -> None:
+        shape = self._shape.pop(slab)
+        del self._free[slab]
+        self._partial[shape].remove(slab)
+        self._empty.append(slab)
+        self._empty.sort(reverse=True)  # reuse low slabs first: keeps placement predictable
+
+
+class ShapePages:
+    """The pages of one shape in a SlabPool, as the page source of a BlockManager."""
+
+    def __init__(self, pool: SlabPool, shape: PageShape):
+        if pool.pages_per_slab(shape) < 1:
+            raise ValueError(f"a {shape.page_bytes} B page does not fit a "
+                             f"{pool.slab_bytes} B slab")
+        self.pool = pool
+        self.shape = shape
+
+    @property
+    def capacity(self) -> int:
+        return self.pool.capacity(self.shape)
+
+    @property
+    def num_free(self) -> int:
+        return self.pool.num_free(self.shape)
+
+    def alloc(self, n: int) -> list[int]:
+        return self.pool.alloc(self.shape, n)
+
+    def free(self, pages: list[int]) -> None:
+        self.pool.free(self.shape, pages)
