@@ -9,6 +9,7 @@ from pathlib import Path
 from tokenpool.config import build, load_yaml
 from tokenpool.errors import ConfigError, UnknownModelError
 from tokenpool.gpu_pool.engine import EngineConfig
+from tokenpool.memory.config import MemoryConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +25,7 @@ class ModelSpec:
 class FleetConfig:
     models: list[ModelSpec]
     engine: EngineConfig = field(default_factory=EngineConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     base_dir: str = "."  # where relative sources resolve; set from the file's location
 
     def __post_init__(self):
@@ -46,7 +48,12 @@ class FleetConfig:
         return dataclasses.replace(self.engine, dtype=chosen) if chosen else self.engine
 
 
-def load_fleet(path: str | Path) -> FleetConfig:
+def load_fleet(path: str | Path, *, check_memory: bool = True) -> FleetConfig:
+    """Parse and validate a fleet file.
+
+    With `check_memory`, every model's header is read (no weights) and a fleet that cannot fit
+    a worker's arena is refused here, naming the model and the sizes.
+    """
     path = Path(path)
     data = load_yaml(path)
     if not isinstance(data, dict):
@@ -54,4 +61,9 @@ def load_fleet(path: str | Path) -> FleetConfig:
     if "base_dir" in data:
         raise ConfigError("base_dir: unknown key (it is derived from the file's location)")
     data = {**data, "base_dir": str(path.resolve().parent)}
-    return build(FleetConfig, data)
+    fleet = build(FleetConfig, data)
+    if check_memory:
+        from tokenpool.gpu_pool.fleet_weights import FleetModels
+
+        FleetModels(fleet).check_fits()
+    return fleet

@@ -39,6 +39,23 @@ def load_checkpoint(path: str | Path, *, progress: bool = True) -> Checkpoint:
     return ckpt
 
 
+def read_model_info(path: str | Path) -> tuple[ModelConfig, Tokenizer]:
+    """Config and tokenizer without reading any weights (a GGUF header, or the JSON files)."""
+    from tokenpool.models.gguf_file import read_gguf
+    from tokenpool.models.gguf_loader import gguf_config
+    from tokenpool.models.hf_loader import hf_config
+
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        gguf = read_gguf(path)
+        return gguf_config(gguf), Tokenizer.from_gguf(gguf.metadata)
+    if path.is_dir() and (path / "config.json").is_file():
+        return hf_config(path), Tokenizer.from_hf_dir(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    raise CheckpointError(f"{path} is neither a .gguf file nor a directory with config.json")
+
+
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every weight a Llama checkpoint with this config must have, with its shape."""
     h, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, \
