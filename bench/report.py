@@ -92,3 +92,23 @@ def _num(value: float | None) -> str:
 
 def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.1f}"
+
+
+def swap_table(result: dict) -> str:
+    """The swap benchmark's headline numbers, one per line."""
+    def fmt(value, spec):
+        return "n/a" if value is None else format(value, spec)
+
+    rows = [
+        ("models", " <-> ".join(result["models"])),
+        ("weight bytes", f"{result['weight_bytes'] / 2**20:.1f} MiB ({result['dtype']})"),
+        ("memcpy", f"{result['memcpy_gbps']:.2f} GB/s"),
+        ("switch", f"{result['switch_s'] * 1e3:.1f} ms"),
+        ("  / memcpy bound", f"{result['ratio_to_memcpy_bound']:.2f}x"),
+        ("prefetched switch", f"{result['prefetched_switch_s'] * 1e3:.3f} ms"),
+        ("HF from_pretrained", fmt(result["hf_load_s"], ".2f") + " s"),
+        ("  speedup", fmt(result["speedup_vs_hf_load"], ".1f") + "x"),
+        ("KV swap out+in", f"{result['kv_swap_gbps']:.2f} GB/s"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "".join(f"{name:<{width}}  {value}\n" for name, value in rows)

@@ -1,4 +1,4 @@
-"""`tokenpool bench engine`: our engine's throughput against HF transformers, as JSON."""
+"""`tokenpool bench engine|swap`: engine throughput and model-switch cost, as JSON."""
 
 from __future__ import annotations
 
@@ -37,13 +37,14 @@ examples:
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
-        "bench", help="benchmarks that write one JSON object (engine)",
+        "bench", help="benchmarks that write one JSON object (engine, swap)",
         description="Benchmarks. Each prints a short table to stdout and writes one JSON "
                     "object to --json OUT.",
         formatter_class=_args.HelpFormatter)
     kinds = p.add_subparsers(dest="bench_command", metavar="KIND", required=True)
-    # `swap` and `serve` will be added here.
+    # `serve` will be added here.
     _add_engine(kinds)
+    _add_swap(kinds)
 
 
 def _add_engine(kinds: argparse._SubParsersAction) -> None:
@@ -116,6 +117,84 @@ def _bench_hf(fleet, spec, dtype, device, workloads, new_tokens):
     print("tokenpool: loading the HF transformers reference", file=sys.stderr, flush=True)
     model = hf_reference.load_hf_model(resolve_source(spec.source, fleet.base_dir), dtype, device)
     return hf_reference.bench_hf(model, workloads, new_tokens)
+
+
+SWAP_EPILOG = """\
+keys of the JSON object:
+  weight_bytes            packed weights of the first model
+  memcpy_gbps             a plain copy of weight_bytes host -> device memory
+  switch_s                median switch time, one weight slot (every switch copies)
+  prefetched_switch_s     median switch time to a model already in the spare slot
+  hf_load_s               transformers from_pretrained of the same checkpoint, page cache warm
+  ratio_to_memcpy_bound   switch_s / (weight_bytes / memcpy bandwidth)
+  speedup_vs_hf_load      hf_load_s / switch_s
+  kv_swap_gbps            one sequence's KV pages out to host swap slabs and back, per second
+
+examples:
+  tokenpool bench swap --json bench-swap.json
+  tokenpool bench swap --config fleet.yaml --models llama-a,llama-b --dtype float32 \\
+      --repeats 20 --json bench-swap.json"""
+
+
+def _add_swap(kinds: argparse._SubParsersAction) -> None:
+    from tokenpool.bench.swap_bench import __doc__ as doc
+
+    p = kinds.add_parser(
+        "swap", help="model switch cost against a plain copy and an HF load",
+        description=doc.split("\n", 1)[1].strip(), epilog=SWAP_EPILOG,
+        formatter_class=_args.HelpFormatter)
+    _args.add_config(p)
+    p.add_argument("--models", metavar="A,B", default=None,
+                   help="the two model ids to switch between (default: the fleet's first two; "
+                        "with a one-model fleet, that model and an alias of it)")
+    _args.add_dtype(p, "the models")
+    _args.add_device(p)
+    p.add_argument("--repeats", metavar="N", type=_args.checked(_at_least(10), "repeats"),
+                   default=10, help="switches timed per kind, at least 10 (default: 10)")
+    p.add_argument("--no-hf", action="store_true",
+                   help="skip the HF from_pretrained timing (hf_load_s is null)")
+    p.add_argument("--json", metavar="OUT", type=Path, required=True,
+                   help="write the results as one JSON object to this file")
+    p.set_defaults(func=run_swap)
+
+
+def run_swap(args: argparse.Namespace) -> int:
+    import dataclasses
+    import os
+
+    from tokenpool.bench import report, swap_bench
+    from tokenpool.errors import ConfigError
+    from tokenpool.fleet import load_fleet
+
+    fleet = load_fleet(args.config)
+    engine = dataclasses.replace(fleet.engine, **{k: v for k, v in (
+        ("dtype", args.dtype), ("device", args.device)) if v})
+    fleet = dataclasses.replace(fleet, engine=engine,
+                                models=[dataclasses.replace(m, dtype=None) if args.dtype else m
+                                        for m in fleet.models])
+    ids = args.models.split(",") if args.models else [m.id for m in fleet.models[:2]]
+    for model_id in ids:
+        fleet.model(model_id)
+    if len(ids) == 1:
+        fleet, alias = swap_bench.with_alias(fleet, ids[0])
+        ids.append(alias)
+    if len(ids) != 2 or ids[0] == ids[1]:
+        raise ConfigError(f"--models: expected two different model ids, got {args.models!r}")
+    result = swap_bench.run(fleet, ids[0], ids[1], args.repeats, not args.no_hf,
+                            namespace=f"bench{os.getpid()}")
+    result |= {"cpu": report.cpu_info(), "command": _command(args)}
+    report.write_json(args.json, result)
+    sys.stdout.write(report.swap_table(result))
+    return 0
+
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise ValueError(f"must be at least {low}, got {value}")
+        return value
+    return parse
 
 
 def _command(args: argparse.Namespace) -> str:
