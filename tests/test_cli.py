@@ -72,7 +72,7 @@ def synth_fleet(synth) -> Path:
 # -- help and usage ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("command", [[], ["generate"], ["fleet"], ["fleet", "synth"], ["bench"],
-                                     ["bench", "engine"]], ids=" ".join)
+                                     ["bench", "engine"], ["bench", "swap"]], ids=" ".join)
 def test_help_exits_zero(command):
     result = tokenpool(*command, "--help")
     assert result.returncode == 0, result.stderr
@@ -219,3 +219,46 @@ def test_bench_bad_input_exits_2(synth_fleet, tmp_path, args, message):
                        "--json", tmp_path / "b.json", *args)
     assert_usage_error(result, message)
     assert not (tmp_path / "b.json").exists()
+
+
+# -- bench swap --------------------------------------------------------------------------------
+
+SWAP_KEYS = {"weight_bytes", "memcpy_gbps", "switch_s", "prefetched_switch_s", "hf_load_s",
+             "ratio_to_memcpy_bound", "speedup_vs_hf_load", "kv_swap_gbps"}
+
+
+def test_bench_swap_between_two_shapes_with_hf(synth_fleet, tmp_path):
+    models = ",".join(list(SHAPES.values()))
+    out = tmp_path / "swap.json"
+    result = tokenpool("bench", "swap", "--config", synth_fleet, "--models", models,
+                       "--json", out)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert SWAP_KEYS <= set(report) and report["models"] == list(SHAPES.values())
+    assert all(report[k] > 0 for k in SWAP_KEYS)
+    assert len(report["switch_s_all"]) == len(report["prefetched_switch_s_all"]) == 10
+    assert report["ratio_to_memcpy_bound"] == pytest.approx(
+        report["switch_s"] * report["memcpy_gbps"] * 1e9 / report["weight_bytes"])
+    assert report["speedup_vs_hf_load"] == pytest.approx(report["hf_load_s"] / report["switch_s"])
+    assert "prefetched switch" in result.stdout
+
+
+def test_bench_swap_one_model_fleet_uses_an_alias(synth_fleet, tmp_path):
+    out = tmp_path / "swap.json"
+    result = tokenpool("bench", "swap", "--config", synth_fleet, "--models", SYNTH, "--no-hf",
+                       "--json", out)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["models"] == [SYNTH, f"{SYNTH}-alias"]
+    assert report["hf_load_s"] is None and report["speedup_vs_hf_load"] is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--models", "nope,also-nope"], "unknown model"),
+    (["--repeats", "3"], "must be at least 10"),
+])
+def test_bench_swap_bad_input_exits_2(synth_fleet, tmp_path, args, message):
+    result = tokenpool("bench", "swap", "--config", synth_fleet, "--json", tmp_path / "s.json",
+                       *args)
+    assert_usage_error(result, message)
+    assert not (tmp_path / "s.json").exists()
