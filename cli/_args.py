@@ -29,6 +29,11 @@ def add_config(parser: argparse.ArgumentParser) -> None:
              "(default: configs/fleet.yaml of this repository)")
 
 
+def add_json_out(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", metavar="OUT", type=Path, required=True,
+                        help="write the results as one JSON object to this file")
+
+
 def add_dtype(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "--dtype", choices=DTYPES, default=None,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from pathlib import Path
 
 from tokenpool.cli import _args
 
@@ -74,8 +73,7 @@ def _add_engine(kinds: argparse._SubParsersAction) -> None:
                    help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-hf", action="store_true",
                    help="skip the HF transformers reference (hf is [], speedup_vs_hf {})")
-    p.add_argument("--json", metavar="OUT", type=Path, required=True,
-                   help="write the results as one JSON object to this file")
+    _args.add_json_out(p)
     p.set_defaults(func=run_engine)
 
 
@@ -153,8 +151,7 @@ def _add_swap(kinds: argparse._SubParsersAction) -> None:
                    default=10, help="switches timed per kind, at least 10 (default: 10)")
     p.add_argument("--no-hf", action="store_true",
                    help="skip the HF from_pretrained timing (hf_load_s is null)")
-    p.add_argument("--json", metavar="OUT", type=Path, required=True,
-                   help="write the results as one JSON object to this file")
+    _args.add_json_out(p)
     p.set_defaults(func=run_swap)
 
 
