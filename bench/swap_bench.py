@@ -117,7 +117,8 @@ def make_worker(models: FleetModels, weights: FleetWeights, ids: list[str],
 
 
 def host_cache_for(fleet, namespace: str) -> HostModelCache:
-    return HostModelCache(fleet.memory.host_cache_bytes, namespace)
+    return HostModelCache(fleet.memory.host_cache_bytes, namespace,
+                          root=fleet.memory.host_cache_dir)
 
 
 def with_alias(fleet, model_id: str):

@@ -55,6 +55,8 @@ class FleetModels:
     def check_fits(self) -> None:
         """Refuse a fleet whose models cannot fit a worker's arena, naming model and sizes."""
         mem = self.fleet.memory
+        if not Path(mem.host_cache_dir).is_dir():
+            raise ConfigError(f"memory.host_cache_dir: {mem.host_cache_dir} is not a directory")
         try:
             plan_worker_arena([m.footprint for m in self.layouts.values()], mem.arena_bytes,
                               self.fleet.engine.kv_cache_bytes, mem.slab_bytes,

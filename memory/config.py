@@ -16,6 +16,9 @@ class MemoryConfig:
     # Node-wide budget for packed weights in the host cache; least recently used models are
     # evicted past it and read from disk again when needed.
     host_cache_bytes: int = 32 << 30
+    # Where the host cache's files live: a tmpfs. One mounted with huge=always published 7x
+    # faster in docs/host-cache.md.
+    host_cache_dir: str = "/dev/shm"
     swap_bytes: int = 1 << 30  # host KV swap space per worker (preempted / swapped batches)
     prefetch: bool = True  # a second weight slot, filled in the background with the next model
 
