@@ -1,0 +1,180 @@
+"""Token-level decode: weighted round robin with SLO-derived time quotas (DESIGN §3.2).
+
+A decode worker holds its requests in FCFS order. At the start of each round they are cut
+into batches, one model each (a model whose requests do not fit the KV budget becomes
+several batches), and every batch gets a quota from `round_quotas`. Each batch then takes one
+turn: its KV comes back if it was swapped out, the model is switched in (prefetched during
+the previous turn), it decodes for its quota, and its KV is swapped out if other batches
+share the round. Requests that arrive mid-round wait for the next round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tokenpool.schedulers.cost import CostModel
+from tokenpool.schedulers.quota import Q_MAX_S, round_quotas
+from tokenpool.schedulers.types import Decode, Job, Prefetch, SwapIn, SwapOut, Switch
+
+
+@dataclass(slots=True)
+class DecodeRequest:
+    request_id: str
+    model: str
+    context: int  # prompt plus tokens so far
+    tbt_slo: float
+    resident: bool = True  # its KV is on the worker, not swapped out
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    model: str
+    request_ids: tuple[str, ...]
+    quota_s: float
+
+
+@dataclass(slots=True)
+class DecodeWorker:
+    worker: int
+    requests: dict[str, DecodeRequest] = field(default_factory=dict)  # insertion = FCFS
+    turns: list[Turn] = field(default_factory=list)  # what is left of the current round
+    model: str | None = None
+    alpha: float = 0.0  # of the last round: > 1 means overloaded
+    tokens: dict[str, int] = field(default_factory=dict)  # KV tokens held per model
+
+    def add(self, r: DecodeRequest) -> None:
+        self.requests[r.request_id] = r
+        self.tokens[r.model] = self.tokens.get(r.model, 0) + r.context
+
+    def grow(self, r: DecodeRequest, steps: int) -> None:
+        r.context += steps
+        self.tokens[r.model] += steps
+
+    def remove(self, request_id: str) -> None:
+        r = self.requests.pop(request_id)
+        left = self.tokens[r.model] - r.context
+        if left:
+            self.tokens[r.model] = left
+        else:
+            del self.tokens[r.model]
+
+
+class WeightedRoundRobinDecode:
+    def __init__(self, workers: list[int], cost: CostModel, q_max_s: float = Q_MAX_S,
+                 max_batch_size: int = 256):
+        self.cost = cost
+        self.q_max_s = q_max_s
+        self.max_batch_size = max_batch_size
+        self.workers = {w: DecodeWorker(w) for w in workers}
+
+    # -- placement ---------------------------------------------------------------------------
+
+    def place(self, request_id: str, model: str, context: int, tbt_slo: float,
+              local: int | None = None) -> int:
+        """Give a prefilled request to a decode worker; returns the worker.
+
+        `local`: the worker that prefilled it, when it also decodes (colocated roles): the KV
+        is already there. Otherwise prefer a worker already decoding the model with KV room
+        (no extra switch per round), the least loaded of those; else the least loaded worker.
+        Its KV arrives through the host, as a swap-in on its first turn.
+        """
+        if local in self.workers:
+            self.workers[local].add(DecodeRequest(request_id, model, context, tbt_slo))
+            return local
+        capacity = self.cost.kv_capacity_tokens(model)
+        fits = [w for w in self.workers.values() if w.tokens.get(model, 0) + context <= capacity]
+        # A batch of the model still to take its turn this round: the request joins it and
+        # decodes within this round instead of waiting for the next one.
+        upcoming = [w for w in fits if any(t.model == model for t in w.turns)]
+        serving = [w for w in fits if model in w.tokens]
+        target = min(upcoming or serving or self.workers.values(),
+                     key=lambda w: (w.alpha, len(w.requests), w.worker))
+        target.add(DecodeRequest(request_id, model, context, tbt_slo, resident=False))
+        if target in upcoming:
+            self._join_turn(target, model, request_id)
+        return target.worker
+
+    @staticmethod
+    def _join_turn(w: DecodeWorker, model: str, request_id: str) -> None:
+        i = next(i for i, t in enumerate(w.turns) if t.model == model)
+        turn = w.turns[i]
+        w.turns[i] = Turn(model, turn.request_ids + (request_id,), turn.quota_s)
+
+    # -- rounds and turns --------------------------------------------------------------------
+
+    def next_job(self, worker: int) -> Job | None:
+        w = self.workers[worker]
+        if not w.turns:
+            w.turns = self._new_round(w)
+        if not w.turns:
+            return None
+        turn = w.turns.pop(0)
+        return Job(worker, tuple(self._turn_units(w, turn)))
+
+    def _new_round(self, w: DecodeWorker) -> list[Turn]:
+        batches = self._batches(w)
+        if not batches:
+            return []
+        models = {m for m, _ in batches}
+        switch = sum(self.cost.switch_time(m) for m in models) \
+            if len(models) > 1 or w.model not in models else 0.0
+        steps = [self.cost.decode_step_time(m, len(b), sum(r.context for r in b))
+                 for m, b in batches]
+        slos = [min(r.tbt_slo for r in b) for _, b in batches]
+        quotas = round_quotas(steps, slos, switch, self.q_max_s)
+        w.alpha = quotas.alpha
+        return [Turn(m, tuple(r.request_id for r in b), q)
+                for (m, b), q in zip(batches, quotas.quotas)]
+
+    def _batches(self, w: DecodeWorker) -> list[tuple[str, list[DecodeRequest]]]:
+        """FCFS per model, cut where the KV budget or the batch size would be exceeded."""
+        open_batch: dict[str, list[DecodeRequest]] = {}
+        tokens: dict[str, int] = {}
+        batches: list[tuple[str, list[DecodeRequest]]] = []
+        for r in w.requests.values():
+            batch = open_batch.get(r.model)
+            capacity = self.cost.kv_capacity_tokens(r.model)
+            if batch is None or len(batch) >= self.max_batch_size or \
+                    tokens[r.model] + r.context > capacity:
+                batch = open_batch[r.model] = []
+                tokens[r.model] = 0
+                batches.append((r.model, batch))
+            batch.append(r)
+            tokens[r.model] += r.context
+        return batches
+
+    def _turn_units(self, w: DecodeWorker, turn: Turn) -> list:
+        units: list = []
+        batch = [w.requests[i] for i in turn.request_ids]
+        away = tuple(r.request_id for r in batch if not r.resident)
+        if away:
+            units.append(SwapIn(w.worker, turn.model, away))
+        if w.model != turn.model:
+            units.append(Switch(w.worker, turn.model))
+            w.model = turn.model
+        following = next((t.model for t in w.turns if t.model != turn.model), None)
+        if following is not None:
+            units.append(Prefetch(w.worker, following))
+        units.append(Decode(w.worker, turn.model, turn.request_ids, turn.quota_s))
+        for r in batch:
+            r.resident = True
+        if w.turns:  # other batches share the round: give their KV the room
+            units.append(SwapOut(w.worker, turn.model, turn.request_ids))
+            for r in batch:
+                r.resident = False
+        return units
+
+    # -- results -----------------------------------------------------------------------------
+
+    def decoded(self, worker: int, request_ids: tuple[str, ...], steps: int,
+                finished: tuple[str, ...]) -> None:
+        w = self.workers[worker]
+        done = set(finished)
+        for request_id in request_ids:
+            if request_id in done:
+                w.remove(request_id)
+            else:
+                w.grow(w.requests[request_id], steps)
+
+    def num_requests(self) -> int:
+        return sum(len(w.requests) for w in self.workers.values())

@@ -1,0 +1,50 @@
+"""Decode time quotas for one round of weighted round robin (Aegaeon, DESIGN §3.2).
+
+For batches i of a round: `d_i` is the predicted decode step time, `n_i = TBT_SLO_i / d_i`
+the steps batch i may take per TBT period, and `c0` the switch time paid per round (the sum
+over the round's distinct models). With `Q_max` the longest quota:
+
+    alpha = max(c0 / (min_j n_j * Q_max) + sum_j 1/n_j, 0.5)
+    q_i   = c0 / (n_i * (alpha - sum_j 1/n_j))
+
+Each batch's mean token gap over the round is then `alpha * TBT_SLO_i`; `alpha > 1` means the
+round cannot meet every TBT SLO (an overload signal for admission and placement).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+ALPHA_FLOOR = 0.5
+Q_MAX_S = 4.0
+
+
+@dataclass(frozen=True, slots=True)
+class RoundQuotas:
+    alpha: float
+    quotas: tuple[float, ...]  # seconds of decoding per batch, in round order
+
+    @property
+    def overloaded(self) -> bool:
+        return self.alpha > 1.0
+
+
+def round_quotas(step_times: list[float], tbt_slos: list[float], switch_time: float,
+                 q_max: float = Q_MAX_S) -> RoundQuotas:
+    """Quotas for batches with predicted step times `step_times` and their TBT SLOs.
+
+    With no switch cost (one model, or switches fully hidden) any quota keeps up; each batch
+    then gets the longest one, `q_max`.
+    """
+    if not step_times or len(step_times) != len(tbt_slos):
+        raise ValueError("need one TBT SLO per batch, and at least one batch")
+    if not (min(step_times) > 0 and min(tbt_slos) > 0 and switch_time >= 0 and q_max > 0
+            and math.isfinite(sum(step_times) + sum(tbt_slos) + switch_time + q_max)):
+        raise ValueError("step times, SLOs, q_max must be finite and > 0; switch time >= 0")
+    n = [slo / d for slo, d in zip(tbt_slos, step_times)]
+    inv_sum = sum(1.0 / x for x in n)
+    alpha = max(switch_time / (min(n) * q_max) + inv_sum, ALPHA_FLOOR)
+    if switch_time == 0.0:
+        return RoundQuotas(alpha, tuple(q_max for _ in n))
+    return RoundQuotas(alpha, tuple(switch_time / (x * (alpha - inv_sum)) for x in n))

@@ -1,0 +1,66 @@
+"""Aegaeon's token-level scheduler: grouped-FCFS prefill plus weighted round robin decode.
+
+Prefill and decode roles may sit on different workers (disaggregated, as in the paper) or on
+the same ones (colocated: a worker runs its prefill groups first, for TTFT, then its turns).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from tokenpool.schedulers.cost import CostModel
+from tokenpool.schedulers.decode import WeightedRoundRobinDecode
+from tokenpool.schedulers.prefill import GroupedFCFSPrefill
+from tokenpool.schedulers.quota import Q_MAX_S
+from tokenpool.schedulers.types import SLO, DecodeDone, Job, PrefillDone, RequestInfo
+
+
+class TokenLevelScheduler:
+    name = "token-level"
+
+    def __init__(self, prefill_workers: list[int], decode_workers: list[int], cost: CostModel,
+                 slo_of: Callable[[str], SLO], max_group_size: int = 8,
+                 q_max_s: float = Q_MAX_S, batch_prefill: bool = False):
+        self.slo_of = slo_of
+        self.prefill = GroupedFCFSPrefill(prefill_workers, cost, max_group_size, batch_prefill)
+        self.decode = WeightedRoundRobinDecode(decode_workers, cost, q_max_s)
+        self.requests: dict[str, RequestInfo] = {}
+
+    def add_request(self, req: RequestInfo, now: float) -> None:
+        self.requests[req.request_id] = req
+        self.prefill.add_request(req)
+
+    def schedule(self, idle_workers: Iterable[int], now: float) -> list[Job]:
+        jobs = []
+        for worker in sorted(idle_workers):
+            job = None
+            if worker in self.prefill.queues:
+                job = self.prefill.next_job(worker)
+            if job is None and worker in self.decode.workers:
+                job = self.decode.next_job(worker)
+            if job is not None:
+                jobs.append(job)
+        return jobs
+
+    def update(self, results, now: float) -> None:
+        for result in results:
+            if isinstance(result, PrefillDone):
+                self._prefilled(result)
+            elif isinstance(result, DecodeDone):
+                self.decode.decoded(result.worker, result.request_ids, result.steps,
+                                    result.finished)
+                for request_id in result.finished:
+                    self.requests.pop(request_id, None)
+
+    def _prefilled(self, result: PrefillDone) -> None:
+        done = set(result.finished)
+        for request_id in result.request_ids:
+            req = self.requests[request_id]
+            if request_id in done:
+                del self.requests[request_id]
+                continue
+            self.decode.place(request_id, req.model, req.prompt_len + 1,
+                              self.slo_of(req.model).tbt_s, local=result.worker)
+
+    def num_unfinished(self) -> int:
+        return len(self.requests)

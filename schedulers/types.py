@@ -1,0 +1,114 @@
+"""What policies see and what they decide. Frozen, typed, and free of any runtime.
+
+Time is a float of seconds passed in as `now`; nothing here reads a clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class SLO:
+    ttft_s: float
+    tbt_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """A request as schedulers know it: never its true output length."""
+
+    request_id: str
+    model: str
+    prompt_len: int
+    arrival: float
+    max_tokens: int
+
+
+# -- work units: what a worker is told to do, in order ----------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Switch:
+    """Load `model`'s weights (a pointer swap if `Prefetch` already brought them)."""
+
+    worker: int
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class Prefetch:
+    """Copy `model`'s weights into the spare slot in the background."""
+
+    worker: int
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class Prefill:
+    """Compute the prompts' KV and each request's first token."""
+
+    worker: int
+    model: str
+    request_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Decode:
+    """Decode steps for the batch back to back for `quota_s` seconds (at least one step).
+
+    With `until_first_finish` the turn also ends as soon as a request finishes, so a
+    request-level worker can admit new work promptly.
+    """
+
+    worker: int
+    model: str
+    request_ids: tuple[str, ...]
+    quota_s: float
+    until_first_finish: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SwapOut:
+    worker: int
+    model: str
+    request_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SwapIn:
+    worker: int
+    model: str
+    request_ids: tuple[str, ...]
+
+
+WorkUnit = Switch | Prefetch | Prefill | Decode | SwapOut | SwapIn
+
+
+# -- results: what came back -------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class PrefillDone:
+    worker: int
+    model: str
+    request_ids: tuple[str, ...]
+    finished: tuple[str, ...]  # requests whose first token was also their last
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeDone:
+    worker: int
+    model: str
+    request_ids: tuple[str, ...]
+    steps: int
+    finished: tuple[str, ...]
+
+
+UnitResult = PrefillDone | DecodeDone
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """Units one worker runs back to back; the worker is idle again when they are done."""
+
+    worker: int
+    units: tuple[WorkUnit, ...]
