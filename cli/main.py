@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tokenpool.cli import _args, bench, fleet, generate
+from tokenpool.cli import _args, bench, fleet, generate, simulate
 
 PROG = "tokenpool"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-# Later: serve and simulate modules join this tuple.
-COMMANDS = (generate, fleet, bench)
+# Later: the serve module joins this tuple.
+COMMANDS = (generate, fleet, bench, simulate)
 
 DESCRIPTION = """\
 tokenpool serves many LLMs from a few accelerators by pooling them at token granularity.

@@ -72,7 +72,8 @@ def synth_fleet(synth) -> Path:
 # -- help and usage ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("command", [[], ["generate"], ["fleet"], ["fleet", "synth"], ["bench"],
-                                     ["bench", "engine"], ["bench", "swap"]], ids=" ".join)
+                                     ["bench", "engine"], ["bench", "swap"], ["simulate"],
+                                     ["simulate", "sweep"]], ids=" ".join)
 def test_help_exits_zero(command):
     result = tokenpool(*command, "--help")
     assert result.returncode == 0, result.stderr
@@ -262,3 +263,52 @@ def test_bench_swap_bad_input_exits_2(synth_fleet, tmp_path, args, message):
                        *args)
     assert_usage_error(result, message)
     assert not (tmp_path / "s.json").exists()
+
+
+# -- simulate ----------------------------------------------------------------------------------
+
+SIM_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sim" / "aegaeon-h800.yaml"
+SIM_WORKLOADS = Path(__file__).resolve().parents[2] / "shared" / "data" / "aegaeon" / "workloads"
+SIM_KEYS = {"scheduler", "num_models", "num_devices", "requests", "slo_attainment",
+            "goodput_rps", "ttft_p50_s", "ttft_p99_s", "tbt_p99_s", "switches"}
+
+
+def test_simulate_writes_the_keys_and_the_same_bytes_twice(tmp_path):
+    outs = []
+    for name in ("a.json", "b.json"):
+        result = tokenpool("simulate", "--config", SIM_CONFIG, "--workload",
+                           SIM_WORKLOADS / "synth-8-0.1-1.0-1.0.csv", "--seed", 3,
+                           "--json", tmp_path / name)
+        assert result.returncode == 0, result.stderr
+        outs.append((tmp_path / name).read_bytes())
+    assert outs[0] == outs[1]
+    report = json.loads(outs[0])
+    assert SIM_KEYS <= set(report)
+    assert (report["scheduler"], report["num_devices"], report["requests"]) == \
+        ("token-level", 16, 81)
+
+
+def test_simulate_sweep_writes_json_and_plot(tmp_path):
+    result = tokenpool("simulate", "sweep", "--config", SIM_CONFIG, "--workloads",
+                       str(SIM_WORKLOADS / "synth-1[02]-0.1-1.0-1.0.csv"), "--schedulers",
+                       "token-level,static", "--num-devices", 8, "--json", tmp_path / "s.json",
+                       "--plot", tmp_path / "s.png")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert set(report) == {"token-level", "static"}
+    for entry in report.values():
+        assert [p["num_models"] for p in entry["points"]] == [10, 12]
+        assert entry["max_rate_at_90"] is None
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--scheduler", "fifo"], "unknown 'fifo'"),
+    (["--ttft-slo", "0"], "must be > 0"),
+    (["--num-devices", "1"], "--num-devices: need at least 2 devices"),
+])
+def test_simulate_bad_input_exits_2(tmp_path, args, message):
+    result = tokenpool("simulate", "--config", SIM_CONFIG, "--workload",
+                       SIM_WORKLOADS / "synth-8-0.1-1.0-1.0.csv", "--json", tmp_path / "o.json",
+                       *args)
+    assert_usage_error(result, message)

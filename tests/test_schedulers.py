@@ -1,0 +1,156 @@
+"""The policies on hand-built situations, and the simulator's determinism (issue 4)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tokenpool.schedulers.cost import CostModel, Linear3, ModelCost
+from tokenpool.schedulers.decode import WeightedRoundRobinDecode
+from tokenpool.schedulers.prefill import GroupedFCFSPrefill
+from tokenpool.schedulers.registry import Roles, UnknownSchedulerError, make_scheduler
+from tokenpool.schedulers.request_level import RequestLevelScheduler, static_placement
+from tokenpool.schedulers.types import (SLO, Decode, DecodeDone, Prefetch, Prefill,
+                                        PrefillDone, RequestInfo, SwapIn, SwapOut, Switch)
+
+WORKLOADS = Path(__file__).resolve().parents[2] / "shared" / "data" / "aegaeon" / "workloads"
+SIM_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sim" / "aegaeon-h800.yaml"
+GiB = 1 << 30
+
+
+def cost(models=("a", "b", "c")) -> CostModel:
+    # Prefill 10 ms + 0.1 ms/token; decode 10 ms + 1 ms per request; switch 1 s (1 GiB at 1 GiB/s).
+    spec = ModelCost(Linear3(0.01, 1e-4, 0.0), Linear3(0.01, 1e-3, 0.0), GiB, 1024)
+    return CostModel({m: spec for m in models}, float(GiB), 1024 * 10_000)
+
+
+def req(i: int, model: str, prompt: int = 100, t: float = 0.0) -> RequestInfo:
+    return RequestInfo(f"r{i}", model, prompt, t, 16)
+
+
+# -- grouped FCFS prefill ----------------------------------------------------------------------
+
+def test_prefill_groups_a_model_then_opens_groups_on_the_least_loaded_worker():
+    p = GroupedFCFSPrefill([0, 1], cost(), max_group_size=2)
+    for i, model in enumerate(["a", "a", "a", "b"]):
+        p.add_request(req(i, model))
+    q0, q1 = p.queues[0], p.queues[1]
+    assert [(g.model, [r.request_id for r in g.requests]) for g in q0.groups] == \
+        [("a", ["r0", "r1"])]
+    # r2 finds a's group full and opens one on the idle worker. b opens a group where less
+    # is queued: worker 1 (switch 1 s + 20 ms of prefill) beats worker 0 (1 s + 30 ms).
+    assert [(g.model, len(g.requests)) for g in q1.groups] == [("a", 1), ("b", 1)]
+
+
+def test_prefill_job_switches_once_prefetches_the_next_model_and_prefills_each_request():
+    p = GroupedFCFSPrefill([0], cost(), max_group_size=8)
+    for i, model in enumerate(["a", "a", "b"]):
+        p.add_request(req(i, model))
+    job = p.next_job(0)
+    assert job.units == (Switch(0, "a"), Prefetch(0, "b"), Prefill(0, "a", ("r0",)),
+                         Prefill(0, "a", ("r1",)))
+    assert p.next_job(0).units == (Switch(0, "b"), Prefill(0, "b", ("r2",)))
+    assert p.next_job(0) is None
+
+
+# -- weighted round robin decode ---------------------------------------------------------------
+
+def test_decode_round_gives_each_model_a_turn_with_formula_quotas_and_swaps():
+    d = WeightedRoundRobinDecode([0], cost(), q_max_s=4.0)
+    for i, model in enumerate(["a", "b", "a"]):
+        d.place(f"r{i}", model, 101, tbt_slo=0.1)
+    first = d.next_job(0)
+    # Batches: a (r0, r2) and b (r1). d_a = 0.012, d_b = 0.011; n = 8.33, 9.09;
+    # sum 1/n = 0.23; c0 = 2 s; alpha = 2 / (8.33 * 4) + 0.23 = 0.29 -> floor 0.5;
+    # q_a = 2 / (8.33 * 0.27) = 0.889 s.
+    decode = next(u for u in first.units if isinstance(u, Decode))
+    assert decode.request_ids == ("r0", "r2") and decode.quota_s == pytest.approx(0.8889, 1e-3)
+    assert isinstance(first.units[0], SwapIn) and Switch(0, "a") in first.units
+    assert Prefetch(0, "b") in first.units and isinstance(first.units[-1], SwapOut)
+    assert d.workers[0].alpha == 0.5
+    d.decoded(0, ("r0", "r2"), steps=5, finished=("r2",))
+    second = d.next_job(0)
+    assert Switch(0, "b") in second.units and not isinstance(second.units[-1], SwapOut)
+    assert d.workers[0].requests["r0"].context == 106
+    d.decoded(0, ("r1",), steps=5, finished=("r1",))
+    third = d.next_job(0)  # a new round, r0 alone: its KV back, a switched in, no swap out.
+    # d = 0.011, n = 9.09, c0 = 1 s: alpha = max(1 / 36.4 + 0.11, 0.5) = 0.5,
+    # q = 1 / (9.09 * 0.39) = 0.282 s.
+    assert third.units[:2] == (SwapIn(0, "a", ("r0",)), Switch(0, "a"))
+    assert third.units[2] == Decode(0, "a", ("r0",), pytest.approx(0.28205, 1e-4))
+    assert len(third.units) == 3
+
+
+def test_a_new_request_joins_its_models_upcoming_turn():
+    d = WeightedRoundRobinDecode([0, 1], cost())
+    d.place("r0", "a", 100, 0.1)  # both idle: worker 0
+    d.place("r1", "b", 100, 0.1, local=0)  # prefilled on worker 0, which also decodes
+    d.next_job(0)  # the round starts with a's turn; b's is upcoming
+    assert [t.model for t in d.workers[0].turns] == ["b"]
+    assert d.place("r9", "b", 100, 0.1) == 0
+    assert d.workers[0].turns[0].request_ids == ("r1", "r9")
+    assert d.place("r10", "c", 100, 0.1) == 1  # no batch of c anywhere: the idler worker
+
+
+# -- request level and static ------------------------------------------------------------------
+
+def test_request_level_holds_a_model_until_its_requests_finish():
+    s = RequestLevelScheduler([0], cost(), lambda m: SLO(10, 0.1))
+    s.add_request(req(0, "a", t=0.0), 0.0)
+    s.add_request(req(1, "b", t=0.5), 0.5)
+    [job] = s.schedule({0}, 1.0)
+    assert job.units == (Switch(0, "a"), Prefill(0, "a", ("r0",)))
+    s.update([PrefillDone(0, "a", ("r0",), ())], 1.1)
+    s.add_request(req(2, "a", t=1.2), 1.2)  # joins the worker already serving a
+    [job] = s.schedule({0}, 1.2)
+    assert job.units == (Prefill(0, "a", ("r2",)),)
+    s.update([PrefillDone(0, "a", ("r2",), ())], 1.3)
+    [job] = s.schedule({0}, 1.3)
+    assert job.units == (Decode(0, "a", ("r0", "r2"), 0.25, until_first_finish=True),)
+    s.update([DecodeDone(0, "a", ("r0", "r2"), 10, ("r0", "r2"))], 1.6)
+    [job] = s.schedule({0}, 1.6)  # free again: b, the oldest waiting model
+    assert job.units[0] == Switch(0, "b")
+    assert s.num_unfinished() == 1
+
+
+def test_static_placement_gives_every_model_a_worker_then_spreads_by_load():
+    assert static_placement({"a": 6, "b": 3, "c": 1}, list(range(5))) == \
+        {"a": [0, 1, 2], "b": [3], "c": [4]}
+    assert static_placement({"a": 1, "b": 5, "c": 2}, [0, 1]) == {"b": [0], "c": [1]}
+
+
+def test_unknown_scheduler_is_named():
+    with pytest.raises(UnknownSchedulerError, match="token-level"):
+        make_scheduler("fifo", Roles((0,), (1,)), cost(), lambda m: SLO(1, 1))
+
+
+# -- the simulator -----------------------------------------------------------------------------
+
+def simulate_file(name: str, scheduler: str) -> dict:
+    from tokenpool.controller import sim_run
+    from tokenpool.controller.sim_config import load_sim_config
+    from tokenpool.controller.workload import load_aegaeon_csv
+
+    config = load_sim_config(SIM_CONFIG)
+    return sim_run.run_one(config, load_aegaeon_csv(WORKLOADS / name), scheduler,
+                           config.slo)
+
+
+@pytest.mark.parametrize("scheduler", ["token-level", "request-level", "request-level-plus",
+                                       "static"])
+def test_simulation_serves_every_request_and_is_deterministic(scheduler):
+    first = simulate_file("synth-8-0.1-1.0-1.0.csv", scheduler)
+    again = simulate_file("synth-8-0.1-1.0-1.0.csv", scheduler)
+    assert json.dumps(first, sort_keys=True) == json.dumps(again, sort_keys=True)
+    assert first["finished"] == first["requests"] == 81
+    assert 0.9 <= first["slo_attainment"] <= 1.0
+    assert (first["switches"] == 0) == (scheduler == "static")
+
+
+def test_token_level_beats_request_level_under_strict_slos_at_many_models():
+    """Not the paper's claim yet (see docs/sim.md), but the direction must hold."""
+    token = simulate_file("synth-80-0.1-1.0-1.0.csv", "token-level")
+    request = simulate_file("synth-80-0.1-1.0-1.0.csv", "request-level")
+    assert token["ttft_p99_s"] < request["ttft_p99_s"]
