@@ -1,13 +1,4 @@
-"""`tokenpool bench swap`: what a model switch costs, against a plain copy and an HF load.
-
-Everything is measured in one run, side by side, so ratios hold on a noisy machine:
-  memcpy      a copy of weight_bytes between two buffers of the kind a switch copies between
-              (host cache -> arena: host to host on CPU, pinned host to device on CUDA)
-  switch      Worker.switch between two models with one weight slot, so every switch copies
-  prefetched  Worker.switch to a model already copied into the spare slot in the background
-  hf load     transformers' from_pretrained of the same checkpoint, file in the page cache
-  kv swap     one sequence's KV pages to host swap slabs and back, through the engine
-"""
+"""`tokenpool bench swap`: what a model switch costs (the measures: cli/bench.py's help)."""
 
 from __future__ import annotations
 

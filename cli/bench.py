@@ -134,12 +134,21 @@ examples:
       --repeats 20 --json bench-swap.json"""
 
 
-def _add_swap(kinds: argparse._SubParsersAction) -> None:
-    from tokenpool.bench.swap_bench import __doc__ as doc
+SWAP_DESCRIPTION = """\
+What a model switch costs, against a plain copy and an HF load. Everything is measured in one
+run, side by side, so ratios hold on a noisy machine:
+  memcpy      a copy of weight_bytes between two buffers of the kind a switch copies between
+              (host cache -> arena: host to host on CPU, pinned host to device on CUDA)
+  switch      Worker.switch between two models with one weight slot, so every switch copies
+  prefetched  Worker.switch to a model already copied into the spare slot in the background
+  hf load     transformers' from_pretrained of the same checkpoint, file in the page cache
+  kv swap     one sequence's KV pages to host swap slabs and back, through the engine"""
 
+
+def _add_swap(kinds: argparse._SubParsersAction) -> None:
     p = kinds.add_parser(
         "swap", help="model switch cost against a plain copy and an HF load",
-        description=doc.split("\n", 1)[1].strip(), epilog=SWAP_EPILOG,
+        description=SWAP_DESCRIPTION, epilog=SWAP_EPILOG,
         formatter_class=_args.HelpFormatter)
     _args.add_config(p)
     p.add_argument("--models", metavar="A,B", default=None,

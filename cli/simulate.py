@@ -57,6 +57,30 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     s.add_argument("--plot", metavar="OUT.png", type=Path, default=None,
                    help="also draw SLO attainment against models (or rate) to this file")
     s.set_defaults(func=run_sweep)
+    g = sub.add_parser("workload", help="generate artifact-style workloads (Poisson per model)",
+                       description=WORKLOAD_DESCRIPTION, formatter_class=_args.HelpFormatter)
+    g.add_argument("--models", metavar="N[,N...]", required=True,
+                   type=_args.checked(_int_list, "--models"), help="model counts")
+    g.add_argument("--rates", metavar="R[,R...]", required=True,
+                   type=_args.checked(_float_list, "--rates"), help="req/s per model")
+    g.add_argument("--duration", metavar="S", type=_args.checked(_positive, "--duration"),
+                   default=120.0, help="seconds of arrivals (default: 120, as the artifact)")
+    g.add_argument("--lengths", metavar="GLOB", required=True,
+                   help="CSVs (Aegaeon workloads or the Azure trace) to resample lengths from")
+    g.add_argument("--seed", metavar="N", type=_args.any_int, default=0,
+                   help="seed; each file also mixes in its model count and rate (default: 0)")
+    g.add_argument("--out-dir", metavar="DIR", type=Path, required=True,
+                   help="writes DIR/synth-N-R-1.0-1.0.csv for every N and R")
+    g.set_defaults(func=run_workload)
+    c = sub.add_parser("capacity", help="devices each scheduler needs for 90% attainment",
+                       description=CAPACITY_DESCRIPTION, formatter_class=_args.HelpFormatter)
+    _common(c, required=True)
+    c.add_argument("--workload", metavar="CSV", type=Path, default=None,
+                   help="requests (default: the config's workload: block)")
+    c.add_argument("--schedulers", metavar="A,B,...", default="token-level,static",
+                   help="comma-separated scheduler names (default: token-level,static)")
+    _args.add_json_out(c)
+    c.set_defaults(func=run_capacity)
 
 
 def _common(p: argparse.ArgumentParser, required: bool) -> None:
@@ -70,6 +94,58 @@ def _common(p: argparse.ArgumentParser, required: bool) -> None:
                    help="seed for generated workloads (default: 0)")
     p.add_argument("--num-devices", metavar="N", type=_args.positive_int, default=None,
                    help="override the device count, keeping the prefill:decode ratio")
+
+
+WORKLOAD_DESCRIPTION = """\
+Write workloads in the artifact's CSV format: every model gets Poisson arrivals at the rate,
+prompt and output lengths are resampled from --lengths. Use it to extend the artifact's
+series past 80 models or rate 0.7 with the same length distribution."""
+
+
+CAPACITY_DESCRIPTION = """\
+Find the fewest devices at which each scheduler reaches 90% SLO attainment on a workload
+(doubling, then bisecting; the prefill:decode ratio is kept). `static` starts at one device per
+model. The JSON maps each scheduler to {devices, tried: [{num_devices, slo_attainment}]} and
+adds `saving` = 1 - token-level's devices / static's when both are present."""
+
+
+def _int_list(text: str) -> list[int]:
+    values = [int(x) for x in text.split(",") if x]
+    if not values or min(values) < 1:
+        raise ValueError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _float_list(text: str) -> list[float]:
+    values = [float(x) for x in text.split(",") if x]
+    if not values or min(values) <= 0:
+        raise ValueError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def run_workload(args: argparse.Namespace) -> int:
+    import glob
+
+    import numpy as np
+
+    from tokenpool.controller.workload import (load_length_pairs, poisson_workload,
+                                               write_aegaeon_csv)
+    from tokenpool.errors import ConfigError
+
+    sources = sorted(glob.glob(args.lengths))
+    if not sources:
+        raise ConfigError(f"--lengths: no file matches {args.lengths!r}")
+    lengths = load_length_pairs(sources)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    for n in args.models:
+        for rate in args.rates:
+            # Distinct, reproducible streams per file (hash() of a tuple is salted per run).
+            seed = args.seed * 1_000_003 + n * 1009 + round(rate * 1000)
+            requests = poisson_workload(np.full(n, rate), args.duration, seed, lengths)
+            path = args.out_dir / f"synth-{n}-{rate:g}-1.0-1.0.csv"
+            write_aegaeon_csv(requests, path)
+            sys.stdout.write(f"{path}: {len(requests)} requests\n")
+    return 0
 
 
 def _positive(text: str) -> float:
@@ -123,15 +199,11 @@ def run_sweep(args: argparse.Namespace) -> int:
     from tokenpool.controller import sim_run
     from tokenpool.controller.workload import load_aegaeon_csv
     from tokenpool.errors import ConfigError
-    from tokenpool.schedulers.registry import SCHEDULERS
 
     paths = sorted(Path(p) for p in glob.glob(args.workloads))
     if not paths:
         raise ConfigError(f"--workloads: no file matches {args.workloads!r}")
-    names = [n for n in args.schedulers.split(",") if n]
-    bad = [n for n in names if n not in SCHEDULERS]
-    if bad or not names:
-        raise ConfigError(f"--schedulers: unknown {bad or names!r}; expected {', '.join(SCHEDULERS)}")
+    names = _scheduler_names(args.schedulers)
     config, slo = _setup(args)
     workloads = {p: load_aegaeon_csv(p) for p in paths}
     out = {}
@@ -147,6 +219,47 @@ def run_sweep(args: argparse.Namespace) -> int:
 
         plot_sweep(out, args.plot, f"TTFT {slo.ttft_s:g} s, TBT {slo.tbt_s * 1e3:g} ms")
     return 0
+
+
+def run_capacity(args: argparse.Namespace) -> int:
+    from tokenpool.bench.report import write_json
+    from tokenpool.controller import sim_run
+    from tokenpool.controller.workload import load_aegaeon_csv
+    from tokenpool.errors import ConfigError
+
+    config, slo = _setup(args)
+    fleet_models = None
+    if args.workload is not None:
+        workload = load_aegaeon_csv(args.workload)
+    elif config.workload is not None:
+        workload = config.workload.requests()
+        fleet_models = getattr(config.workload, "num_models", None)
+    else:
+        raise ConfigError("--workload is required: the config has no workload: block")
+    out: dict = {"requests": len(workload),
+                 "num_models": fleet_models or len({r.model for r in workload}),
+                 "models_with_requests": len({r.model for r in workload})}
+    for name in _scheduler_names(args.schedulers):
+        out[name] = sim_run.devices_needed(config, workload, name, slo, fleet_models)
+        sys.stdout.write(f"{name}: {out[name]['devices']} devices\n")
+    token, static = out.get("token-level"), out.get("static")
+    if token and static and token["devices"] and static["devices"]:
+        out["saving"] = 1 - token["devices"] / static["devices"]
+        sys.stdout.write(f"saving: {out['saving']:.1%}\n")
+    write_json(args.json, out)
+    return 0
+
+
+def _scheduler_names(text: str) -> list[str]:
+    from tokenpool.errors import ConfigError
+    from tokenpool.schedulers.registry import SCHEDULERS
+
+    names = [n for n in text.split(",") if n]
+    bad = [n for n in names if n not in SCHEDULERS]
+    if bad or not names:
+        raise ConfigError(f"--schedulers: unknown {bad or names!r}; expected "
+                          f"{', '.join(SCHEDULERS)}")
+    return names
 
 
 def _line(r: dict) -> str:

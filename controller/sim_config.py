@@ -165,8 +165,14 @@ class SchedulerConfig:
         "token-level"
     max_group_size: int = 8  # prefill: requests per same-model group
     q_max_s: float = 4.0  # decode: the longest time quota of one turn
+    # Seconds the request-level baselines add to every switch: the engine re-initialisation
+    # a system without Aegaeon's component reuse pays (docs/sim.md). 0: the same switch cost
+    # as tokenpool's.
+    baseline_switch_overhead_s: float = 0.0
 
     def __post_init__(self):
+        if self.baseline_switch_overhead_s < 0:
+            raise ValueError("baseline_switch_overhead_s must be >= 0")
         if self.max_group_size < 1 or self.q_max_s <= 0:
             raise ValueError("max_group_size must be >= 1 and q_max_s positive")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -34,6 +35,9 @@ def model_load(workload: list[WorkloadRequest]) -> dict[str, float]:
 
 def run_one(config, workload: list[WorkloadRequest], scheduler_name: str, slo: SLO) -> dict:
     cost = config.cost_model({r.model for r in workload})
+    if scheduler_name != "token-level":
+        cost = dataclasses.replace(
+            cost, switch_overhead_s=config.scheduler.baseline_switch_overhead_s)
     roles = roles_of(config)
     scheduler = make_scheduler(scheduler_name, roles, cost, lambda _model: slo,
                                model_load=model_load(workload),
@@ -75,3 +79,40 @@ def sweep_summary(points: list[dict]) -> dict:
         "max_rate_at_90": max_at_90(points, "rate") if len(rates) > 1 else None,
         "points": points,
     }
+
+
+def devices_needed(config, workload: list[WorkloadRequest], scheduler_name: str, slo: SLO,
+                   fleet_models: int | None = None, target: float = 0.9,
+                   limit: int = 4096) -> dict:
+    """The fewest devices at which `scheduler_name` reaches `target` attainment.
+
+    Attainment is taken as non-decreasing in the device count, so this doubles and then
+    bisects. `static` starts at one device per model of the fleet (`fleet_models`, else the
+    workload's): dedicating devices means every model gets one, however rarely it is used.
+    """
+    num_models = fleet_models or len({r.model for r in workload})
+    low = max(2, num_models) if scheduler_name == "static" else 2
+    tried: dict[int, float] = {}
+
+    def passes(n: int) -> bool:
+        if n not in tried:
+            result = run_one(config.with_num_devices(n), workload, scheduler_name, slo)
+            tried[n] = result["slo_attainment"]
+        return tried[n] >= target
+
+    high = low
+    while not passes(high):
+        if high >= limit:
+            return {"devices": None, "tried": _tried(tried)}
+        low, high = high + 1, min(limit, high * 2)
+    while low < high:
+        mid = (low + high) // 2
+        if passes(mid):
+            high = mid
+        else:
+            low = mid + 1
+    return {"devices": high, "tried": _tried(tried)}
+
+
+def _tried(tried: dict[int, float]) -> list[dict]:
+    return [{"num_devices": n, "slo_attainment": a} for n, a in sorted(tried.items())]

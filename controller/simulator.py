@@ -55,7 +55,8 @@ def _arrive(w: WorkloadRequest, scheduler, requests, timelines, slo_of, now, i) 
     slo: SLO = slo_of(w.model)
     timeline = TokenTimeline(w.arrival_s, slo.ttft_s, slo.tbt_s)
     timelines.append(timeline)
-    requests[w.request_id] = SimRequest(w.model, w.prompt_len, w.output_len, timeline)
+    requests[w.request_id] = SimRequest(w.request_id, w.model, w.prompt_len, w.output_len,
+                                        timeline)
     scheduler.add_request(RequestInfo(w.request_id, w.model, w.prompt_len, w.arrival_s,
                                       w.output_len), now)
     return i + 1

@@ -157,6 +157,23 @@ def market_workload(num_models: int, duration_s: float, seed: int, *, total_rate
     """
     rates = market_rates(num_models, total_rate, tail_fraction, tail_share, zipf_s)
     _check_split(rates, round(num_models * tail_fraction), tail_max_rate)
+    return poisson_workload(rates, duration_s, seed, lengths)
+
+
+def write_aegaeon_csv(requests: list[WorkloadRequest], path: str | Path) -> None:
+    """The artifact's CSV format, so generated workloads sweep like the given ones."""
+    lines = [",".join(AEGAEON_COLUMNS)]
+    for r in requests:
+        ms = round(r.arrival_s * 1000)
+        clock = f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d}.{ms % 1000:03d}"
+        lines.append(f"{clock},{r.model},{r.prompt_len},{r.output_len}")
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+def poisson_workload(rates: np.ndarray, duration_s: float, seed: int,
+                     lengths: np.ndarray) -> list[WorkloadRequest]:
+    """Poisson arrivals at `rates[k]` req/s for model k, lengths resampled from `lengths`."""
+    num_models = len(rates)
     rng = np.random.default_rng(seed)
     counts = rng.poisson(rates * duration_s)
     models = np.repeat(np.arange(num_models), counts)

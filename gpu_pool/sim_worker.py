@@ -12,26 +12,31 @@ from dataclasses import dataclass
 
 from tokenpool.schedulers.cost import CostModel
 from tokenpool.schedulers.types import (Decode, DecodeDone, Job, Prefetch, Prefill,
-                                        PrefillDone, SwapIn, SwapOut, Switch)
+                                        PrefillDone, Switch)
 
 
 @dataclass(slots=True)
 class SimRequest:
-    """The simulator's truth about a request: its real output length and token times."""
+    """The simulator's truth about a request: its real output length and token times.
 
+    `remaining` and `context` are fields, not properties: they are read millions of times.
+    """
+
+    request_id: str
     model: str
     prompt_len: int
     output_len: int
     timeline: object  # controller.metrics.TokenTimeline
-    generated: int = 0
+    remaining: int = 0  # tokens still to generate
+    context: int = 0  # prompt plus tokens generated
 
-    @property
-    def remaining(self) -> int:
-        return self.output_len - self.generated
+    def __post_init__(self):
+        self.remaining = self.output_len
+        self.context = self.prompt_len
 
-    @property
-    def context(self) -> int:
-        return self.prompt_len + self.generated
+    def generate(self, k: int) -> None:
+        self.remaining -= k
+        self.context += k
 
 
 class SimWorker:
@@ -47,17 +52,18 @@ class SimWorker:
     def run(self, job: Job, now: float) -> tuple[float, list]:
         t, results = now, []
         for unit in job.units:
-            if isinstance(unit, Decode):
+            kind = type(unit)
+            if kind is Decode:
                 t, result = self._decode(unit, t)
                 results.append(result)
-            elif isinstance(unit, Prefill):
+            elif kind is Prefill:
                 t, result = self._prefill(unit, t)
                 results.append(result)
-            elif isinstance(unit, Switch):
+            elif kind is Switch:
                 t = self._switch(unit.model, t)
-            elif isinstance(unit, Prefetch):
+            elif kind is Prefetch:
                 self.prefetched = (unit.model, t + self.cost.switch_time(unit.model))
-            elif isinstance(unit, (SwapIn, SwapOut)):
+            else:  # SwapIn, SwapOut
                 t += self._swap_time(unit)
         self.busy_s += t - now
         return t, results
@@ -83,36 +89,41 @@ class SimWorker:
         finished = []
         for request_id, r in zip(unit.request_ids, reqs):
             r.timeline.emit(t)
-            r.generated = 1
+            r.generate(1)
             if r.remaining <= 0:
                 r.timeline.finish()
                 finished.append(request_id)
         return t, PrefillDone(self.worker, unit.model, unit.request_ids, tuple(finished))
 
     def _decode(self, unit: Decode, t: float) -> tuple[float, DecodeDone]:
-        live = [(i, self.requests[i]) for i in unit.request_ids if self.requests[i].remaining > 0]
+        """Steps until the quota is spent, in stretches between request completions."""
+        requests = self.requests
+        live = [r for r in map(requests.__getitem__, unit.request_ids) if r.remaining > 0]
+        step_time = self.cost.decode_step_time
         end = t + unit.quota_s
+        context = sum(r.context for r in live)
         steps, finished = 0, []
         while live:
-            d = self.cost.decode_step_time(unit.model, len(live),
-                                           sum(r.context for _, r in live))
-            fit = int((end - t) / d)
-            if steps == 0:
-                fit = max(1, fit)  # a turn always makes progress
-            k = min(fit, min(r.remaining for _, r in live))
+            n = len(live)
+            d = step_time(unit.model, n, context)
+            fit = max(1, int((end - t) / d)) if steps == 0 else int((end - t) / d)
+            k = min(fit, min(r.remaining for r in live))
             if k <= 0:
                 break
-            for _, r in live:
+            for r in live:
                 r.timeline.emit_evenly(t, d, k)
-                r.generated += k
+                r.remaining -= k
+                r.context += k
             t += k * d
             steps += k
-            done = [i for i, r in live if r.remaining <= 0]
-            for i in done:
-                self.requests[i].timeline.finish()
-            if done:
-                finished += done
-                live = [(i, r) for i, r in live if r.remaining > 0]
+            context += n * k
+            if any(r.remaining <= 0 for r in live):
+                for r in live:
+                    if r.remaining <= 0:
+                        r.timeline.finish()
+                        finished.append(r.request_id)
+                live = [r for r in live if r.remaining > 0]
+                context = sum(r.context for r in live)
                 if unit.until_first_finish:
                     break
         return t, DecodeDone(self.worker, unit.model, unit.request_ids, steps, tuple(finished))

@@ -49,8 +49,13 @@ class CostModel:
     models: dict[str, ModelCost]  # every model name a caller may ask about, aliases included
     h2d_bytes_per_s: float  # effective host-to-device bandwidth (efficiency already applied)
     kv_capacity_bytes: int  # one device's KV region, shared by whichever models it serves
+    # Fixed seconds added to every switch: what a system without Aegaeon's engine reuse pays
+    # to re-initialise its engine (used for request-level baselines; 0 for tokenpool).
+    switch_overhead_s: float = 0.0
 
     def __post_init__(self):
+        if self.switch_overhead_s < 0:
+            raise ValueError(f"switch_overhead_s must be >= 0, got {self.switch_overhead_s}")
         if self.h2d_bytes_per_s <= 0 or self.kv_capacity_bytes < 0:
             raise ValueError(f"need h2d_bytes_per_s > 0 and kv_capacity_bytes >= 0, got "
                              f"{self.h2d_bytes_per_s}, {self.kv_capacity_bytes}")
@@ -71,7 +76,7 @@ class CostModel:
 
     def switch_time(self, model: str) -> float:
         """Copy the model's weights in; prefetch hides this when it has time to finish."""
-        return self.models[model].weight_bytes / self.h2d_bytes_per_s
+        return self.models[model].weight_bytes / self.h2d_bytes_per_s + self.switch_overhead_s
 
     def kv_swap_time(self, model: str, tokens: int) -> float:
         """Move `tokens` tokens of this model's KV one way between host and device."""

@@ -10,10 +10,12 @@ share the round. Requests that arrive mid-round wait for the next round.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 from tokenpool.schedulers.cost import CostModel
 from tokenpool.schedulers.quota import Q_MAX_S, round_quotas
+from tokenpool.schedulers.prefill import FULL_SCAN_MAX, SAMPLED_CHOICES
 from tokenpool.schedulers.types import Decode, Job, Prefetch, SwapIn, SwapOut, Switch
 
 
@@ -42,30 +44,20 @@ class DecodeWorker:
     alpha: float = 0.0  # of the last round: > 1 means overloaded
     tokens: dict[str, int] = field(default_factory=dict)  # KV tokens held per model
 
-    def add(self, r: DecodeRequest) -> None:
-        self.requests[r.request_id] = r
-        self.tokens[r.model] = self.tokens.get(r.model, 0) + r.context
-
-    def grow(self, r: DecodeRequest, steps: int) -> None:
-        r.context += steps
-        self.tokens[r.model] += steps
-
-    def remove(self, request_id: str) -> None:
-        r = self.requests.pop(request_id)
-        left = self.tokens[r.model] - r.context
-        if left:
-            self.tokens[r.model] = left
-        else:
-            del self.tokens[r.model]
-
 
 class WeightedRoundRobinDecode:
     def __init__(self, workers: list[int], cost: CostModel, q_max_s: float = Q_MAX_S,
-                 max_batch_size: int = 256):
+                 max_batch_size: int = 256, seed: int = 0):
         self.cost = cost
         self.q_max_s = q_max_s
         self.max_batch_size = max_batch_size
         self.workers = {w: DecodeWorker(w) for w in workers}
+        # Indexes that keep placement O(1) in the number of workers:
+        self.holders: dict[str, set[int]] = {}  # model -> workers holding its requests
+        self.upcoming: dict[str, set[int]] = {}  # model -> workers with its turn still ahead
+        self.active: set[int] = set()  # workers with any request
+        self._all = list(self.workers.values())
+        self._rng = random.Random(seed)
 
     # -- placement ---------------------------------------------------------------------------
 
@@ -79,20 +71,49 @@ class WeightedRoundRobinDecode:
         Its KV arrives through the host, as a swap-in on its first turn.
         """
         if local in self.workers:
-            self.workers[local].add(DecodeRequest(request_id, model, context, tbt_slo))
+            self._add(self.workers[local], DecodeRequest(request_id, model, context, tbt_slo))
             return local
         capacity = self.cost.kv_capacity_tokens(model)
-        fits = [w for w in self.workers.values() if w.tokens.get(model, 0) + context <= capacity]
+
+        def fitting(ids) -> list[DecodeWorker]:
+            return [self.workers[i] for i in sorted(ids)
+                    if self.workers[i].tokens.get(model, 0) + context <= capacity]
+
         # A batch of the model still to take its turn this round: the request joins it and
         # decodes within this round instead of waiting for the next one.
-        upcoming = [w for w in fits if any(t.model == model for t in w.turns)]
-        serving = [w for w in fits if model in w.tokens]
-        target = min(upcoming or serving or self.workers.values(),
-                     key=lambda w: (w.alpha, len(w.requests), w.worker))
-        target.add(DecodeRequest(request_id, model, context, tbt_slo, resident=False))
-        if target in upcoming:
+        upcoming = fitting(self.upcoming.get(model, ()))
+        candidates = upcoming or fitting(self.holders.get(model, ())) or self._sampled()
+        target = min(candidates, key=lambda w: (w.alpha, len(w.requests), w.worker))
+        self._add(target, DecodeRequest(request_id, model, context, tbt_slo, resident=False))
+        if upcoming:
             self._join_turn(target, model, request_id)
         return target.worker
+
+    def _sampled(self) -> list[DecodeWorker]:
+        """All workers in small pools; a few sampled ones in large pools (power of d)."""
+        if len(self._all) <= FULL_SCAN_MAX:
+            return self._all
+        pick = self._rng.randrange
+        return [self._all[pick(len(self._all))] for _ in range(SAMPLED_CHOICES)]
+
+    def _add(self, w: DecodeWorker, r: DecodeRequest) -> None:
+        w.requests[r.request_id] = r
+        w.tokens[r.model] = w.tokens.get(r.model, 0) + r.context
+        self.holders.setdefault(r.model, set()).add(w.worker)
+        self.active.add(w.worker)
+
+    def _remove(self, w: DecodeWorker, request_id: str) -> None:
+        r = w.requests.pop(request_id)
+        left = w.tokens[r.model] - r.context
+        if left:
+            w.tokens[r.model] = left
+        else:
+            del w.tokens[r.model]
+            self.holders[r.model].discard(w.worker)
+            if not self.holders[r.model]:
+                del self.holders[r.model]
+        if not w.requests:
+            self.active.discard(w.worker)
 
     @staticmethod
     def _join_turn(w: DecodeWorker, model: str, request_id: str) -> None:
@@ -106,9 +127,16 @@ class WeightedRoundRobinDecode:
         w = self.workers[worker]
         if not w.turns:
             w.turns = self._new_round(w)
+            for turn in w.turns:
+                self.upcoming.setdefault(turn.model, set()).add(worker)
         if not w.turns:
             return None
         turn = w.turns.pop(0)
+        if not any(t.model == turn.model for t in w.turns):
+            ahead = self.upcoming[turn.model]
+            ahead.discard(worker)
+            if not ahead:
+                del self.upcoming[turn.model]
         return Job(worker, tuple(self._turn_units(w, turn)))
 
     def _new_round(self, w: DecodeWorker) -> list[Turn]:
@@ -145,23 +173,26 @@ class WeightedRoundRobinDecode:
 
     def _turn_units(self, w: DecodeWorker, turn: Turn) -> list:
         units: list = []
-        batch = [w.requests[i] for i in turn.request_ids]
-        away = tuple(r.request_id for r in batch if not r.resident)
+        requests = w.requests
+        away = []
+        for request_id in turn.request_ids:
+            r = requests[request_id]
+            if not r.resident:
+                away.append(request_id)
+            # Swapped out again at the turn's end if other batches share the round.
+            r.resident = not w.turns
         if away:
-            units.append(SwapIn(w.worker, turn.model, away))
+            units.append(SwapIn(w.worker, turn.model, tuple(away)))
         if w.model != turn.model:
             units.append(Switch(w.worker, turn.model))
             w.model = turn.model
-        following = next((t.model for t in w.turns if t.model != turn.model), None)
-        if following is not None:
-            units.append(Prefetch(w.worker, following))
+        for t in w.turns:
+            if t.model != turn.model:
+                units.append(Prefetch(w.worker, t.model))
+                break
         units.append(Decode(w.worker, turn.model, turn.request_ids, turn.quota_s))
-        for r in batch:
-            r.resident = True
         if w.turns:  # other batches share the round: give their KV the room
             units.append(SwapOut(w.worker, turn.model, turn.request_ids))
-            for r in batch:
-                r.resident = False
         return units
 
     # -- results -----------------------------------------------------------------------------
@@ -172,9 +203,11 @@ class WeightedRoundRobinDecode:
         done = set(finished)
         for request_id in request_ids:
             if request_id in done:
-                w.remove(request_id)
+                self._remove(w, request_id)
             else:
-                w.grow(w.requests[request_id], steps)
+                r = w.requests[request_id]
+                r.context += steps
+                w.tokens[r.model] += steps
 
     def num_requests(self) -> int:
         return sum(len(w.requests) for w in self.workers.values())

@@ -5,65 +5,93 @@ most `max_group_size`). A request joins a waiting group of its model with room o
 worker, else opens a group on the worker with the least estimated pending work (prefill time
 plus switch time). A worker runs its groups in order, switches model only between groups, and
 prefetches the next group's model while the current one runs.
+
+Bookkeeping is incremental so that dispatch stays O(1) in the number of queued groups: open
+groups are indexed by model, and each queue keeps a running estimate of its pending work.
 """
 
 from __future__ import annotations
 
+import random
 from collections import deque
 from dataclasses import dataclass, field
 
 from tokenpool.schedulers.cost import CostModel
 from tokenpool.schedulers.types import Job, Prefetch, Prefill, RequestInfo, Switch
 
+# With more workers than this, a new group compares a few sampled queues instead of all of
+# them ("power of d choices"): nearly as balanced, and O(1) per request at 100s of devices.
+FULL_SCAN_MAX = 16
+SAMPLED_CHOICES = 4
+
 
 @dataclass(slots=True)
 class Group:
     model: str
     requests: list[RequestInfo] = field(default_factory=list)
+    work: float = 0.0  # predicted seconds: its prefills, plus the switch it brought
 
 
 @dataclass(slots=True)
 class PrefillQueue:
     worker: int
     groups: deque[Group] = field(default_factory=deque)
-    model: str | None = None  # what the worker has loaded (after the jobs handed out)
+    model: str | None = None  # loaded once the jobs handed out so far have run
+    last_model: str | None = None  # the model of the last queued group (or `model`)
+    work: float = 0.0  # predicted seconds of queued groups, switches included
 
 
 class GroupedFCFSPrefill:
     def __init__(self, workers: list[int], cost: CostModel, max_group_size: int = 8,
-                 batch_group: bool = False):
+                 batch_group: bool = False, seed: int = 0):
         self.cost = cost
         self.max_group_size = max_group_size
         self.batch_group = batch_group  # one forward pass per group instead of per request
         self.queues = {w: PrefillQueue(w) for w in workers}
+        self.open_groups: dict[str, list[tuple[PrefillQueue, Group]]] = {}
+        self.nonempty: set[int] = set()  # workers with queued groups
+        self._workers = list(self.queues.values())
+        self._rng = random.Random(seed)
 
     def add_request(self, req: RequestInfo) -> None:
-        for queue in self.queues.values():
-            for group in queue.groups:
-                if group.model == req.model and len(group.requests) < self.max_group_size:
-                    group.requests.append(req)
-                    return
-        target = min(self.queues.values(), key=lambda q: (self._pending_work(q, req.model),
-                                                            q.worker))
-        target.groups.append(Group(req.model, [req]))
+        work = self.cost.prefill_time(req.model, [req.prompt_len])
+        joinable = self.open_groups.get(req.model)
+        if joinable:
+            queue, group = joinable[0]
+            group.requests.append(req)
+            group.work += work
+            queue.work += work
+            if len(group.requests) >= self.max_group_size:
+                joinable.pop(0)
+            return
+        queue = min(self._candidates(), key=lambda q: (self._cost_of_new_group(q, req.model),
+                                                         q.worker))
+        added = self._cost_of_new_group(queue, req.model) - queue.work + work
+        group = Group(req.model, [req], added)
+        queue.work += added
+        queue.groups.append(group)
+        queue.last_model = req.model
+        self.nonempty.add(queue.worker)
+        if self.max_group_size > 1:
+            self.open_groups.setdefault(req.model, []).append((queue, group))
 
-    def _pending_work(self, queue: PrefillQueue, new_model: str) -> float:
-        """Predicted seconds of queued work, plus the switch a new group of `new_model` costs."""
-        work, model = 0.0, queue.model
-        for group in queue.groups:
-            if group.model != model:
-                work += self.cost.switch_time(group.model)
-                model = group.model
-            work += self.cost.prefill_time(group.model, [r.prompt_len for r in group.requests])
-        if new_model != model:
-            work += self.cost.switch_time(new_model)
-        return work
+    def _candidates(self) -> list[PrefillQueue]:
+        if len(self._workers) <= FULL_SCAN_MAX:
+            return self._workers
+        pick = self._rng.randrange
+        return [self._workers[pick(len(self._workers))] for _ in range(SAMPLED_CHOICES)]
+
+    def _cost_of_new_group(self, queue: PrefillQueue, model: str) -> float:
+        """The queue's pending work plus the switch a new group of `model` would add."""
+        switch = self.cost.switch_time(model) if model != queue.last_model else 0.0
+        return queue.work + switch
 
     def next_job(self, worker: int) -> Job | None:
         queue = self.queues[worker]
         if not queue.groups:
             return None
         group = queue.groups.popleft()
+        self._close(queue, group)
         units: list = []
         if queue.model != group.model:
             units.append(Switch(worker, group.model))
@@ -77,6 +105,20 @@ class GroupedFCFSPrefill:
         else:
             units += [Prefill(worker, group.model, (i,)) for i in ids]
         return Job(worker, tuple(units))
+
+    def _close(self, queue: PrefillQueue, group: Group) -> None:
+        """The group starts: no more joiners, and its work leaves the queue's estimate."""
+        joinable = self.open_groups.get(group.model)
+        if joinable:
+            self.open_groups[group.model] = [e for e in joinable if e[1] is not group]
+            if not self.open_groups[group.model]:
+                del self.open_groups[group.model]
+        if queue.groups:
+            queue.work = max(0.0, queue.work - group.work)
+        else:
+            queue.work = 0.0
+            queue.last_model = group.model
+            self.nonempty.discard(queue.worker)
 
     def num_waiting(self) -> int:
         return sum(len(g.requests) for q in self.queues.values() for g in q.groups)

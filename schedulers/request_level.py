@@ -58,6 +58,7 @@ class RequestLevelScheduler:
                 self.workers[w] = ServingWorker(w, pinned=True, model=model, serving=True)
             self.serving[model] = list(ws)
         self.num_unfinished_requests = 0
+        self.busy: set[int] = set()  # workers holding pending or running requests
 
     def add_request(self, req: RequestInfo, now: float) -> None:
         self.num_unfinished_requests += 1
@@ -65,12 +66,17 @@ class RequestLevelScheduler:
         if holders:
             target = min(holders, key=lambda w: (self.workers[w].load, w))
             self.workers[target].pending.append(req)
+            self.busy.add(target)
         else:
             self.waiting.setdefault(req.model, deque()).append(req)
 
     def schedule(self, idle_workers: Iterable[int], now: float) -> list[Job]:
+        idle = set(idle_workers)
+        ready = idle & self.busy
+        if self.waiting:  # free workers may take a waiting model
+            ready |= {w for w in idle if not self.workers[w].pinned}
         jobs = []
-        for worker in sorted(idle_workers):
+        for worker in sorted(ready):
             job = self._next_job(self.workers[worker])
             if job is not None:
                 jobs.append(job)
@@ -108,6 +114,7 @@ class RequestLevelScheduler:
             model = min(self.waiting, key=lambda m: (self.waiting[m][0].arrival, m))
         w.pending = list(self.waiting.pop(model))
         w.serving = True
+        self.busy.add(w.worker)
         self.serving.setdefault(model, []).append(w.worker)
         switch = w.model != model
         w.model = model
@@ -124,8 +131,10 @@ class RequestLevelScheduler:
                     self.num_unfinished_requests -= 1
                 elif isinstance(result, DecodeDone):
                     w.running[request_id] += steps
-            if not w.pending and not w.running and not w.pinned and w.serving:
-                self._release(w)
+            if not w.pending and not w.running:
+                self.busy.discard(w.worker)
+                if not w.pinned and w.serving:
+                    self._release(w)
 
     def _release(self, w: ServingWorker) -> None:
         """All of the model's requests are done: the worker is free (its weights stay)."""

@@ -32,7 +32,8 @@ class TokenLevelScheduler:
 
     def schedule(self, idle_workers: Iterable[int], now: float) -> list[Job]:
         jobs = []
-        for worker in sorted(idle_workers):
+        idle = idle_workers if isinstance(idle_workers, (set, frozenset)) else set(idle_workers)
+        for worker in sorted((idle & self.prefill.nonempty) | (idle & self.decode.active)):
             job = None
             if worker in self.prefill.queues:
                 job = self.prefill.next_job(worker)

@@ -312,3 +312,37 @@ def test_simulate_bad_input_exits_2(tmp_path, args, message):
                        SIM_WORKLOADS / "synth-8-0.1-1.0-1.0.csv", "--json", tmp_path / "o.json",
                        *args)
     assert_usage_error(result, message)
+
+
+def test_simulate_workload_writes_artifact_csvs(tmp_path):
+    from tokenpool.controller.workload import load_aegaeon_csv
+
+    result = tokenpool("simulate", "workload", "--models", "12,20", "--rates", "0.5",
+                       "--duration", 60, "--lengths",
+                       str(SIM_WORKLOADS / "synth-8-0.1-1.0-1.0.csv"), "--out-dir", tmp_path)
+    assert result.returncode == 0, result.stderr
+    requests = load_aegaeon_csv(tmp_path / "synth-20-0.5-1.0-1.0.csv")
+    assert len({r.model for r in requests}) == 20
+    assert 450 <= len(requests) <= 750  # Poisson, mean 20 * 0.5 * 60 = 600
+    assert requests == sorted(requests, key=lambda r: r.arrival_s)
+    again = tokenpool("simulate", "workload", "--models", "20", "--rates", "0.5",
+                      "--duration", 60, "--lengths",
+                      str(SIM_WORKLOADS / "synth-8-0.1-1.0-1.0.csv"), "--out-dir",
+                      tmp_path / "again")
+    assert again.returncode == 0
+    assert (tmp_path / "again" / "synth-20-0.5-1.0-1.0.csv").read_bytes() == \
+        (tmp_path / "synth-20-0.5-1.0-1.0.csv").read_bytes()
+
+
+def test_simulate_capacity_finds_devices_and_the_saving(tmp_path):
+    result = tokenpool("simulate", "capacity", "--config", SIM_CONFIG, "--workload",
+                       SIM_WORKLOADS / "synth-12-0.1-1.0-1.0.csv", "--json", tmp_path / "c.json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "c.json").read_text())
+    token, static = report["token-level"]["devices"], report["static"]["devices"]
+    assert 2 <= token < static and static >= report["num_models"]
+    for entry in (report["token-level"], report["static"]):
+        passing = [t["num_devices"] for t in entry["tried"] if t["slo_attainment"] >= 0.9]
+        failing = [t["num_devices"] for t in entry["tried"] if t["slo_attainment"] < 0.9]
+        assert min(passing) == entry["devices"] and all(f < entry["devices"] for f in failing)
+    assert report["saving"] == pytest.approx(1 - token / static)

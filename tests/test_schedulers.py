@@ -154,3 +154,53 @@ def test_token_level_beats_request_level_under_strict_slos_at_many_models():
     token = simulate_file("synth-80-0.1-1.0-1.0.csv", "token-level")
     request = simulate_file("synth-80-0.1-1.0-1.0.csv", "request-level")
     assert token["ttft_p99_s"] < request["ttft_p99_s"]
+
+
+# -- the simulated worker ----------------------------------------------------------------------
+
+def sim_worker(requests: dict):
+    from tokenpool.gpu_pool.sim_worker import SimWorker
+
+    return SimWorker(0, cost(), requests)
+
+
+def sim_request(i: int, output_len: int, prompt: int = 100):
+    from tokenpool.controller.metrics import TokenTimeline
+    from tokenpool.gpu_pool.sim_worker import SimRequest
+
+    return SimRequest(f"r{i}", "a", prompt, output_len, TokenTimeline(0.0, 10.0, 0.1))
+
+
+def test_sim_decode_turn_steps_analytically_between_completions():
+    reqs = {"r0": sim_request(0, 4), "r1": sim_request(1, 10)}
+    w = sim_worker(reqs)
+    for r in reqs.values():
+        r.timeline.emit(0.0)
+        r.generate(1)
+    end, done = w._decode(Decode(0, "a", ("r0", "r1"), quota_s=1.0), 0.0)
+    # Two requests: 12 ms a step for 3 steps (r0 then has its 4 tokens), then r1 alone at
+    # 11 ms a step for its 6 remaining: 0.036 + 0.066 = 0.102 s, well inside the quota.
+    assert done.steps == 9 and done.finished == ("r0", "r1")
+    assert end == pytest.approx(3 * 0.012 + 6 * 0.011)
+    assert reqs["r0"].timeline.num_tokens == 4 and reqs["r1"].timeline.num_tokens == 10
+    assert reqs["r1"].timeline.last_time == pytest.approx(end)
+
+
+def test_sim_decode_turn_ends_at_its_quota_with_at_least_one_step():
+    reqs = {"r0": sim_request(0, 1000)}
+    w = sim_worker(reqs)
+    end, done = w._decode(Decode(0, "a", ("r0",), quota_s=0.1), 5.0)
+    assert done.steps == 9 and done.finished == ()  # int(0.1 / 0.011) steps
+    end, done = w._decode(Decode(0, "a", ("r0",), quota_s=0.001), end)
+    assert done.steps == 1  # a turn always makes progress
+
+
+def test_sim_switch_waits_only_for_what_is_left_of_a_prefetch():
+    from tokenpool.schedulers.types import Job
+
+    w = sim_worker({})
+    end, _ = w.run(Job(0, (Prefetch(0, "b"),)), 0.0)
+    assert end == 0.0  # a background copy: the worker is free at once
+    assert w.run(Job(0, (Switch(0, "b"),)), 0.4)[0] == pytest.approx(1.0)  # 1 s copy, 0.6 left
+    assert w.run(Job(0, (Switch(0, "c"),)), 2.0)[0] == pytest.approx(3.0)  # not prefetched
+    assert w.switches == 2
