@@ -1,9 +1,8 @@
 """The discrete-event simulator: the controller's loop on a virtual clock.
 
-Events are request arrivals and job completions. At each event time the scheduler hears
-about what happened (`add_request`, `update`) and hands jobs to idle workers (`schedule`), the
-same calls the controller makes with real workers. A simulated worker computes when its job
-ends and what came of it from the cost model.
+Events are request arrivals and job completions. `controller.loop.run` hands them to the
+scheduler exactly as it does with real workers; here each job goes to a simulated worker,
+which computes from the cost model when it ends and what came of it.
 """
 
 from __future__ import annotations
@@ -11,11 +10,15 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
+from tokenpool.controller import loop
 from tokenpool.controller.metrics import TokenTimeline
 from tokenpool.controller.workload import WorkloadRequest
 from tokenpool.gpu_pool.sim_worker import SimRequest, SimWorker
 from tokenpool.schedulers.cost import CostModel
-from tokenpool.schedulers.types import SLO, RequestInfo
+from tokenpool.schedulers.types import Job, RequestInfo
+
+
+MAX_TOKENS = 4096  # the cap a simulated client asks for; workloads carry no max_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,38 +28,47 @@ class SimOutcome:
     end_time: float
 
 
+class SimExecutor:
+    """Runs jobs on simulated workers; completions wait in a heap until the clock gets there."""
+
+    def __init__(self, workers: list[SimWorker]):
+        self.workers = workers
+        self._done: list[tuple[float, int, list]] = []  # (end time, worker, results)
+
+    def start(self, job: Job, now: float) -> None:
+        end, results = self.workers[job.worker].run(job, now)
+        heapq.heappush(self._done, (end, job.worker, results))
+
+    def next_done(self) -> float | None:
+        return self._done[0][0] if self._done else None
+
+    def collect(self, now: float) -> list[tuple[int, list]]:
+        finished = []
+        while self._done and self._done[0][0] <= now:
+            _, worker, results = heapq.heappop(self._done)
+            finished.append((worker, results))
+        return finished
+
+
 def simulate(workload: list[WorkloadRequest], scheduler, num_workers: int, cost: CostModel,
              slo_of) -> SimOutcome:
     """Run `workload` (sorted by arrival) through `scheduler` on simulated workers."""
     requests: dict[str, SimRequest] = {}
-    workers = [SimWorker(w, cost, requests) for w in range(num_workers)]
-    idle = set(range(num_workers))
-    done: list[tuple[float, int, list]] = []  # (end time, worker, results): a heap
-    timelines = []
-    now = 0.0
-    i = 0
-    while i < len(workload) or done:
-        now = min(workload[i].arrival_s if i < len(workload) else float("inf"),
-                  done[0][0] if done else float("inf"))
-        while i < len(workload) and workload[i].arrival_s <= now:
-            i = _arrive(workload[i], scheduler, requests, timelines, slo_of, now, i)
-        while done and done[0][0] <= now:
-            _, worker, results = heapq.heappop(done)
-            idle.add(worker)
-            scheduler.update(results, now)
-        for job in scheduler.schedule(idle, now):
-            end, results = workers[job.worker].run(job, now)
-            idle.discard(job.worker)
-            heapq.heappush(done, (end, job.worker, results))
-    return SimOutcome(timelines, workers, now)
+    truth = {w.request_id: w for w in workload}
+    timelines: list[TokenTimeline] = []
 
+    def arrive(info: RequestInfo) -> None:
+        w = truth[info.request_id]
+        slo = slo_of(w.model)
+        timeline = TokenTimeline(w.arrival_s, slo.ttft_s, slo.tbt_s)
+        timelines.append(timeline)
+        requests[w.request_id] = SimRequest(w.request_id, w.model, w.prompt_len, w.output_len,
+                                            timeline)
 
-def _arrive(w: WorkloadRequest, scheduler, requests, timelines, slo_of, now, i) -> int:
-    slo: SLO = slo_of(w.model)
-    timeline = TokenTimeline(w.arrival_s, slo.ttft_s, slo.tbt_s)
-    timelines.append(timeline)
-    requests[w.request_id] = SimRequest(w.request_id, w.model, w.prompt_len, w.output_len,
-                                        timeline)
-    scheduler.add_request(RequestInfo(w.request_id, w.model, w.prompt_len, w.arrival_s,
-                                      w.output_len), now)
-    return i + 1
+    workers = [SimWorker(i, cost, requests) for i in range(num_workers)]
+    # Schedulers see the prompt and a token cap, never the true output length.
+    arrivals = ((w.arrival_s, RequestInfo(w.request_id, w.model, w.prompt_len, w.arrival_s,
+                                          MAX_TOKENS)) for w in workload)
+    end = loop.run(scheduler, SimExecutor(workers), loop.VirtualClock(), num_workers, arrivals,
+                   arrive)
+    return SimOutcome(timelines, workers, end)

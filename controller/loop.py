@@ -1,0 +1,93 @@
+"""The controller's loop: schedule, dispatch, update, on any clock and any workers.
+
+The same loop drives simulated workers on a virtual clock (the discrete-event simulator)
+and real workers on the wall clock. Only the `Executor` differs: a simulated one knows when a
+job will end the moment it starts; a real one runs it and reports when it has.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from tokenpool.schedulers.types import Job, RequestInfo
+
+
+class Executor(Protocol):
+    def start(self, job: Job, now: float) -> None:
+        """Begin `job` on its worker, which is idle."""
+
+    def next_done(self) -> float | None:
+        """When the earliest running job ends, if the executor knows (simulation)."""
+
+    def collect(self, now: float) -> list[tuple[int, list]]:
+        """(worker, results) of every job finished by `now`; their workers are idle again."""
+
+
+class Clock(Protocol):
+    def now(self) -> float: ...
+
+    def advance(self, until: float) -> float:
+        """Move to `until` (or as near as this clock can) and return the new time."""
+
+
+class VirtualClock:
+    def __init__(self, start: float = 0.0):
+        self._now = start
+
+    def now(self) -> float:
+        return self._now
+
+    def advance(self, until: float) -> float:
+        self._now = max(self._now, until)
+        return self._now
+
+
+class WallClock:
+    """Seconds since the controller started; sleeps to reach a future event."""
+
+    def __init__(self):
+        self._start = time.monotonic()
+
+    def now(self) -> float:
+        return time.monotonic() - self._start
+
+    def advance(self, until: float) -> float:
+        delay = until - self.now()
+        if delay > 0:
+            time.sleep(delay)
+        return self.now()
+
+
+def run(scheduler, executor: Executor, clock: Clock, num_workers: int,
+        arrivals: Iterable[tuple[float, RequestInfo]],
+        on_arrival: Callable[[RequestInfo], None] | None = None) -> float:
+    """Serve `arrivals` (sorted by time) until every job is done; returns the end time."""
+    pending = iter(arrivals)
+    upcoming = next(pending, None)
+    idle = set(range(num_workers))
+    busy = 0
+    now = clock.now()
+    while upcoming is not None or busy:
+        while upcoming is not None and upcoming[0] <= now:
+            if on_arrival is not None:
+                on_arrival(upcoming[1])
+            scheduler.add_request(upcoming[1], now)
+            upcoming = next(pending, None)
+        for worker, results in executor.collect(now):
+            idle.add(worker)
+            busy -= 1
+            scheduler.update(results, now)
+        for job in scheduler.schedule(idle, now):
+            executor.start(job, now)
+            idle.discard(job.worker)
+            busy += 1
+        now = clock.advance(_next_event(upcoming, executor, now))
+    return now
+
+
+def _next_event(upcoming, executor: Executor, now: float) -> float:
+    times = [t for t in (upcoming[0] if upcoming else None, executor.next_done())
+             if t is not None]
+    return min(times) if times else now

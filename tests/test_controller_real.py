@@ -1,0 +1,95 @@
+"""The controller loop on the wall clock, driving real workers with the same policies.
+
+Three synthetic Llamas of different shapes share one worker (colocated roles). Requests of
+all three arrive at staggered times; whatever the interleaving of switches, prefills, turns
+and swaps, each request's greedy tokens must equal a standalone engine's.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tokenpool.controller import loop
+from tokenpool.gpu_pool.engine import EngineConfig
+from tokenpool.gpu_pool.fleet_weights import host_tensor
+from tokenpool.gpu_pool.weights import pack_llama
+from tokenpool.gpu_pool.worker import Worker
+from tokenpool.gpu_pool.worker_executor import WorkerExecutor
+from tokenpool.gpu_pool.worker_memory import ModelLayout
+from tokenpool.memory.config import MemoryConfig
+from tokenpool.models.checkpoint import load_checkpoint
+from tokenpool.models.synth import write_synthetic_checkpoint
+from tokenpool.sampling import SamplingParams
+from tokenpool.schedulers.cost import CostModel, Linear3, ModelCost
+from tokenpool.schedulers.registry import Roles, make_scheduler
+from tokenpool.schedulers.types import SLO, RequestInfo
+
+SHAPES = {"m-a": dict(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2),
+          "m-b": dict(num_layers=3, hidden_size=96, num_heads=6, num_kv_heads=3,
+                      tie_word_embeddings=False),
+          "m-c": dict(num_layers=1, hidden_size=128, num_heads=4, num_kv_heads=1)}
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+PROMPTS = [[1, 504, 3458, 282], [30, 2200, 17, 4302, 9, 88], [7, 7, 7], [400, 12, 99, 1000, 5]]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("real-fleet")
+    return {name: load_checkpoint(write_synthetic_checkpoint(root / name, seed=i, **shape),
+                                  progress=False)
+            for i, (name, shape) in enumerate(SHAPES.items())}
+
+
+@pytest.fixture(scope="module")
+def expected(checkpoints):
+    from helpers import make_engine
+
+    return {name: make_engine(ckpt, kv_cache_bytes=8 << 20).generate(PROMPTS, GREEDY)
+            for name, ckpt in checkpoints.items()}
+
+
+def make_worker(checkpoints) -> Worker:
+    import torch
+
+    layouts, packed = [], {}
+    for name, ckpt in checkpoints.items():
+        layout = ModelLayout.of(name, ckpt.config, torch.float32)
+        buffer = torch.empty(layout.index.nbytes, dtype=torch.uint8)
+        pack_llama(ckpt.config, ckpt.weights, layout.index, buffer)
+        layouts.append(layout)
+        packed[name] = buffer
+    config = EngineConfig(dtype="float32", kv_cache_bytes=8 << 20)
+    return Worker(layouts, packed.__getitem__, config, MemoryConfig(slab_bytes=1 << 20))
+
+
+def cpu_costs(names) -> CostModel:
+    # A rough CPU profile: quotas only need the order of magnitude.
+    cost = ModelCost(Linear3(0.005, 2e-5, 0.0), Linear3(0.005, 5e-4, 1e-6), 1 << 20, 1024)
+    return CostModel({n: cost for n in names}, 5e9, 8 << 20)
+
+
+@pytest.mark.parametrize("scheduler_name", ["token-level", "request-level"])
+def test_real_workers_serve_interleaved_models_exactly(checkpoints, expected, scheduler_name):
+    worker = make_worker(checkpoints)
+    outputs: dict[str, list[int]] = {}
+    clock = loop.WallClock()
+    executor = WorkerExecutor([worker], lambda out: outputs.setdefault(
+        out.request_id, []).extend(out.new_token_ids), clock.now)
+    scheduler = make_scheduler(scheduler_name, Roles((0,), (0,)), cpu_costs(SHAPES),
+                               lambda model: SLO(5.0, 0.5), q_max_s=0.05)
+    arrivals = []
+    for i, prompt in enumerate(PROMPTS):
+        for j, name in enumerate(SHAPES):
+            request_id = f"{name}/{i}"
+            executor.register(request_id, prompt, GREEDY)
+            arrivals.append((0.01 * (i * len(SHAPES) + j),
+                             RequestInfo(request_id, name, len(prompt), 0.0, 12)))
+    loop.run(scheduler, executor, clock, 1, arrivals)
+    for name in SHAPES:
+        got = [outputs[f"{name}/{i}"] for i in range(len(PROMPTS))]
+        assert got == expected[name], name
+    assert worker.num_switches >= len(SHAPES)
+    assert worker.usage()["kv"]["used"] == 0 and worker.usage()["swap"]["used"] == 0
+    assert scheduler.num_unfinished() == 0
