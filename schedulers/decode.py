@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from tokenpool.schedulers.cost import CostModel
 from tokenpool.schedulers.quota import Q_MAX_S, round_quotas
-from tokenpool.schedulers.prefill import FULL_SCAN_MAX, SAMPLED_CHOICES
+from tokenpool.schedulers.choices import candidates
 from tokenpool.schedulers.types import Decode, Job, Prefetch, SwapIn, SwapOut, Switch
 
 
@@ -82,19 +82,13 @@ class WeightedRoundRobinDecode:
         # A batch of the model still to take its turn this round: the request joins it and
         # decodes within this round instead of waiting for the next one.
         upcoming = fitting(self.upcoming.get(model, ()))
-        candidates = upcoming or fitting(self.holders.get(model, ())) or self._sampled()
-        target = min(candidates, key=lambda w: (w.alpha, len(w.requests), w.worker))
+        choices = upcoming or fitting(self.holders.get(model, ())) or \
+            candidates(self._all, self._rng)
+        target = min(choices, key=lambda w: (w.alpha, len(w.requests), w.worker))
         self._add(target, DecodeRequest(request_id, model, context, tbt_slo, resident=False))
         if upcoming:
             self._join_turn(target, model, request_id)
         return target.worker
-
-    def _sampled(self) -> list[DecodeWorker]:
-        """All workers in small pools; a few sampled ones in large pools (power of d)."""
-        if len(self._all) <= FULL_SCAN_MAX:
-            return self._all
-        pick = self._rng.randrange
-        return [self._all[pick(len(self._all))] for _ in range(SAMPLED_CHOICES)]
 
     def _add(self, w: DecodeWorker, r: DecodeRequest) -> None:
         w.requests[r.request_id] = r

@@ -16,14 +16,9 @@ import random
 from collections import deque
 from dataclasses import dataclass, field
 
+from tokenpool.schedulers.choices import candidates
 from tokenpool.schedulers.cost import CostModel
 from tokenpool.schedulers.types import Job, Prefetch, Prefill, RequestInfo, Switch
-
-# With more workers than this, a new group compares a few sampled queues instead of all of
-# them ("power of d choices"): nearly as balanced, and O(1) per request at 100s of devices.
-FULL_SCAN_MAX = 16
-SAMPLED_CHOICES = 4
-
 
 @dataclass(slots=True)
 class Group:
@@ -64,7 +59,7 @@ class GroupedFCFSPrefill:
             if len(group.requests) >= self.max_group_size:
                 joinable.pop(0)
             return
-        queue = min(self._candidates(), key=lambda q: (self._cost_of_new_group(q, req.model),
+        queue = min(candidates(self._workers, self._rng), key=lambda q: (self._cost_of_new_group(q, req.model),
                                                          q.worker))
         added = self._cost_of_new_group(queue, req.model) - queue.work + work
         group = Group(req.model, [req], added)
@@ -74,12 +69,6 @@ class GroupedFCFSPrefill:
         self.nonempty.add(queue.worker)
         if self.max_group_size > 1:
             self.open_groups.setdefault(req.model, []).append((queue, group))
-
-    def _candidates(self) -> list[PrefillQueue]:
-        if len(self._workers) <= FULL_SCAN_MAX:
-            return self._workers
-        pick = self._rng.randrange
-        return [self._workers[pick(len(self._workers))] for _ in range(SAMPLED_CHOICES)]
 
     def _cost_of_new_group(self, queue: PrefillQueue, model: str) -> float:
         """The queue's pending work plus the switch a new group of `model` would add."""
