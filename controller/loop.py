@@ -88,6 +88,7 @@ def run(scheduler, executor: Executor, clock: Clock, num_workers: int,
 
 
 def _next_event(upcoming, executor: Executor, now: float) -> float:
-    times = [t for t in (upcoming[0] if upcoming else None, executor.next_done())
-             if t is not None]
-    return min(times) if times else now
+    done = executor.next_done()
+    if upcoming is None:
+        return now if done is None else done
+    return upcoming[0] if done is None or upcoming[0] < done else done

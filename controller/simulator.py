@@ -43,6 +43,8 @@ class SimExecutor:
         return self._done[0][0] if self._done else None
 
     def collect(self, now: float) -> list[tuple[int, list]]:
+        if not self._done or self._done[0][0] > now:
+            return []
         finished = []
         while self._done and self._done[0][0] <= now:
             _, worker, results = heapq.heappop(self._done)

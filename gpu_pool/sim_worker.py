@@ -97,8 +97,7 @@ class SimWorker:
 
     def _decode(self, unit: Decode, t: float) -> tuple[float, DecodeDone]:
         """Steps until the quota is spent, in stretches between request completions."""
-        requests = self.requests
-        live = [r for r in map(requests.__getitem__, unit.request_ids) if r.remaining > 0]
+        live = [r for r in map(self.requests.__getitem__, unit.request_ids) if r.remaining > 0]
         step_time = self.cost.decode_step_time
         end = t + unit.quota_s
         context = sum(r.context for r in live)
@@ -106,10 +105,13 @@ class SimWorker:
         while live:
             n = len(live)
             d = step_time(unit.model, n, context)
-            fit = max(1, int((end - t) / d)) if steps == 0 else int((end - t) / d)
-            k = min(fit, min(r.remaining for r in live))
-            if k <= 0:
-                break
+            fit = int((end - t) / d)
+            if fit < 1:
+                if steps:
+                    break
+                fit = 1  # a turn always makes progress
+            least = min(r.remaining for r in live)
+            k = fit if fit < least else least
             for r in live:
                 r.timeline.emit_evenly(t, d, k)
                 r.remaining -= k
@@ -117,13 +119,16 @@ class SimWorker:
             t += k * d
             steps += k
             context += n * k
-            if any(r.remaining <= 0 for r in live):
+            if k == least:  # someone finished: the batch shrinks
+                still = []
                 for r in live:
-                    if r.remaining <= 0:
+                    if r.remaining > 0:
+                        still.append(r)
+                    else:
                         r.timeline.finish()
                         finished.append(r.request_id)
-                live = [r for r in live if r.remaining > 0]
-                context = sum(r.context for r in live)
+                        context -= r.context
+                live = still
                 if unit.until_first_finish:
                     break
         return t, DecodeDone(self.worker, unit.model, unit.request_ids, steps, tuple(finished))

@@ -33,7 +33,9 @@ class TokenLevelScheduler:
     def schedule(self, idle_workers: Iterable[int], now: float) -> list[Job]:
         jobs = []
         idle = idle_workers if isinstance(idle_workers, (set, frozenset)) else set(idle_workers)
-        for worker in sorted((idle & self.prefill.nonempty) | (idle & self.decode.active)):
+        ready = idle.intersection(self.prefill.nonempty)
+        ready.update(idle.intersection(self.decode.active))
+        for worker in sorted(ready):
             job = None
             if worker in self.prefill.queues:
                 job = self.prefill.next_job(worker)
