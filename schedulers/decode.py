@@ -42,6 +42,7 @@ class DecodeWorker:
     turns: list[Turn] = field(default_factory=list)  # what is left of the current round
     model: str | None = None
     alpha: float = 0.0  # of the last round: > 1 means overloaded
+    round_s: float = 0.0  # the last round's decode time (its quotas summed)
     tokens: dict[str, int] = field(default_factory=dict)  # KV tokens held per model
 
 
@@ -145,6 +146,7 @@ class WeightedRoundRobinDecode:
         slos = [min(r.tbt_slo for r in b) for _, b in batches]
         quotas = round_quotas(steps, slos, switch, self.q_max_s)
         w.alpha = quotas.alpha
+        w.round_s = sum(quotas.quotas)
         return [Turn(m, tuple(r.request_id for r in b), q)
                 for (m, b), q in zip(batches, quotas.quotas)]
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tokenpool.schedulers.choices import candidates
@@ -38,8 +39,12 @@ class PrefillQueue:
 
 class GroupedFCFSPrefill:
     def __init__(self, workers: list[int], cost: CostModel, max_group_size: int = 8,
-                 batch_group: bool = False, seed: int = 0):
+                 batch_group: bool = False, seed: int = 0,
+                 busy_elsewhere: Callable[[int], float] | None = None):
         self.cost = cost
+        # Colocated roles: how busy a worker is with decoding, so new groups spread out
+        # instead of piling onto the first worker whose prefill queue happens to be empty.
+        self.busy_elsewhere = busy_elsewhere or (lambda worker: 0.0)
         self.max_group_size = max_group_size
         self.batch_group = batch_group  # one forward pass per group instead of per request
         self.queues = {w: PrefillQueue(w) for w in workers}
@@ -59,8 +64,8 @@ class GroupedFCFSPrefill:
             if len(group.requests) >= self.max_group_size:
                 joinable.pop(0)
             return
-        queue = min(candidates(self._workers, self._rng), key=lambda q: (self._cost_of_new_group(q, req.model),
-                                                         q.worker))
+        queue = min(candidates(self._workers, self._rng), key=lambda q: (
+            self._cost_of_new_group(q, req.model) + self.busy_elsewhere(q.worker), q.worker))
         added = self._cost_of_new_group(queue, req.model) - queue.work + work
         group = Group(req.model, [req], added)
         queue.work += added

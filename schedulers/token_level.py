@@ -22,9 +22,17 @@ class TokenLevelScheduler:
                  slo_of: Callable[[str], SLO], max_group_size: int = 8,
                  q_max_s: float = Q_MAX_S, batch_prefill: bool = False):
         self.slo_of = slo_of
-        self.prefill = GroupedFCFSPrefill(prefill_workers, cost, max_group_size, batch_prefill)
         self.decode = WeightedRoundRobinDecode(decode_workers, cost, q_max_s)
+        colocated = set(prefill_workers) & set(decode_workers)
+        self.prefill = GroupedFCFSPrefill(
+            prefill_workers, cost, max_group_size, batch_prefill,
+            busy_elsewhere=self._decode_backlog if colocated else None)
         self.requests: dict[str, RequestInfo] = {}
+
+    def _decode_backlog(self, worker: int) -> float:
+        """Seconds of decoding a colocated worker has in hand: its last round's length."""
+        w = self.decode.workers.get(worker)
+        return w.round_s if w is not None and w.requests else 0.0
 
     def add_request(self, req: RequestInfo, now: float) -> None:
         self.requests[req.request_id] = req

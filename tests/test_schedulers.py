@@ -204,3 +204,16 @@ def test_sim_switch_waits_only_for_what_is_left_of_a_prefetch():
     assert w.run(Job(0, (Switch(0, "b"),)), 0.4)[0] == pytest.approx(1.0)  # 1 s copy, 0.6 left
     assert w.run(Job(0, (Switch(0, "c"),)), 2.0)[0] == pytest.approx(3.0)  # not prefetched
     assert w.switches == 2
+
+
+def test_colocated_prefill_avoids_a_worker_busy_decoding():
+    from tokenpool.schedulers.token_level import TokenLevelScheduler
+
+    s = TokenLevelScheduler([0, 1], [0, 1], cost(), lambda m: SLO(10, 0.1))
+    s.add_request(req(0, "a"), 0.0)
+    [job] = s.schedule({0}, 0.0)  # worker 1 is busy elsewhere; 0 prefills r0...
+    s.update([PrefillDone(0, "a", ("r0",), ())], 0.1)  # ...and keeps it to decode
+    [job] = s.schedule({0}, 0.1)  # its first round starts: it now has decode work in hand
+    assert s.decode.workers[0].round_s > 0
+    s.add_request(req(1, "b"), 0.2)
+    assert [g.model for g in s.prefill.queues[1].groups] == ["b"]  # not piled onto worker 0
