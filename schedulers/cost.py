@@ -82,6 +82,9 @@ class CostModel:
         """Move `tokens` tokens of this model's KV one way between host and device."""
         return tokens * self.models[model].kv_bytes_per_token / self.h2d_bytes_per_s
 
+    def kv_bytes(self, model: str, tokens: int) -> int:
+        return tokens * self.models[model].kv_bytes_per_token
+
     def kv_capacity_tokens(self, model: str) -> int:
         """Tokens of this model's KV that fit when it has the device's KV region to itself."""
         return self.kv_capacity_bytes // self.models[model].kv_bytes_per_token

@@ -170,13 +170,15 @@ class WeightedRoundRobinDecode:
     def _turn_units(self, w: DecodeWorker, turn: Turn) -> list:
         units: list = []
         requests = w.requests
+        # At the turn's end the batch's KV goes to host slabs only if other batches of the
+        # round need the room (DESIGN §3.2); usually every batch's KV fits at once.
+        swap_out = bool(w.turns) and self._kv_overcommitted(w)
         away = []
         for request_id in turn.request_ids:
             r = requests[request_id]
             if not r.resident:
                 away.append(request_id)
-            # Swapped out again at the turn's end if other batches share the round.
-            r.resident = not w.turns
+            r.resident = not swap_out
         if away:
             units.append(SwapIn(w.worker, turn.model, tuple(away)))
         if w.model != turn.model:
@@ -187,9 +189,14 @@ class WeightedRoundRobinDecode:
                 units.append(Prefetch(w.worker, t.model))
                 break
         units.append(Decode(w.worker, turn.model, turn.request_ids, turn.quota_s))
-        if w.turns:  # other batches share the round: give their KV the room
+        if swap_out:
             units.append(SwapOut(w.worker, turn.model, turn.request_ids))
         return units
+
+    def _kv_overcommitted(self, w: DecodeWorker) -> bool:
+        """Whether the KV of all the worker's requests exceeds the device's KV region."""
+        used = sum(self.cost.kv_bytes(model, tokens) for model, tokens in w.tokens.items())
+        return used > self.cost.kv_capacity_bytes
 
     # -- results -----------------------------------------------------------------------------
 

@@ -20,10 +20,10 @@ SIM_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sim" / "aegaeon-
 GiB = 1 << 30
 
 
-def cost(models=("a", "b", "c")) -> CostModel:
+def cost(models=("a", "b", "c"), kv_tokens: int = 10_000) -> CostModel:
     # Prefill 10 ms + 0.1 ms/token; decode 10 ms + 1 ms per request; switch 1 s (1 GiB at 1 GiB/s).
     spec = ModelCost(Linear3(0.01, 1e-4, 0.0), Linear3(0.01, 1e-3, 0.0), GiB, 1024)
-    return CostModel({m: spec for m in models}, float(GiB), 1024 * 10_000)
+    return CostModel({m: spec for m in models}, float(GiB), 1024 * kv_tokens)
 
 
 def req(i: int, model: str, prompt: int = 100, t: float = 0.0) -> RequestInfo:
@@ -58,7 +58,8 @@ def test_prefill_job_switches_once_prefetches_the_next_model_and_prefills_each_r
 # -- weighted round robin decode ---------------------------------------------------------------
 
 def test_decode_round_gives_each_model_a_turn_with_formula_quotas_and_swaps():
-    d = WeightedRoundRobinDecode([0], cost(), q_max_s=4.0)
+    # KV room for 250 tokens: the round's 303 do not fit at once, so turns swap out.
+    d = WeightedRoundRobinDecode([0], cost(kv_tokens=250), q_max_s=4.0)
     for i, model in enumerate(["a", "b", "a"]):
         d.place(f"r{i}", model, 101, tbt_slo=0.1)
     first = d.next_job(0)
@@ -81,6 +82,19 @@ def test_decode_round_gives_each_model_a_turn_with_formula_quotas_and_swaps():
     assert third.units[:2] == (SwapIn(0, "a", ("r0",)), Switch(0, "a"))
     assert third.units[2] == Decode(0, "a", ("r0",), pytest.approx(0.28205, 1e-4))
     assert len(third.units) == 3
+
+
+def test_turns_keep_kv_on_the_device_when_the_round_fits():
+    d = WeightedRoundRobinDecode([0], cost(), q_max_s=4.0)
+    for i, model in enumerate(["a", "b", "a"]):
+        d.place(f"r{i}", model, 101, tbt_slo=0.1)
+    first = d.next_job(0)
+    assert isinstance(first.units[0], SwapIn)  # the hand-over from the prefill worker
+    assert not any(isinstance(u, SwapOut) for u in first.units)
+    d.decoded(0, ("r0", "r2"), steps=5, finished=())
+    d.next_job(0)
+    third = d.next_job(0)  # a's next turn: its KV stayed, so no swap-in either
+    assert not any(isinstance(u, (SwapIn, SwapOut)) for u in third.units)
 
 
 def test_a_new_request_joins_its_models_upcoming_turn():
