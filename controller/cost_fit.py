@@ -234,3 +234,17 @@ def measure_copy_bytes_per_s(nbytes: int = 64 << 20, repeats: int = 5) -> float:
         dst.copy_(src)
         times.append(time.perf_counter() - start)
     return nbytes / trimmed_mean(times)
+
+
+def worker_cost_model(worker, plan: EngineProfilePlan = EngineProfilePlan()):
+    """A CostModel for a real worker: every model's engine profiled, switches at memcpy speed.
+
+    Leaves the last model switched in. Takes a few seconds per model on CPU.
+    """
+    from tokenpool.schedulers.cost import CostModel
+
+    costs = {}
+    for model_id, engine in worker.engines.items():
+        worker.switch(model_id)
+        costs[model_id] = profile_engine(engine, plan)
+    return CostModel(costs, measure_copy_bytes_per_s(), worker.memory.layout.kv.size)

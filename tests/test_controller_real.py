@@ -7,13 +7,11 @@ and swaps, each request's greedy tokens must equal a standalone engine's.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
 from tokenpool.controller import loop
 from tokenpool.gpu_pool.engine import EngineConfig
-from tokenpool.gpu_pool.fleet_weights import host_tensor
 from tokenpool.gpu_pool.weights import pack_llama
 from tokenpool.gpu_pool.worker import Worker
 from tokenpool.gpu_pool.worker_executor import WorkerExecutor
@@ -22,7 +20,6 @@ from tokenpool.memory.config import MemoryConfig
 from tokenpool.models.checkpoint import load_checkpoint
 from tokenpool.models.synth import write_synthetic_checkpoint
 from tokenpool.sampling import SamplingParams
-from tokenpool.schedulers.cost import CostModel, Linear3, ModelCost
 from tokenpool.schedulers.registry import Roles, make_scheduler
 from tokenpool.schedulers.types import SLO, RequestInfo
 
@@ -64,20 +61,33 @@ def make_worker(checkpoints) -> Worker:
     return Worker(layouts, packed.__getitem__, config, MemoryConfig(slab_bytes=1 << 20))
 
 
-def cpu_costs(names) -> CostModel:
-    # A rough CPU profile: quotas only need the order of magnitude.
-    cost = ModelCost(Linear3(0.005, 2e-5, 0.0), Linear3(0.005, 5e-4, 1e-6), 1 << 20, 1024)
-    return CostModel({n: cost for n in names}, 5e9, 8 << 20)
+@pytest.fixture(scope="module")
+def worker_costs(checkpoints):
+    """The real worker's own cost model: a short profile of each engine (DESIGN §3.4)."""
+    from tokenpool.controller.cost_fit import EngineProfilePlan, worker_cost_model
+
+    plan = EngineProfilePlan(prompt_lens=(8, 32), prefill_batches=(1, 2),
+                             decode_batches=(1, 4), decode_prompt_lens=(8, 32), repeats=2)
+    return worker_cost_model(make_worker(checkpoints), plan)
+
+
+def test_the_profiled_costs_are_sane(worker_costs):
+    for name in SHAPES:
+        assert 0 < worker_costs.decode_step_time(name, 1, 16) < 1.0
+        assert worker_costs.decode_step_time(name, 8, 400) >= worker_costs.decode_step_time(
+            name, 1, 16)
+        assert 0 < worker_costs.switch_time(name) < 0.1  # a few MB at memcpy speed
 
 
 @pytest.mark.parametrize("scheduler_name", ["token-level", "request-level"])
-def test_real_workers_serve_interleaved_models_exactly(checkpoints, expected, scheduler_name):
+def test_real_workers_serve_interleaved_models_exactly(checkpoints, expected, worker_costs,
+                                                       scheduler_name):
     worker = make_worker(checkpoints)
     outputs: dict[str, list[int]] = {}
     clock = loop.WallClock()
     executor = WorkerExecutor([worker], lambda out: outputs.setdefault(
         out.request_id, []).extend(out.new_token_ids), clock.now)
-    scheduler = make_scheduler(scheduler_name, Roles((0,), (0,)), cpu_costs(SHAPES),
+    scheduler = make_scheduler(scheduler_name, Roles((0,), (0,)), worker_costs,
                                lambda model: SLO(5.0, 0.5), q_max_s=0.05)
     arrivals = []
     for i, prompt in enumerate(PROMPTS):
