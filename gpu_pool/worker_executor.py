@@ -8,8 +8,9 @@ Mapping of units: Switch and Prefetch go to the worker; Prefill adds the request
 model's engine and steps until each has its first token; Decode steps for the quota of wall
 time (or until a request finishes, when asked); SwapOut moves KV to host slabs, and the
 engine swaps it back in by itself on its next step. An engine step serves every running
-request of its model, so a turn may also advance that model's other requests: outputs stay
-exact, the policy's context estimates only lag a little.
+request of its model, so a unit may also advance, and even finish, that model's other
+requests: outputs stay exact, and every such finish is reported (as a zero-step DecodeDone)
+so the policy never waits for a request the engine no longer holds.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class WorkerExecutor:
 
     def start(self, job: Job, now: float) -> None:
         worker = self.workers[job.worker]
-        results = []
+        results: list = []
+        self._elsewhere: list[tuple[str, str]] = []  # (model, request) finished in another's unit
         for unit in job.units:
             kind = type(unit)
             if kind is Switch:
@@ -52,7 +54,17 @@ class WorkerExecutor:
                 results.append(self._decode(worker, job.worker, unit))
             elif kind is SwapOut:
                 worker.engine(unit.model).swap_out(list(unit.request_ids))
+        for model, request_id in self._elsewhere:
+            results.append(DecodeDone(job.worker, model, (request_id,), 0, (request_id,)))
         self._finished.append((self.now(), job.worker, results))
+
+    def _emit(self, out: RequestOutput, model: str, mine: set[str], finished: list[str]) -> None:
+        self.on_output(out)
+        if out.finished:
+            if out.request_id in mine:
+                finished.append(out.request_id)
+            else:
+                self._elsewhere.append((model, out.request_id))
 
     def next_done(self) -> float | None:
         return self._finished[0][0] if self._finished else None
@@ -68,25 +80,24 @@ class WorkerExecutor:
         for request_id in unit.request_ids:
             prompt_ids, params = self.requests.pop(request_id)
             engine.add_request(prompt_ids, params, request_id)
-        finished = []
+        mine, finished = set(unit.request_ids), []
         while waiting and engine.has_unfinished():
             for out in engine.step():
-                self.on_output(out)
                 waiting.discard(out.request_id)
-                if out.finished:
-                    finished.append(out.request_id)
+                self._emit(out, unit.model, mine, finished)
         return PrefillDone(wid, unit.model, unit.request_ids, tuple(finished))
 
     def _decode(self, worker: Worker, wid: int, unit: Decode) -> DecodeDone:
         engine = worker.engine(unit.model)
         wanted = set(unit.request_ids)
+        if not engine.has_unfinished():
+            raise RuntimeError(f"decode of {sorted(wanted)}: model {unit.model!r} holds no "
+                               "requests (a finish went unreported)")
         end = time.monotonic() + unit.quota_s
         steps, finished = 0, []
         while engine.has_unfinished():
             for out in engine.step():
-                self.on_output(out)
-                if out.finished and out.request_id in wanted:
-                    finished.append(out.request_id)
+                self._emit(out, unit.model, wanted, finished)
             steps += 1
             if time.monotonic() >= end or (finished and unit.until_first_finish) or \
                     wanted.issubset(finished):

@@ -27,8 +27,10 @@ SHAPES = {"m-a": dict(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2)
           "m-b": dict(num_layers=3, hidden_size=96, num_heads=6, num_kv_heads=3,
                       tie_word_embeddings=False),
           "m-c": dict(num_layers=1, hidden_size=128, num_heads=4, num_kv_heads=1)}
-GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 PROMPTS = [[1, 504, 3458, 282], [30, 2200, 17, 4302, 9, 88], [7, 7, 7], [400, 12, 99, 1000, 5]]
+# Mixed lengths, so requests also finish inside other requests' units (an engine step serves
+# all of a model's running requests): those finishes must reach the policy too.
+PARAMS = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (12, 2, 5, 1)]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def checkpoints(tmp_path_factory):
 def expected(checkpoints):
     from helpers import make_engine
 
-    return {name: make_engine(ckpt, kv_cache_bytes=8 << 20).generate(PROMPTS, GREEDY)
+    return {name: make_engine(ckpt, kv_cache_bytes=8 << 20).generate(PROMPTS, PARAMS)
             for name, ckpt in checkpoints.items()}
 
 
@@ -90,12 +92,12 @@ def test_real_workers_serve_interleaved_models_exactly(checkpoints, expected, wo
     scheduler = make_scheduler(scheduler_name, Roles((0,), (0,)), worker_costs,
                                lambda model: SLO(5.0, 0.5), q_max_s=0.05)
     arrivals = []
-    for i, prompt in enumerate(PROMPTS):
+    for i, (prompt, params) in enumerate(zip(PROMPTS, PARAMS)):
         for j, name in enumerate(SHAPES):
             request_id = f"{name}/{i}"
-            executor.register(request_id, prompt, GREEDY)
+            executor.register(request_id, prompt, params)
             arrivals.append((0.01 * (i * len(SHAPES) + j),
-                             RequestInfo(request_id, name, len(prompt), 0.0, 12)))
+                             RequestInfo(request_id, name, len(prompt), 0.0, params.max_tokens)))
     loop.run(scheduler, executor, clock, 1, arrivals)
     for name in SHAPES:
         got = [outputs[f"{name}/{i}"] for i in range(len(PROMPTS))]
