@@ -232,11 +232,6 @@ class SimConfig:
     def with_num_devices(self, num_devices: int) -> "SimConfig":
         return dataclasses.replace(self, cluster=self.cluster.scaled(num_devices))
 
-    def with_slo_scale(self, factor: float) -> "SimConfig":
-        """Both SLOs times `factor` (the paper's stricter runs use 0.5 and 0.3)."""
-        return dataclasses.replace(self, slo=SLO(self.slo.ttft_s * factor,
-                                                 self.slo.tbt_s * factor))
-
 
 def load_sim_config(path: str | Path) -> SimConfig:
     path = Path(path)

@@ -88,10 +88,6 @@ class LLMEngine:
         """Point the model at weights in a worker's slot (None: the model is switched out)."""
         self.forward.weights = weights
 
-    @property
-    def is_bound(self) -> bool:
-        return self.forward.weights is not None
-
     @classmethod
     def from_checkpoint(cls, checkpoint, config: EngineConfig = EngineConfig()) -> "LLMEngine":
         return cls(checkpoint.config, checkpoint.weights, config, checkpoint.tokenizer)

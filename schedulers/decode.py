@@ -211,6 +211,3 @@ class WeightedRoundRobinDecode:
                 r = w.requests[request_id]
                 r.context += steps
                 w.tokens[r.model] += steps
-
-    def num_requests(self) -> int:
-        return sum(len(w.requests) for w in self.workers.values())

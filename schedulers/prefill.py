@@ -113,6 +113,3 @@ class GroupedFCFSPrefill:
             queue.work = 0.0
             queue.last_model = group.model
             self.nonempty.discard(queue.worker)
-
-    def num_waiting(self) -> int:
-        return sum(len(g.requests) for q in self.queues.values() for g in q.groups)

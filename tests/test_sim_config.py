@@ -86,11 +86,6 @@ def test_too_few_devices(testbed):
         testbed.with_num_devices(1)
 
 
-def test_slo_scale(testbed):
-    strict = testbed.with_slo_scale(0.5).slo
-    assert (strict.ttft_s, strict.tbt_s) == (5.0, 0.05)
-
-
 def test_workloads_resolve_from_the_file(testbed):
     assert isinstance(testbed.workload, AegaeonWorkload)
     assert Path(testbed.workload.path).is_file()
