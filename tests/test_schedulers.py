@@ -163,10 +163,11 @@ def test_simulation_serves_every_request_and_is_deterministic(scheduler):
     assert (first["switches"] == 0) == (scheduler == "static")
 
 
-def test_token_level_beats_request_level_under_strict_slos_at_many_models():
-    """Not the paper's claim yet (see docs/sim.md), but the direction must hold."""
+def test_token_level_holds_80_models_where_request_level_does_not():
+    """The artifact's largest rate-0.1 workload on the testbed config (docs/sim.md)."""
     token = simulate_file("synth-80-0.1-1.0-1.0.csv", "token-level")
     request = simulate_file("synth-80-0.1-1.0-1.0.csv", "request-level")
+    assert token["slo_attainment"] >= 0.9 > request["slo_attainment"]
     assert token["ttft_p99_s"] < request["ttft_p99_s"]
 
 
