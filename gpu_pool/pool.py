@@ -1,0 +1,104 @@
+"""The worker pool: where jobs run, behind one interface for every backend.
+
+`run(worker, job_input)` returns at once. While the job runs, the pool calls the listener's
+`on_step` with each engine step's outputs, then `on_done` with the job's results; if the
+worker dies instead, `on_failure`. Calls come from the pool's own threads.
+
+Backends: `LocalPool` runs each worker in a thread of this process (tests, small set-ups);
+`gpu_pool.ray_pool.RayPool` runs one Ray actor per device.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Protocol
+
+from tokenpool.controller.serving_types import JobDone, JobInput, StepOutputs
+from tokenpool.gpu_pool.pool_config import PoolConfig
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    id: int
+    role: str  # "prefill", "decode" or "prefill+decode"
+    device: str
+    pid: int
+    alive: bool = True
+    restarts: int = 0
+
+
+class PoolListener(Protocol):
+    def on_step(self, out: StepOutputs) -> None: ...
+
+    def on_done(self, done: JobDone) -> None: ...
+
+    def on_failure(self, worker: int, error: BaseException) -> None:
+        """The worker died during a job: its job and every request it held are lost."""
+
+
+class WorkerPool(Protocol):
+    config: PoolConfig
+
+    def start(self, listener: PoolListener) -> None:
+        """Build every worker; returns when all can take jobs."""
+
+    def run(self, worker: int, job: JobInput) -> None: ...
+
+    def workers(self) -> list[WorkerInfo]: ...
+
+    def close(self) -> None: ...
+
+
+class LocalPool:
+    """Workers as threads of this process, each with its own Worker over its own arena."""
+
+    def __init__(self, config: PoolConfig, make_runner):
+        """`make_runner(worker_id)` builds a worker and returns its `JobRunner`."""
+        self.config = config
+        self._make_runner = make_runner
+        self._inboxes = [queue.SimpleQueue() for _ in range(config.num_workers)]
+        self._threads: list[threading.Thread] = []
+        self._devices: list[str] = []
+
+    def start(self, listener: PoolListener) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, self.config.torch_threads * self.config.num_workers))
+        runners = [self._make_runner(i) for i in range(self.config.num_workers)]
+        self._devices = [str(r.worker.device) for r in runners]
+        for i, runner in enumerate(runners):
+            thread = threading.Thread(target=self._serve, args=(runner, self._inboxes[i],
+                                                                listener),
+                                      name=f"tokenpool-worker-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    @staticmethod
+    def _serve(runner, inbox: queue.SimpleQueue, listener: PoolListener) -> None:
+        while (job := inbox.get()) is not None:
+            try:
+                for item in runner.run(job):
+                    if isinstance(item, StepOutputs):
+                        listener.on_step(item)
+                    else:
+                        listener.on_done(item)
+            except Exception as exc:  # a bug in a job must not kill the worker thread
+                listener.on_failure(job.job.worker, exc)
+        runner.close()
+
+    def run(self, worker: int, job: JobInput) -> None:
+        self._inboxes[worker].put(job)
+
+    def workers(self) -> list[WorkerInfo]:
+        return [WorkerInfo(i, self.config.role(i), self._devices[i], os.getpid(),
+                           self._threads[i].is_alive())
+                for i in range(self.config.num_workers)]
+
+    def close(self) -> None:
+        for inbox in self._inboxes:
+            inbox.put(None)
+        for thread in self._threads:
+            thread.join(timeout=30)

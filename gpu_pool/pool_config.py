@@ -1,0 +1,50 @@
+"""The `pool:` block of a fleet file: how many workers, their roles, and where they run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from tokenpool.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    # local: every worker is a thread of the serving process; ray: one Ray actor per worker.
+    backend: Literal["local", "ray"] = "local"
+    num_workers: int = 2
+    # 0: colocated roles, every worker prefills and decodes. N > 0: the first N workers
+    # prefill only and hand KV to the others, which decode only (Aegaeon's disaggregation).
+    prefill_workers: int = 0
+    # Ray only. None: start a local cluster (dashboard off); "auto": join the running one
+    # (`ray start --head` on the head node); or a cluster address such as "ray://host:10001".
+    ray_address: str | None = None
+    num_cpus: int | None = None  # CPUs of a local Ray cluster; default: what the workers need
+    cpus_per_worker: float = 1.0  # Ray CPU slots per worker on CPU nodes (num_gpus=1 on GPU)
+    torch_threads: int = 1  # intra-op threads per worker
+    max_restarts: int = -1  # Ray restarts a dead worker actor this often (-1: always)
+    object_store_bytes: int = 256 << 20  # a local Ray cluster's object store
+
+    def __post_init__(self):
+        if self.num_workers < 1:
+            raise ConfigError(f"pool.num_workers must be >= 1, got {self.num_workers}")
+        if not 0 <= self.prefill_workers < self.num_workers or \
+                (self.prefill_workers and self.num_workers < 2):
+            raise ConfigError(f"pool.prefill_workers must be 0 (colocated) or between 1 and "
+                              f"num_workers - 1 ({self.num_workers - 1}); "
+                              f"got {self.prefill_workers}")
+        if self.torch_threads < 1 or self.cpus_per_worker <= 0:
+            raise ConfigError("pool.torch_threads must be >= 1 and pool.cpus_per_worker > 0")
+
+    @property
+    def prefill_ids(self) -> tuple[int, ...]:
+        return tuple(range(self.prefill_workers or self.num_workers))
+
+    @property
+    def decode_ids(self) -> tuple[int, ...]:
+        return tuple(range(self.prefill_workers, self.num_workers))
+
+    def role(self, worker: int) -> str:
+        if not self.prefill_workers:
+            return "prefill+decode"
+        return "prefill" if worker < self.prefill_workers else "decode"
