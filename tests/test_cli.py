@@ -12,9 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tokenpool.fleet import load_fleet
+from tokenpool.gpu_pool.device import dtype_name, resolve_dtype
 from tokenpool.gpu_pool.engine import LLMEngine
 from tokenpool.models import load_checkpoint
 from tokenpool.sampling import SamplingParams
@@ -170,6 +172,8 @@ def test_synth_bad_shape_exits_2(tmp_path, shape, message):
 
 # -- bench engine ------------------------------------------------------------------------------
 
+# What `dtype: auto` resolves to here: bfloat16 on CPUs with AVX512-BF16/AMX, else float32.
+AUTO_DTYPE = dtype_name(resolve_dtype("auto", torch.device("cpu")))
 REPORT_KEYS = {"model", "device", "dtype", "new_tokens", "prompt_lens", "results", "hf",
                "speedup_vs_hf", "torch_threads", "cpu", "timestamp", "command"}
 RESULT_KEYS = {"batch", "decode_tokens_per_s", "prefill_tokens_per_s", "ttft_s"}
@@ -179,7 +183,7 @@ def run_bench(fleet: Path, out: Path, *extra) -> dict:
     result = tokenpool("bench", "engine", "--config", fleet, "--model", SYNTH, "--batch", "1,2",
                        "--prompt-lens", "16-32", "--new-tokens", 4, "--json", out, *extra)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(f"{SYNTH} on cpu (float32")
+    assert result.stdout.startswith(f"{SYNTH} on cpu ({AUTO_DTYPE}")
     return json.loads(out.read_text())
 
 
@@ -193,7 +197,7 @@ def assert_results(results: list[dict]) -> None:
 def test_bench_engine_writes_the_report_with_hf(synth_fleet, tmp_path):
     report = run_bench(synth_fleet, tmp_path / "b.json", "--seed", 5)
     assert set(report) == REPORT_KEYS
-    assert (report["model"], report["device"], report["dtype"]) == (SYNTH, "cpu", "float32")
+    assert (report["model"], report["device"], report["dtype"]) == (SYNTH, "cpu", AUTO_DTYPE)
     assert (report["new_tokens"], report["prompt_lens"]) == (4, [16, 32])
     assert_results(report["results"])
     assert_results(report["hf"])
