@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tokenpool.cli import _args, bench, fleet, generate, simulate
+from tokenpool.cli import _args, bench, fleet, generate, serve, simulate
 
 PROG = "tokenpool"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-# Later: the serve module joins this tuple.
-COMMANDS = (generate, fleet, bench, simulate)
+COMMANDS = (serve, generate, fleet, bench, simulate)
 
 DESCRIPTION = """\
 tokenpool serves many LLMs from a few accelerators by pooling them at token granularity.

@@ -237,14 +237,20 @@ def measure_copy_bytes_per_s(nbytes: int = 64 << 20, repeats: int = 5) -> float:
 
 
 def worker_cost_model(worker, plan: EngineProfilePlan = EngineProfilePlan()):
-    """A CostModel for a real worker: every model's engine profiled, switches at memcpy speed.
+    """A CostModel for a real worker: its engines profiled, switches at memcpy speed.
 
-    Leaves the last model switched in. Takes a few seconds per model on CPU.
+    Models of one shape and dtype (aliases of one checkpoint, say) cost the same, so one
+    engine per shape is profiled and its fit shared. Leaves the last profiled model switched
+    in. Takes a few seconds per shape on CPU.
     """
     from tokenpool.schedulers.cost import CostModel
 
+    fits: dict[tuple, ModelCost] = {}
     costs = {}
     for model_id, engine in worker.engines.items():
-        worker.switch(model_id)
-        costs[model_id] = profile_engine(engine, plan)
+        shape = (engine.model_config, engine.dtype)
+        if shape not in fits:
+            worker.switch(model_id)
+            fits[shape] = profile_engine(engine, plan)
+        costs[model_id] = fits[shape]
     return CostModel(costs, measure_copy_bytes_per_s(), worker.memory.layout.kv.size)

@@ -45,6 +45,10 @@ class WorkerPool(Protocol):
     def start(self, listener: PoolListener) -> None:
         """Build every worker; returns when all can take jobs."""
 
+    def profile(self, plan) -> object:
+        """A schedulers.cost.CostModel fitted to a short profile of a worker's engines
+        (controller.cost_fit.EngineProfilePlan); called once, before the first job."""
+
     def run(self, worker: int, job: JobInput) -> None: ...
 
     def workers(self) -> list[WorkerInfo]: ...
@@ -68,6 +72,7 @@ class LocalPool:
 
         torch.set_num_threads(max(1, self.config.torch_threads * self.config.num_workers))
         runners = [self._make_runner(i) for i in range(self.config.num_workers)]
+        self._runners = runners
         self._devices = [str(r.worker.device) for r in runners]
         for i, runner in enumerate(runners):
             thread = threading.Thread(target=self._serve, args=(runner, self._inboxes[i],
@@ -88,6 +93,15 @@ class LocalPool:
             except Exception as exc:  # a bug in a job must not kill the worker thread
                 listener.on_failure(job.job.worker, exc)
         runner.close()
+
+    def profile(self, plan):
+        """The policy's CostModel, from a short profile of worker 0 (all workers are alike).
+
+        Runs before any job: worker 0's thread is idle.
+        """
+        from tokenpool.controller.cost_fit import worker_cost_model
+
+        return worker_cost_model(self._runners[0].worker, plan)
 
     def run(self, worker: int, job: JobInput) -> None:
         self._inboxes[worker].put(job)

@@ -1,0 +1,110 @@
+"""Counters of the serving pool, kept by the controller and read by /pool and /metrics."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class ModelCounters:
+    waiting: int = 0  # accepted, first token not out yet
+    running: int = 0  # decoding
+    switches: int = 0  # workers switched to this model
+    switch_seconds: float = 0.0
+    kv_swap_bytes: int = 0
+    rejected: int = 0
+
+
+@dataclass(slots=True)
+class WorkerCounters:
+    model: str | None = None
+    busy: bool = False
+    switches: int = 0
+    kv_pages_used: int = 0
+    failures: int = 0
+    jobs: int = 0
+
+
+@dataclass(slots=True)
+class PoolStats:
+    num_workers: int
+    slos: dict  # model id -> SLO
+    models: dict[str, ModelCounters] = field(default_factory=dict)
+    workers: list[WorkerCounters] = field(default_factory=list)
+    switch_times: list[tuple[str, float]] = field(default_factory=list)  # since last drain
+    cancelled: int = 0
+
+    def __post_init__(self):
+        self.models = {m: ModelCounters() for m in self.slos}
+        self.workers = [WorkerCounters() for _ in range(self.num_workers)]
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(m.waiting for m in self.models.values())
+
+    def arrived(self, model: str) -> None:
+        self.models[model].waiting += 1
+
+    def rejected(self, model: str) -> None:
+        self.models[model].rejected += 1
+
+    def prefilled(self, model: str) -> None:
+        self.models[model].waiting -= 1
+        self.models[model].running += 1
+
+    def finished(self, model: str, prefilled: bool) -> None:
+        counters = self.models[model]
+        if prefilled:
+            counters.running -= 1
+        else:
+            counters.waiting -= 1
+
+    def busy(self, worker: int) -> None:
+        self.workers[worker].busy = True
+        self.workers[worker].jobs += 1
+
+    def job_done(self, done) -> None:
+        w = self.workers[done.worker]
+        w.busy = False
+        w.model = done.model
+        w.kv_pages_used = done.kv_pages_used
+        for switch in done.switches:
+            counters = self.models[switch.model]
+            counters.switches += 1
+            counters.switch_seconds += switch.seconds
+            w.switches += 1
+            self.switch_times.append((switch.model, switch.seconds))
+        if done.kv_swap_bytes and done.model in self.models:
+            self.models[done.model].kv_swap_bytes += done.kv_swap_bytes
+
+    def worker_lost(self, worker: int) -> None:
+        w = self.workers[worker]
+        w.busy, w.model, w.kv_pages_used = False, None, 0
+        w.failures += 1
+
+    def drain_switch_times(self) -> list[tuple[str, float]]:
+        times, self.switch_times = self.switch_times, []
+        return times
+
+    def snapshot(self, infos, jobs: dict, requests: dict) -> dict:
+        queued, running = Counter(), Counter()
+        for tracked in requests.values():
+            if tracked.worker is not None:
+                (running if tracked.decoding else queued)[tracked.worker] += 1
+        workers = [{
+            "id": info.id, "role": info.role, "device": info.device, "pid": info.pid,
+            "model": self.workers[info.id].model,
+            "state": "dead" if not info.alive else "busy" if info.id in jobs else "idle",
+            "queued": queued[info.id], "running": running[info.id],
+            "kv_pages_used": self.workers[info.id].kv_pages_used,
+            "switches": self.workers[info.id].switches,
+            "failures": self.workers[info.id].failures, "restarts": info.restarts,
+        } for info in infos]
+        models = [{
+            "id": model, "waiting": c.waiting, "running": c.running,
+            "slo": {"ttft_s": self.slos[model].ttft_s, "tbt_s": self.slos[model].tbt_s},
+            "switches": c.switches, "switch_seconds": c.switch_seconds,
+            "kv_swap_bytes": c.kv_swap_bytes, "rejected": c.rejected,
+        } for model, c in self.models.items()]
+        return {"workers": workers, "models": models, "cancelled": self.cancelled}

@@ -1,0 +1,245 @@
+"""The serving controller: the policies' loop on the wall clock, over a pool of real workers.
+
+It is `controller/loop.py`'s schedule -> dispatch -> update, made online: requests arrive
+from the proxy at any time (`submit`), clients cancel (`cancel`), and jobs end when the pool
+says so (`on_done`, from the pool's threads). One lock guards the policy and the request
+table; the loop thread holds it only while it updates and schedules, never while a job runs.
+
+Tokens take the short path: a worker's step outputs go from the pool's thread straight to
+each request's sink (the proxy's queue), not through the loop.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tokenpool.controller.loop import WallClock
+from tokenpool.controller.pool_stats import PoolStats
+from tokenpool.controller.serving_types import (JobDone, JobInput, ServeRequest, StepOutputs,
+                                                TokenEvent)
+from tokenpool.errors import OverloadedError, UnavailableError
+from tokenpool.schedulers.admission import SLOAdmission
+from tokenpool.schedulers.types import (Decode, DecodeDone, Job, Prefill, PrefillDone,
+                                        RequestInfo, SwapIn)
+
+Sink = Callable[[TokenEvent], None]
+
+
+@dataclass(slots=True)
+class Tracked:
+    """A request the controller holds, until the policy has forgotten it."""
+
+    request: ServeRequest
+    sink: Sink | None  # None once the client is gone or has its finished event
+    worker: int | None = None  # where its state lives, once a job took it
+    decoding: bool = False  # past prefill
+
+
+class ServingController:
+    def __init__(self, scheduler, pool, admission: SLOAdmission, roles, slos: dict):
+        """`slos`: model id -> SLO, for every model the proxy may submit."""
+        self.scheduler = scheduler
+        self.pool = pool
+        self.admission = admission
+        self.prefill_only = set(roles.prefill) - set(roles.decode)
+        self.clock = WallClock()
+        self.stats = PoolStats(pool.config.num_workers, slos)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._done: deque = deque()  # JobDone or (worker, error), from the pool's threads
+        self._requests: dict[str, Tracked] = {}
+        self._cancelled: set[str] = set()
+        self._handoffs: dict = {}  # request id -> SequenceHandoff between prefill and decode
+        self._idle = set(range(pool.config.num_workers))
+        self._jobs: dict[int, Job] = {}
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    # -- life ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the pool, then the loop (the scheduler must be set by then)."""
+        self.pool.start(self)
+        self.start_loop()
+
+    def start_loop(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="tokenpool-controller",
+                                        daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        with self._lock:
+            for rid in list(self._requests):
+                self._fail(rid, "the server is shutting down")
+        self.pool.close()
+
+    # -- the proxy's side (any thread) --------------------------------------------------------
+
+    def submit(self, req: ServeRequest, sink: Sink) -> None:
+        """Accept `req` or raise OverloadedError / UnavailableError; events go to `sink`."""
+        if self._closing or self._thread is None:
+            raise UnavailableError("the server is not accepting requests")
+        with self._lock:
+            now = self.clock.now()
+            info = RequestInfo(req.request_id, req.model, len(req.prompt_ids), now,
+                               req.params.max_tokens)
+            verdict = self.admission.decide(self.scheduler, info, req.slo,
+                                            self.stats.num_waiting)
+            if not verdict.admit:
+                self.stats.rejected(req.model)
+                raise OverloadedError(verdict.reason, verdict.retry_after_s)
+            self._requests[req.request_id] = Tracked(req, sink)
+            self.stats.arrived(req.model)
+            self.scheduler.add_request(info, now)
+        self._wake.set()
+
+    def cancel(self, request_id: str) -> None:
+        """The client is gone: drop its events; the worker frees its pages on its next job."""
+        with self._lock:
+            tracked = self._requests.get(request_id)
+            if tracked is None or tracked.sink is None:
+                return
+            tracked.sink = None
+            self._cancelled.add(request_id)
+            self.stats.cancelled += 1
+        self._wake.set()
+
+    # -- the pool's side (its threads) --------------------------------------------------------
+
+    def on_step(self, out: StepOutputs) -> None:
+        for output in out.outputs:
+            tracked = self._requests.get(output.request_id)
+            sink = tracked.sink if tracked is not None else None
+            if sink is None:
+                continue
+            if output.finished:
+                tracked.sink = None
+            sink(TokenEvent.of(output, out.emitted_at))
+
+    def on_done(self, done: JobDone) -> None:
+        self._done.append(done)
+        self._wake.set()
+
+    def on_failure(self, worker: int, error: BaseException) -> None:
+        self._done.append((worker, error))
+        self._wake.set()
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._closing:
+            self._wake.wait(timeout=0.5)
+            self._wake.clear()
+            with self._lock:
+                now = self.clock.now()
+                while self._done:
+                    item = self._done.popleft()
+                    if isinstance(item, JobDone):
+                        self._finish_job(item, now)
+                    else:
+                        self._lose_worker(*item, now)
+                self._dispatch(now)
+
+    def _dispatch(self, now: float) -> None:
+        if not self._idle:
+            return
+        for job in self.scheduler.schedule(self._idle, now):
+            self._idle.discard(job.worker)
+            self._jobs[job.worker] = job
+            self.stats.busy(job.worker)
+            self.pool.run(job.worker, self._job_input(job))
+
+    def _job_input(self, job: Job) -> JobInput:
+        prompts, handoffs = {}, {}
+        for unit in job.units:
+            if type(unit) is Prefill:
+                for rid in unit.request_ids:
+                    tracked = self._requests[rid]
+                    tracked.worker = job.worker
+                    prompts[rid] = (tracked.request.prompt_ids, tracked.request.params)
+            elif type(unit) in (Decode, SwapIn):
+                for rid in unit.request_ids:
+                    self._requests[rid].worker = job.worker
+                    if rid in self._handoffs:
+                        handoffs[rid] = self._handoffs.pop(rid)
+        cancelled = tuple(rid for rid in self._cancelled
+                          if self._requests[rid].worker in (job.worker, None))
+        return JobInput(job, prompts, handoffs, cancelled, job.worker in self.prefill_only)
+
+    def _finish_job(self, done: JobDone, now: float) -> None:
+        self._idle.add(done.worker)
+        self._jobs.pop(done.worker, None)
+        self._handoffs.update(done.handoffs)
+        for rid in done.handoffs:  # its state now lives here, until a decode worker takes it
+            self._requests[rid].worker = None
+        self.stats.job_done(done)
+        for rid, message in getattr(done, "errors", {}).items():
+            self._fail(rid, message)
+        self.scheduler.update(done.results, now)
+        for result in done.results:
+            if type(result) is PrefillDone:
+                for rid in result.request_ids:
+                    if rid in self._requests and not self._requests[rid].decoding:
+                        self._requests[rid].decoding = True
+                        self.stats.prefilled(self._requests[rid].request.model)
+            for rid in result.finished:
+                self._forget(rid)
+
+    def _forget(self, rid: str) -> None:
+        tracked = self._requests.pop(rid, None)
+        self._handoffs.pop(rid, None)
+        if tracked is None:
+            return
+        self.stats.finished(tracked.request.model, tracked.decoding)
+        if rid in self._cancelled:
+            self._cancelled.discard(rid)
+        elif tracked.sink is not None:  # finished without a final output: say so
+            self._fail(rid, "the request ended without a final token")
+
+    def _fail(self, rid: str, message: str) -> None:
+        tracked = self._requests.get(rid)
+        if tracked is None or tracked.sink is None:
+            return
+        sink, tracked.sink = tracked.sink, None
+        sink(TokenEvent(rid, finished=True, finish_reason="error", error=message,
+                        emitted_at=time.monotonic()))
+
+    def _lose_worker(self, worker: int, error: BaseException, now: float) -> None:
+        """The worker died (the pool restarts it): everything it held is gone."""
+        self.stats.worker_lost(worker)
+        job = self._jobs.pop(worker, None)
+        lost = [rid for rid, t in self._requests.items() if t.worker == worker]
+        prefilling = {rid for u in (job.units if job else ()) if type(u) is Prefill
+                      for rid in u.request_ids}
+        results = []
+        for rid in lost:
+            self._fail(rid, f"worker {worker} failed: {error}")
+            model = self._requests[rid].request.model
+            if rid in prefilling:
+                results.append(PrefillDone(worker, model, (rid,), (rid,)))
+            else:
+                results.append(DecodeDone(worker, model, (rid,), 0, (rid,)))
+        self._idle.add(worker)
+        self.scheduler.update(results, now)
+        for rid in lost:
+            self._forget(rid)
+
+    # -- the operator's view ------------------------------------------------------------------
+
+    def drain_switch_times(self) -> list[tuple[str, float]]:
+        """(model, seconds) of every switch since the last call, for a histogram."""
+        with self._lock:
+            return self.stats.drain_switch_times()
+
+    def snapshot(self) -> dict:
+        """The pool as `GET /pool` shows it, plus the counters behind /metrics."""
+        with self._lock:
+            return self.stats.snapshot(self.pool.workers(), self._jobs, self._requests)

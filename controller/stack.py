@@ -1,0 +1,95 @@
+"""Everything behind the proxy, built from one fleet file: host cache, pool, policy, controller.
+
+Start-up order: read every model's header (the fleet check), pack the fleet into the node's
+host cache (once per node; later starts of the same fleet find it there), start the workers,
+profile one engine per model shape for the cost model, then start the controller's loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenpool.controller.catalog import ModelCard, build_catalog
+from tokenpool.controller.cost_fit import EngineProfilePlan
+from tokenpool.controller.service import ServingController
+from tokenpool.gpu_pool.fleet_weights import FleetModels, FleetWeights
+from tokenpool.gpu_pool.worker_factory import make_runner, open_host_cache
+from tokenpool.schedulers.admission import SLOAdmission
+from tokenpool.schedulers.registry import Roles, make_scheduler
+
+# Short enough for start-up, long enough for a fit within ~10% on a small CPU model.
+SERVE_PROFILE = EngineProfilePlan(prompt_lens=(16, 128), prefill_batches=(1, 4),
+                                  decode_batches=(1, 8), decode_prompt_lens=(16, 128),
+                                  decode_steps=3, repeats=2)
+
+
+@dataclass(slots=True)
+class ServingStack:
+    fleet: object
+    controller: ServingController
+    catalog: dict[str, ModelCard]
+    cost: object  # the CostModel the policy runs on
+
+    def close(self) -> None:
+        self.controller.close()
+
+
+def cache_namespace(fleet, models: FleetModels) -> str:
+    """The same fleet on the same node maps the same cache files: a restart finds them."""
+    digest = hashlib.sha1()
+    for spec in fleet.models:
+        path = Path(models.sources[spec.id])
+        stat = path.stat()
+        digest.update(f"{spec.id}|{path}|{stat.st_size}|{stat.st_mtime_ns}|"
+                      f"{models.layouts[spec.id].dtype}\n".encode())
+    return f"serve_{digest.hexdigest()[:12]}"  # host cache namespaces are [A-Za-z0-9_]+
+
+
+def make_pool(fleet, namespace: str, models: FleetModels):
+    if fleet.pool.backend == "ray":
+        from tokenpool.gpu_pool.ray_pool import RayPool
+
+        return RayPool(fleet.pool, fleet, namespace)
+    from tokenpool.gpu_pool.pool import LocalPool
+
+    return LocalPool(fleet.pool, lambda i: make_runner(fleet, i, namespace, models))
+
+
+def build_stack(fleet, *, progress: bool = True, log=None) -> ServingStack:
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    models = FleetModels(fleet)
+    models.check_fits()
+    namespace = cache_namespace(fleet, models)
+    cache = open_host_cache(fleet, namespace)
+    packed = FleetWeights(models, cache).populate(progress=progress)
+    log(f"host cache {namespace}: {len(models.layouts)} models ({len(packed)} packed now)")
+    pool = make_pool(fleet, namespace, models)
+    roles = Roles(fleet.pool.prefill_ids, fleet.pool.decode_ids)
+    slos = {spec.id: fleet.slo_of(spec.id) for spec in fleet.models}
+    controller = ServingController(None, pool, _admission(fleet), roles, slos)
+    started = time.monotonic()
+    pool.start(controller)
+    cost = pool.profile(SERVE_PROFILE)
+    log(f"{fleet.pool.num_workers} {fleet.pool.backend} workers up and profiled in "
+        f"{time.monotonic() - started:.1f} s")
+    controller.scheduler = _scheduler(fleet, roles, cost)
+    controller.start_loop()
+    cache.close()
+    return ServingStack(fleet, controller, build_catalog(fleet, models, int(time.time())), cost)
+
+
+def _scheduler(fleet, roles: Roles, cost):
+    s = fleet.scheduler
+    return make_scheduler(s.name, roles, cost, fleet.slo_of,
+                          model_load={m.id: 1.0 for m in fleet.models},
+                          max_group_size=s.max_group_size, q_max_s=s.q_max_s,
+                          batch_prefill=s.batch_prefill)
+
+
+def _admission(fleet) -> SLOAdmission:
+    s = fleet.scheduler
+    return SLOAdmission(s.shed_ttft_factor, s.max_alpha, s.max_waiting)

@@ -1,0 +1,136 @@
+"""What the HTTP and gRPC edges share: model lookup, tokenizing, validation, streaming.
+
+Both edges turn their wire request into `Frontend.request(...)` (which raises the typed
+errors of `tokenpool.errors`, mapped onto HTTP and gRPC statuses by each edge) and then
+iterate `Frontend.stream(request)`. Leaving that iteration early, for whatever reason (client
+disconnect, cancellation, an exception), cancels the request in the controller, which frees
+its pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from collections.abc import AsyncIterator
+
+from tokenpool.controller.catalog import ModelCard
+from tokenpool.controller.serving_types import ServeRequest, TokenEvent
+from tokenpool.errors import EmptyPromptError, InvalidRequestError, PromptTooLongError
+from tokenpool.errors import InvalidSamplingError, UnknownModelError
+from tokenpool.models.prompts import encode_chat, encode_text
+from tokenpool.proxy.config import ProxyConfig
+from tokenpool.sampling import SamplingParams
+
+_IDS = itertools.count()
+
+
+class Frontend:
+    def __init__(self, controller, catalog: dict[str, ModelCard], config: ProxyConfig,
+                 observer=None):
+        """`observer`: gets `on_event(request, event, now)` for every event, and
+        `on_rejected(model, reason)` when a request is refused (the Prometheus metrics)."""
+        self.controller = controller
+        self.catalog = catalog
+        self.config = config
+        self.observer = observer
+        self._prefix = f"{os.getpid():x}"
+
+    def card(self, model: str) -> ModelCard:
+        card = self.catalog.get(model)
+        if card is None:
+            raise UnknownModelError(model, list(self.catalog))
+        return card
+
+    # -- building a request --------------------------------------------------------------------
+
+    def request(self, model: str, params: SamplingParams, *, prompt: str | None = None,
+                prompt_ids: list[int] | None = None, messages: list[dict] | None = None
+                ) -> ServeRequest:
+        """A validated request from exactly one of `prompt`, `prompt_ids` or `messages`."""
+        card = self.card(model)
+        try:
+            ids = self._encode(card, prompt, prompt_ids, messages)
+            self._check(card, ids, params)
+        except InvalidRequestError as exc:
+            self._rejected(model, "invalid")
+            raise exc
+        request_id = f"req-{self._prefix}-{next(_IDS)}"
+        return ServeRequest(request_id, model, tuple(ids), params, card.slo, time.monotonic())
+
+    def _encode(self, card: ModelCard, prompt, prompt_ids, messages) -> list[int]:
+        given = [x is not None for x in (prompt, prompt_ids, messages)]
+        if sum(given) != 1:
+            raise InvalidRequestError("give exactly one of prompt, prompt token ids or messages",
+                                      "prompt")
+        if prompt is not None:
+            self._check_text_size(len(prompt))
+            return encode_text(card.tokenizer, prompt) if prompt else []
+        if messages is not None:
+            if not messages:
+                raise InvalidRequestError("messages is empty", "messages")
+            self._check_text_size(sum(len(str(m.get("content") or "")) for m in messages))
+            return encode_chat(card.tokenizer, messages)
+        if any(not isinstance(t, int) or not 0 <= t < card.vocab_size for t in prompt_ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in "
+                                      f"[0, {card.vocab_size})", "prompt")
+        return list(prompt_ids)
+
+    def _check_text_size(self, num_chars: int) -> None:
+        if num_chars > self.config.max_prompt_chars:
+            raise InvalidRequestError(f"prompt has {num_chars} characters, more than the "
+                                      f"limit of {self.config.max_prompt_chars}", "prompt")
+
+    @staticmethod
+    def _check(card: ModelCard, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise EmptyPromptError()
+        if len(ids) >= card.max_model_len:
+            raise PromptTooLongError(len(ids), card.max_model_len - 1)
+        if len(ids) + params.max_tokens > card.max_model_len:
+            raise InvalidSamplingError(
+                f"max_tokens={params.max_tokens} plus the prompt's {len(ids)} tokens exceeds "
+                f"the model's context of {card.max_model_len}", "max_tokens")
+
+    def _rejected(self, model: str, reason: str) -> None:
+        if self.observer is not None:
+            self.observer.on_rejected(model, reason)
+
+    # -- streaming -----------------------------------------------------------------------------
+
+    async def stream(self, req: ServeRequest) -> AsyncIterator[TokenEvent]:
+        """Submit `req` and yield its events until the finished one.
+
+        Raises OverloadedError / UnavailableError before the first event if the controller
+        refuses it. A request that runs past `request_timeout_s` ends with a "timeout" event.
+        """
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        try:
+            self.controller.submit(req, lambda ev: loop.call_soon_threadsafe(events.put_nowait,
+                                                                             ev))
+        except Exception as exc:
+            self._rejected(req.model, type(exc).__name__)
+            raise
+        deadline = req.arrival + self.config.request_timeout_s
+        finished = False
+        try:
+            while not finished:
+                event = await self._next(events, deadline, req)
+                finished = event.finished
+                if self.observer is not None:
+                    self.observer.on_event(req, event, time.monotonic())
+                yield event
+        finally:
+            if not finished:
+                self.controller.cancel(req.request_id)
+
+    async def _next(self, events: asyncio.Queue, deadline: float, req: ServeRequest
+                    ) -> TokenEvent:
+        try:
+            return await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            self.controller.cancel(req.request_id)
+            return TokenEvent(req.request_id, finished=True, finish_reason="timeout",
+                              error=f"request timed out after {self.config.request_timeout_s} s")
