@@ -74,25 +74,35 @@ class LocalPool:
         runners = [self._make_runner(i) for i in range(self.config.num_workers)]
         self._runners = runners
         self._devices = [str(r.worker.device) for r in runners]
-        for i, runner in enumerate(runners):
-            thread = threading.Thread(target=self._serve, args=(runner, self._inboxes[i],
-                                                                listener),
+        self._restarts = [0] * len(runners)
+        for i in range(len(runners)):
+            thread = threading.Thread(target=self._serve, args=(i, self._inboxes[i], listener),
                                       name=f"tokenpool-worker-{i}", daemon=True)
             thread.start()
             self._threads.append(thread)
 
-    @staticmethod
-    def _serve(runner, inbox: queue.SimpleQueue, listener: PoolListener) -> None:
+    def _serve(self, worker: int, inbox: queue.SimpleQueue, listener: PoolListener) -> None:
         while (job := inbox.get()) is not None:
             try:
-                for item in runner.run(job):
+                for item in self._runners[worker].run(job):
                     if isinstance(item, StepOutputs):
                         listener.on_step(item)
                     else:
                         listener.on_done(item)
-            except Exception as exc:  # a bug in a job must not kill the worker thread
-                listener.on_failure(job.job.worker, exc)
-        runner.close()
+            except Exception as exc:
+                # The worker's state is unknown after a failed job: start it afresh, as Ray
+                # restarts a dead actor, and report everything it held as lost.
+                self._restart(worker)
+                listener.on_failure(worker, exc)
+        self._runners[worker].close()
+
+    def _restart(self, worker: int) -> None:
+        try:
+            self._runners[worker].close()
+        except Exception:  # closing a broken worker may fail too; it is replaced anyway
+            pass
+        self._runners[worker] = self._make_runner(worker)
+        self._restarts[worker] += 1
 
     def profile(self, plan):
         """The policy's CostModel, from a short profile of worker 0 (all workers are alike).
@@ -108,7 +118,7 @@ class LocalPool:
 
     def workers(self) -> list[WorkerInfo]:
         return [WorkerInfo(i, self.config.role(i), self._devices[i], os.getpid(),
-                           self._threads[i].is_alive())
+                           self._threads[i].is_alive(), self._restarts[i])
                 for i in range(self.config.num_workers)]
 
     def close(self) -> None:

@@ -53,8 +53,9 @@ class SLOAdmission:
 def predicted_ttft(prefill, req: RequestInfo) -> float:
     """Seconds until `req`'s first token on the prefill worker that would give it soonest."""
     own = prefill.cost.prefill_time(req.model, [req.prompt_len])
-    if req.model in prefill.open_groups:  # it joins a queued group of its model
-        queue, _ = prefill.open_groups[req.model][0]
+    joinable = prefill.open_groups.get(req.model)
+    if joinable:  # it joins a queued group of its model
+        queue, _ = joinable[0]
         return queue.work + own
     return min(prefill._cost_of_new_group(q, req.model) + prefill.busy_elsewhere(q.worker)
                for q in prefill.queues.values()) + own
