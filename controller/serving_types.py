@@ -93,3 +93,6 @@ class JobDone:
     kv_swap_bytes: int = 0  # swapped out + in during the job
     kv_pages_used: int = 0  # device KV pages held on the worker after the job
     model: str | None = None  # the model switched in after the job
+    # id -> message: requests this job ended with an error (refused by the engine as invalid,
+    # or a handoff it could not take). Each is also reported finished in `results`.
+    errors: dict = field(default_factory=dict)

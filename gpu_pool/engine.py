@@ -15,6 +15,7 @@ from collections import deque
 import torch
 
 from tokenpool.errors import EmptyPromptError, InvalidSamplingError, PromptTooLongError
+from tokenpool.gpu_pool import kv_handoff
 from tokenpool.gpu_pool.cpu_ops import paged_attention_kernel
 from tokenpool.gpu_pool.device import dtype_name, resolve_device, resolve_dtype
 from tokenpool.gpu_pool.engine_config import EngineConfig, RequestOutput
@@ -40,8 +41,9 @@ class LLMEngine:
 
     def __init__(self, model_config: ModelConfig, weights: dict[str, torch.Tensor] | None,
                  config: EngineConfig = EngineConfig(), tokenizer=None, *,
-                 memory: EngineMemory | None = None):
+                 memory: EngineMemory | None = None, model_id: str = "model"):
         self.config = config
+        self.model_id = model_id  # the fleet's id: handoffs only move between engines of one
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.device = resolve_device(config.device)
@@ -75,14 +77,14 @@ class LLMEngine:
         """A one-model arena: `kv_cache_bytes` of KV slabs and one slot with these weights."""
         if weights is None:
             raise ValueError("a standalone engine needs weights (or a worker's memory)")
-        layout = ModelLayout.of("model", self.model_config, self.dtype,
+        layout = ModelLayout.of(self.model_id, self.model_config, self.dtype,
                                 tied=is_tied(self.model_config, weights))
         self._worker_memory = WorkerMemory([layout], self.device, MemoryConfig(prefetch=False),
                                            self.config.kv_cache_bytes, num_slots=1)
         slot = self._worker_memory.slots[0][: layout.index.nbytes]
         pack_llama(self.model_config, weights, layout.index, slot)
         bound = bind_llama(self.model_config, layout.index, slot)
-        return self._worker_memory.engine_memory("model"), bound
+        return self._worker_memory.engine_memory(self.model_id), bound
 
     def bind(self, weights: LlamaWeights | None) -> None:
         """Point the model at weights in a worker's slot (None: the model is switched out)."""
@@ -109,13 +111,34 @@ class LLMEngine:
         return request_id
 
     def abort(self, request_id: str) -> bool:
+        seq = self._take(request_id)
+        if seq is not None:
+            self._finish(seq)
+        return seq is not None
+
+    def _take(self, request_id: str) -> Sequence | None:
+        """Remove the request from whichever queue holds it."""
         for queue in (self.waiting, self.running, self.swapped):
             for seq in queue:
                 if seq.seq_id == request_id:
                     queue.remove(seq)
-                    self._finish(seq)
-                    return True
-        return False
+                    return seq
+        return None
+
+    def export_sequence(self, request_id: str) -> kv_handoff.SequenceHandoff:
+        """Hand the request to another engine of this model (prefill here, decode there):
+        its KV is copied to one host array, its pages freed, and it leaves this engine."""
+        seq = self._take(request_id)
+        if seq is None:
+            raise KeyError(f"request {request_id!r} is not in this engine")
+        handoff = kv_handoff.export_from(self, seq)
+        self._finish(seq)
+        return handoff
+
+    def import_sequence(self, handoff: kv_handoff.SequenceHandoff) -> None:
+        """Take over a request another engine of this model exported; it resumes decoding
+        with its KV in place (see kv_handoff.import_into for when pages are short)."""
+        kv_handoff.import_into(self, handoff)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)

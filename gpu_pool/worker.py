@@ -45,7 +45,8 @@ class Worker:
         self.engines = {
             m.model_id: LLMEngine(
                 m.config, None, dataclasses.replace(engine_config, dtype=dtype_name(m.dtype)),
-                tokenizers.get(m.model_id), memory=self.memory.engine_memory(m.model_id))
+                tokenizers.get(m.model_id), memory=self.memory.engine_memory(m.model_id),
+                model_id=m.model_id)
             for m in models}
         self.active: str | None = None
         self.num_switches = 0

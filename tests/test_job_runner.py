@@ -1,0 +1,243 @@
+"""Jobs on real workers, streamed (issue 5): the JobRunner behind threads and Ray actors.
+
+The yardstick is a standalone engine: however a request travels (prefilled on one worker and
+decoded on another, interleaved with cancellations and other requests' finishes), its
+streamed tokens and text must be the engine's, and the policy must hear of every finish once.
+"""
+
+from __future__ import annotations
+
+import pickle
+import queue
+
+import pytest
+
+from test_kv_handoff import GREEDY, PROMPT, SEEDED, make_worker, standalone
+from tokenpool.controller.serving_types import JobDone, JobInput, StepOutputs
+from tokenpool.gpu_pool.job_runner import JobRunner
+from tokenpool.gpu_pool.pool import LocalPool
+from tokenpool.gpu_pool.pool_config import PoolConfig
+from tokenpool.sampling import SamplingParams
+from tokenpool.schedulers.types import (Decode, DecodeDone, Job, Prefill, PrefillDone, SwapIn,
+                                        SwapOut, Switch)
+
+FOREVER = 600.0  # a quota no test reaches: decode units here end when their requests do
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    from test_kv_handoff import SHAPES
+    from tokenpool.models.checkpoint import load_checkpoint
+    from tokenpool.models.synth import write_synthetic_checkpoint
+
+    root = tmp_path_factory.mktemp("runner-fleet")
+    return {name: load_checkpoint(write_synthetic_checkpoint(root / name, seed=i + 5, **shape),
+                                  progress=False)
+            for i, (name, shape) in enumerate(SHAPES.items())}
+
+
+def run_job(runner: JobRunner, *units, **extra) -> tuple[list[StepOutputs], JobDone]:
+    items = list(runner.run(JobInput(Job(runner.worker_id, tuple(units)), **extra)))
+    *steps, done = items
+    assert isinstance(done, JobDone) and all(isinstance(s, StepOutputs) for s in steps)
+    return steps, done
+
+
+class Streams:
+    """Each request's streamed tokens, text and finishes, over any number of jobs."""
+
+    def __init__(self):
+        self.tokens: dict[str, list[int]] = {}
+        self.text: dict[str, str] = {}
+        self.finishes: dict[str, int] = {}
+        self.stamps: list[float] = []
+
+    def add(self, steps: list[StepOutputs]) -> None:
+        for step in steps:
+            self.stamps.append(step.emitted_at)
+            for out in step.outputs:
+                self.tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+                self.text[out.request_id] = self.text.get(out.request_id, "") + out.new_text
+                self.finishes[out.request_id] = self.finishes.get(out.request_id, 0) + out.finished
+
+    def assert_matches(self, want: dict[str, tuple[list[int], str]]) -> None:
+        assert {r: self.tokens[r] for r in want} == {r: t for r, (t, _) in want.items()}
+        assert {r: self.text[r] for r in want} == {r: text for r, (_, text) in want.items()}
+        assert all(self.finishes[r] == 1 for r in want), self.finishes
+        assert self.stamps == sorted(self.stamps)
+
+
+def test_prefill_on_one_worker_and_decode_on_another_is_exact_on_smollm2(smollm2):
+    tok = smollm2.tokenizer
+    prompts = {"g": tok.encode("The three primary colours are red, yellow and blue. Mixing "
+                               "red and blue gives"),
+               "s": tok.encode("Once upon a time, in a small village by the sea, there lived")}
+    params = {"g": SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True),
+              "s": SamplingParams(max_tokens=14, temperature=0.8, seed=11, ignore_eos=True)}
+    ids = list(prompts)
+    want = dict(zip(ids, standalone(smollm2, [prompts[r] for r in ids],
+                                    [params[r] for r in ids])))
+    a, b = (JobRunner(make_worker({"smollm2": smollm2}, kv_cache_bytes=16 << 20,
+                                  slab_bytes=4 << 20, swap_bytes=8 << 20), i) for i in (0, 1))
+    streams = Streams()
+    steps, prefilled = run_job(a, Switch(0, "smollm2"), Prefill(0, "smollm2", tuple(ids)),
+                               prompts={r: (tuple(prompts[r]), params[r]) for r in ids},
+                               export_after_prefill=True)
+    streams.add(steps)
+    assert prefilled.results == (PrefillDone(0, "smollm2", tuple(ids), ()),)
+    assert sorted(prefilled.handoffs) == ids and prefilled.kv_pages_used == 0
+    assert [s.bytes_copied > 0 for s in prefilled.switches] == [True]
+    # The handoffs cross a process boundary in serving: they travel pickled here too.
+    handoffs = pickle.loads(pickle.dumps(prefilled.handoffs))
+    steps, decoded = run_job(b, SwapIn(1, "smollm2", tuple(ids)), Switch(1, "smollm2"),
+                             Decode(1, "smollm2", tuple(ids), FOREVER), handoffs=handoffs)
+    streams.add(steps)
+    assert decoded.results == (DecodeDone(1, "smollm2", tuple(ids), 13, tuple(ids)),)
+    assert decoded.kv_pages_used == 0 and decoded.model == "smollm2" and not decoded.errors
+    streams.assert_matches(want)
+    assert all(want[r][1] for r in ids)  # real text, not only tokens
+    for runner in (a, b):
+        usage = runner.worker.usage()
+        assert usage["kv"]["used"] == 0 and usage["swap"]["used"] == 0
+
+
+def test_cancellation_before_prefill_between_jobs_and_of_unknown_ids(checkpoints):
+    params = SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
+    ids = ("x", "y", "z", "v")
+    runner = JobRunner(make_worker(checkpoints), 0)
+    engine = runner.worker.engine("m-a")
+    streams = Streams()
+    steps, done = run_job(runner, Switch(0, "m-a"), Prefill(0, "m-a", ids),
+                          prompts={r: (tuple(PROMPT), params) for r in ids},
+                          cancelled=("x", "nope"))
+    streams.add(steps)
+    assert done.results == (PrefillDone(0, "m-a", ids, ("x",)),)  # x never started
+    assert "x" not in streams.tokens and not engine.blocks.has("x")
+    steps, done = run_job(runner, Decode(0, "m-a", ids[1:], 0.0))  # a quota of one step
+    streams.add(steps)
+    pages_each = engine.blocks.pages_to_grow("new", len(PROMPT) + 2)
+    assert done.kv_pages_used == 3 * pages_each
+    # Cancelled between jobs: aborted before anything runs, its pages freed at once.
+    steps, done = run_job(runner, cancelled=("y",))
+    assert done.results == (DecodeDone(0, "m-a", ("y",), 0, ("y",)),)
+    assert done.kv_pages_used == 2 * pages_each and not steps
+    # A swapped-out request's host pages go too.
+    _, done = run_job(runner, SwapOut(0, "m-a", ("z",)))
+    assert runner.worker.usage()["swap"]["used"] > 0 and done.kv_swap_bytes > 0
+    steps, done = run_job(runner, Decode(0, "m-a", ("z", "v"), FOREVER),
+                          cancelled=("z", "nope"))
+    streams.add(steps)
+    assert runner.worker.usage()["swap"]["used"] == 0
+    assert done.results == (DecodeDone(0, "m-a", ("z", "v"), 7, ("z", "v")),)
+    [want] = standalone(checkpoints["m-a"], [PROMPT], [params])
+    streams.assert_matches({"v": want})
+    assert runner.worker.usage()["kv"]["used"] == 0
+
+
+def test_finishes_inside_another_requests_unit_are_reported_once(checkpoints):
+    lengths = {"a": 8, "b": 3, "c": 2, "d": 6}
+    params = {r: SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+              for r, n in lengths.items()}
+    runner = JobRunner(make_worker(checkpoints), 0)
+    ids = tuple(lengths)
+    streams = Streams()
+    steps, done = run_job(runner, Switch(0, "m-b"), Prefill(0, "m-b", ids),
+                          prompts={r: (tuple(PROMPT[:10]), params[r]) for r in ids})
+    streams.add(steps)
+    # One unit ends at its first finish; the next names only a, yet b, c and d finish in it.
+    steps, done = run_job(runner, Decode(0, "m-b", ("a", "c"), FOREVER, until_first_finish=True),
+                          Decode(0, "m-b", ("a",), FOREVER), Decode(0, "m-b", ("b",), FOREVER))
+    streams.add(steps)
+    assert done.results == (DecodeDone(0, "m-b", ("a", "c"), 1, ("c",)),
+                            DecodeDone(0, "m-b", ("a",), 6, ("a",)),
+                            DecodeDone(0, "m-b", ("b",), 0, ("b",)),  # ended in a's unit
+                            DecodeDone(0, "m-b", ("d",), 0, ("d",)))  # named by no unit
+    want = standalone(checkpoints["m-b"], [PROMPT[:10]] * 4, [params[r] for r in ids])
+    streams.assert_matches(dict(zip(ids, want)))
+    assert done.kv_pages_used == 0
+
+
+def test_a_bad_request_or_handoff_ends_with_an_error_and_the_job_goes_on(checkpoints):
+    good = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    prompts = {"ok": (tuple(PROMPT), good), "empty": ((), good),
+               "huge": (tuple(PROMPT), SamplingParams(max_tokens=100_000))}
+    runner = JobRunner(make_worker(checkpoints), 0)
+    other = JobRunner(make_worker({"m-b": checkpoints["m-a"]}), 1)  # "m-b" is m-a there
+    run_job(other, Switch(1, "m-b"), Prefill(1, "m-b", ("moved",)),
+            prompts={"moved": (tuple(PROMPT), good)})
+    wrong_shape = other.worker.engine("m-b").export_sequence("moved")
+    ids = ("ok", "empty", "huge", "lost")
+    steps, done = run_job(runner, Switch(0, "m-b"), Prefill(0, "m-b", ids),
+                          SwapIn(0, "m-b", ("moved",)), Decode(0, "m-b", ("ok",), FOREVER),
+                          prompts=prompts, handoffs={"moved": wrong_shape})
+    assert done.results == (PrefillDone(0, "m-b", ids, ("empty", "huge", "lost")),
+                            DecodeDone(0, "m-b", ("ok",), 3, ("ok",)),
+                            DecodeDone(0, "m-b", ("moved",), 0, ("moved",)))
+    assert sorted(done.errors) == ["empty", "huge", "lost", "moved"]
+    assert "empty" in done.errors["empty"] and "context" in done.errors["huge"]
+    assert "no prompt" in done.errors["lost"] and "kv heads" in done.errors["moved"]
+    streams = Streams()
+    streams.add(steps)
+    [want] = standalone(checkpoints["m-b"], [PROMPT], [good])
+    streams.assert_matches({"ok": want})
+    assert set(streams.tokens) == {"ok"} and done.kv_pages_used == 0
+
+
+def test_job_done_reports_switches_swaps_and_the_model_left_in(checkpoints):
+    runner = JobRunner(make_worker(checkpoints), 0)
+    prompts = {"r": (tuple(PROMPT), GREEDY), "q": (tuple(PROMPT), SEEDED)}
+    _, done = run_job(runner, Switch(0, "m-a"), Switch(0, "m-a"), Prefill(0, "m-a", ("r",)),
+                      SwapOut(0, "m-a", ("r",)), Switch(0, "m-b"),
+                      Prefill(0, "m-b", ("q",)), Switch(0, "m-a"),
+                      Decode(0, "m-a", ("r",), 0.0), prompts=prompts)
+    assert [s.model for s in done.switches] == ["m-a", "m-b", "m-a"]  # the repeat moved nothing
+    assert all(s.bytes_copied > 0 and not s.prefetched for s in done.switches)
+    page = runner.worker.memory.models["m-a"].page_shape.page_bytes
+    assert done.kv_swap_bytes == 2 * 2 * page  # r's two pages out, then back in
+    assert done.model == "m-a" == runner.worker.active
+    engines = runner.worker.engines
+    assert done.kv_pages_used == engines["m-a"].num_used_pages + engines["m-b"].num_used_pages
+    assert engines["m-a"].num_used_pages == engines["m-b"].num_used_pages == 2  # 21-23 tokens
+    _, done = run_job(runner, cancelled=("r", "q"))
+    assert done.kv_pages_used == 0 and len(done.results) == 2 and not done.switches
+
+
+class _Listener:
+    def __init__(self):
+        self.items: queue.SimpleQueue = queue.SimpleQueue()
+
+    def on_step(self, out):
+        self.items.put(out)
+
+    def on_done(self, done):
+        self.items.put(done)
+
+    def on_failure(self, worker, error):
+        self.items.put(error)
+
+    def until_done(self, streams: Streams) -> JobDone:
+        while not isinstance(item := self.items.get(timeout=120), JobDone):
+            assert isinstance(item, StepOutputs), item
+            streams.add([item])
+        return item
+
+
+def test_worker_threads_hand_a_request_from_prefill_to_decode(checkpoints):
+    pool = LocalPool(PoolConfig(num_workers=2, prefill_workers=1),
+                     lambda i: JobRunner(make_worker(checkpoints), i))
+    listener, streams = _Listener(), Streams()
+    pool.start(listener)
+    try:
+        pool.run(0, JobInput(Job(0, (Switch(0, "m-b"), Prefill(0, "m-b", ("r",)))),
+                             {"r": (tuple(PROMPT), SEEDED)}, export_after_prefill=True))
+        prefilled = listener.until_done(streams)
+        pool.run(1, JobInput(Job(1, (SwapIn(1, "m-b", ("r",)), Switch(1, "m-b"),
+                                     Decode(1, "m-b", ("r",), FOREVER))),
+                             handoffs=prefilled.handoffs))
+        decoded = listener.until_done(streams)
+    finally:
+        pool.close()
+    [want] = standalone(checkpoints["m-b"], [PROMPT], [SEEDED])
+    streams.assert_matches({"r": want})
+    assert decoded.results == (DecodeDone(1, "m-b", ("r",), 19, ("r",)),)
+    assert prefilled.kv_pages_used == decoded.kv_pages_used == 0
