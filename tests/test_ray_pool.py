@@ -1,0 +1,255 @@
+"""Workers as real Ray actors (a local cluster): streaming, concurrency and restarts.
+
+One pool of two actors serves every test. The fleet is two small synthetic Llamas packed into
+a /dev/shm host cache by this process before the pool starts, as the server does; the actors
+only map it. Greedy outputs of a standalone engine are the yardstick for every token.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+import uuid
+
+import pytest
+
+from tokenpool.controller.serving_types import JobDone, JobInput, StepOutputs
+from tokenpool.fleet import load_fleet
+from tokenpool.gpu_pool.fleet_weights import FleetModels, FleetWeights
+from tokenpool.gpu_pool.pool_config import PoolConfig
+from tokenpool.memory.host_cache import HostModelCache
+from tokenpool.models.checkpoint import load_checkpoint
+from tokenpool.models.synth import write_synthetic_checkpoint
+from tokenpool.sampling import SamplingParams
+from tokenpool.schedulers.types import Decode, DecodeDone, Job, Prefill, PrefillDone, Switch
+
+pytest.importorskip("ray")
+
+SHORT = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+# Long enough that a job is still running when its first tokens arrive (hundreds of steps).
+LONG = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
+PROMPTS = [[1, 504, 3458, 282, 4649, 314], [30, 2200, 17, 4302, 9, 88, 14, 2, 715]]
+SHAPES = {"synth-a": dict(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2),
+          "synth-b": dict(num_layers=3, hidden_size=96, num_heads=6, num_kv_heads=3,
+                          tie_word_embeddings=False)}
+JOB_TIMEOUT_S = 300  # only a guard against a hang, never a performance bound
+_ids = itertools.count()
+
+
+class Recorder:
+    """A PoolListener that keeps every event, in arrival order, with its arrival time."""
+
+    def __init__(self):
+        self.events: list[tuple[str, int, object, float]] = []  # (kind, worker, item, at)
+        self.on_first_step = None  # called once from the pool's thread, for the kill test
+        self._changed = threading.Condition()
+
+    def on_step(self, out: StepOutputs) -> None:
+        self._add("step", out.worker, out)
+        hook, self.on_first_step = self.on_first_step, None
+        if hook:
+            hook(out)
+
+    def on_done(self, done: JobDone) -> None:
+        self._add("done", done.worker, done)
+
+    def on_failure(self, worker: int, error: BaseException) -> None:
+        self._add("failure", worker, error)
+
+    def _add(self, kind, worker, item) -> None:
+        with self._changed:
+            self.events.append((kind, worker, item, time.monotonic()))
+            self._changed.notify_all()
+
+    def mark(self) -> int:
+        with self._changed:
+            return len(self.events)
+
+    def wait_ends(self, since: int, workers: list[int]) -> list[tuple]:
+        """Events after `since`, once each of `workers` has ended a job (done or failure)."""
+        def ended():
+            ends = {w for kind, w, _, _ in self.events[since:] if kind != "step"}
+            return ends.issuperset(workers)
+
+        with self._changed:
+            assert self._changed.wait_for(ended, timeout=JOB_TIMEOUT_S), self.events[since:]
+            return self.events[since:]
+
+
+def generate_job(worker: int, model: str, params: SamplingParams) -> JobInput:
+    """Switch, prefill both prompts, decode them to the end: one request's whole life."""
+    ids = tuple(f"r{next(_ids)}" for _ in PROMPTS)
+    units = (Switch(worker, model), Prefill(worker, model, ids),
+             Decode(worker, model, ids, quota_s=JOB_TIMEOUT_S))
+    return JobInput(Job(worker, units), prompts={i: (tuple(p), params)
+                                                  for i, p in zip(ids, PROMPTS)})
+
+
+def tokens_of(job: JobInput, events) -> list[list[int]]:
+    got = {i: [] for i in job.prompts}
+    for kind, _, item, _ in events:
+        if kind == "step":
+            for out in item.outputs:
+                got[out.request_id].extend(out.new_token_ids)
+    return [got[i] for i in job.prompts]
+
+
+def of_worker(events, worker: int) -> list[tuple]:
+    return [e for e in events if e[1] == worker]
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ray-fleet")
+    for name, shape in SHAPES.items():
+        write_synthetic_checkpoint(tmp / name, seed=len(name), **shape)
+    path = tmp / "fleet.yaml"
+    path.write_text("models:\n"
+                    "  - {id: synth-a, source: synth-a}\n"
+                    "  - {id: synth-b, source: synth-b}\n"
+                    "engine: {dtype: float32, kv_cache_bytes: 16MiB}\n"
+                    "memory: {slab_bytes: 4MiB, swap_bytes: 8MiB, host_cache_bytes: 256MiB}\n")
+    return load_fleet(path)
+
+
+@pytest.fixture(scope="module")
+def namespace(fleet):
+    """A host cache packed here, before any actor starts; the actors map the same files."""
+    name = f"raytest{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    cache = HostModelCache(fleet.memory.host_cache_bytes, name)
+    FleetWeights(FleetModels(fleet), cache).populate(progress=False)
+    yield name
+    cache.close()
+    cache.destroy()
+
+
+@pytest.fixture(scope="module")
+def reference(fleet):
+    """Each model's greedy outputs from a standalone engine: no host cache, no worker."""
+    import torch
+    from helpers import make_engine
+
+    out, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)  # as a worker runs; more only fight the actors for 2 cores
+    try:
+        for spec in fleet.models:
+            path = os.path.join(fleet.base_dir, spec.source)
+            engine = make_engine(load_checkpoint(path, progress=False), kv_cache_bytes=16 << 20)
+            out[spec.id] = {p.max_tokens: engine.generate(PROMPTS, p) for p in (SHORT, LONG)}
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pool(fleet, namespace):
+    from tokenpool.gpu_pool.ray_pool import RayPool
+
+    recorder = Recorder()
+    pool = RayPool(PoolConfig(backend="ray", num_workers=2, object_store_bytes=80 << 20),
+                   fleet, namespace)
+    pool.start(recorder)
+    pool.recorder = recorder
+    yield pool
+    pool.close()
+
+
+def test_import_does_not_load_ray():
+    import subprocess
+    import sys
+
+    code = "import sys, tokenpool.gpu_pool.ray_pool; assert 'ray' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_workers_are_actor_processes(pool):
+    infos = pool.workers()
+    assert [w.id for w in infos] == [0, 1]
+    assert all(w.alive and w.device == "cpu" and w.role == "prefill+decode" for w in infos)
+    assert len({w.pid for w in infos} | {os.getpid()}) == 3
+
+
+def test_profile_fits_a_cost_model_on_a_worker(pool, fleet):
+    from tokenpool.controller.cost_fit import EngineProfilePlan
+
+    plan = EngineProfilePlan(prompt_lens=(8, 16), prefill_batches=(1, 2), decode_batches=(1, 2),
+                             decode_prompt_lens=(8, 16), decode_steps=2, repeats=1)
+    cost = pool.profile(plan)
+    assert set(cost.models) == {m.id for m in fleet.models}
+    assert cost.switch_time("synth-a") > 0 and cost.kv_capacity_tokens("synth-b") > 0
+
+
+def test_streamed_tokens_equal_standalone_greedy(pool, reference):
+    for worker, model in [(0, "synth-a"), (1, "synth-b"), (0, "synth-b")]:
+        job = generate_job(worker, model, SHORT)
+        since = pool.recorder.mark()
+        pool.run(worker, job)
+        events = pool.recorder.wait_ends(since, [worker])
+        kinds = [kind for kind, *_ in events]
+        # A StepOutputs per engine step, as the steps end, and the JobDone last.
+        assert kinds[-1] == "done" and set(kinds[:-1]) == {"step"} and len(kinds) > 2, kinds
+        assert tokens_of(job, events) == reference[model][SHORT.max_tokens], (worker, model)
+        done = events[-1][2]
+        assert [type(r) for r in done.results] == [PrefillDone, DecodeDone]
+        assert done.model == model and done.worker == worker
+
+
+def test_two_workers_run_jobs_concurrently(pool, reference):
+    jobs = {0: generate_job(0, "synth-a", LONG), 1: generate_job(1, "synth-b", LONG)}
+    since = pool.recorder.mark()
+    for worker, job in jobs.items():
+        pool.run(worker, job)
+    events = pool.recorder.wait_ends(since, [0, 1])
+    spans = {}
+    for worker, job in jobs.items():
+        mine = of_worker(events, worker)
+        assert [k for k, *_ in mine][-1] == "done"
+        assert tokens_of(job, mine) == reference[job.job.units[0].model][LONG.max_tokens]
+        steps = [item for kind, _, item, _ in mine if kind == "step"]
+        spans[worker] = (steps[0].emitted_at, steps[-1].emitted_at)
+        # Streamed, not batched at the end: the first step reached this process before the
+        # worker had produced its last one (one machine, so one monotonic clock).
+        first_arrival = next(at for kind, _, _, at in mine if kind == "step")
+        assert first_arrival < steps[-1].emitted_at
+    assert max(s for s, _ in spans.values()) < min(e for _, e in spans.values()), spans
+
+
+def test_killed_actor_fails_its_job_then_restarts_and_serves(pool, reference):
+    victim, before = 1, pool.workers()[1]
+    since = pool.recorder.mark()
+    # Killed from its first streamed step, so it dies while the job is surely running.
+    pool.recorder.on_first_step = lambda out: pool.kill(out.worker)
+    pool.run(victim, generate_job(victim, "synth-a", LONG))
+    events = pool.recorder.wait_ends(since, [victim])
+    assert events[-1][0] == "failure" and events[-1][1] == victim
+    assert "done" not in [kind for kind, *_ in events]
+
+    # Queued right away: it runs once Ray has rebuilt the actor, on a fresh worker.
+    job = generate_job(victim, "synth-a", SHORT)
+    since = pool.recorder.mark()
+    pool.run(victim, job)
+    events = pool.recorder.wait_ends(since, [victim])
+    assert events[-1][0] == "done"
+    assert tokens_of(job, events) == reference["synth-a"][SHORT.max_tokens]
+    after = pool.workers()[victim]
+    assert after.alive and after.restarts == before.restarts + 1 and after.pid != before.pid
+    assert pool.workers()[0].restarts == 0
+
+
+def test_failed_job_restarts_its_worker_afresh(pool, reference):
+    """A job that raises leaves its worker's state unknown: it is rebuilt, like a crash."""
+    worker, before = 0, pool.workers()[0]
+    since = pool.recorder.mark()
+    # Nothing to decode: the runner raises, as on a policy bug.
+    pool.run(worker, JobInput(Job(worker, (Decode(worker, "synth-a", ("nobody",), 1.0),))))
+    events = pool.recorder.wait_ends(since, [worker])
+    assert events[-1][0] == "failure" and "holds no requests" in str(events[-1][2])
+
+    job = generate_job(worker, "synth-b", SHORT)
+    since = pool.recorder.mark()
+    pool.run(worker, job)
+    events = pool.recorder.wait_ends(since, [worker])
+    assert tokens_of(job, events) == reference["synth-b"][SHORT.max_tokens]
+    assert pool.workers()[worker].restarts == before.restarts + 1
