@@ -34,7 +34,8 @@ def fleet_file(root, **pool) -> str:
     path = root / f"fleet-{len(list(root.iterdir()))}.yaml"
     path.write_text(f"models:\n{models}\n"
                     "engine: {dtype: float32, kv_cache_bytes: 4MiB, max_num_seqs: 32}\n"
-                    "memory: {slab_bytes: 1MiB, swap_bytes: 8MiB, host_cache_bytes: 1GiB}\n"
+                    "memory: {slab_bytes: 1MiB, swap_bytes: 8MiB, host_cache_bytes: 1GiB, "
+                    f"host_cache_dir: {root}}}\n"
                     f"pool: {{{pool_yaml}}}\n"
                     "scheduler: {q_max_s: 0.05, max_waiting: 4096, shed_ttft_factor: 1000}\n"
                     "slo: {ttft_s: 30, tbt_s: 5}\n")
