@@ -125,6 +125,10 @@ class Frontend:
         finally:
             if not finished:
                 self.controller.cancel(req.request_id)
+                if self.observer is not None:  # it ended here: observers must not hold it
+                    self.observer.on_event(req, TokenEvent(req.request_id, finished=True,
+                                                           finish_reason="cancelled"),
+                                           time.monotonic())
 
     async def _next(self, events: asyncio.Queue, deadline: float, req: ServeRequest
                     ) -> TokenEvent:

@@ -63,8 +63,10 @@ class EdgeServers:
         return Listening(f"{host}:{http_port}", f"{host}:{self._grpc.bound_port}")
 
     async def stop(self) -> None:
-        if self._grpc is not None:
-            await self._grpc.stop(GRACE_S)
+        from tokenpool.proxy.grpc_server import stop_grpc_server
+
+        if self._grpc is not None:  # health goes NOT_SERVING first, then streams drain
+            await stop_grpc_server(self._grpc, GRACE_S)
         if self._uvicorn is not None:
             self._uvicorn.should_exit = True
             await self._http_task
