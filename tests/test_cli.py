@@ -120,7 +120,8 @@ def test_generate_bfloat16_with_stop_and_sampling(synth_fleet):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "nope", "--prompt", "hi"], f"unknown model 'nope'; known models: {MODEL}"),
+    (["--model", "nope", "--prompt", "hi"], "unknown model 'nope'; known models: smollm2-135m-code, "
+                                                f"{MODEL}, "),
     (["--model", MODEL, "--prompt", ""], "prompt is empty"),
     (["--model", MODEL, "--prompt", "hi", "--temperature", "-1"], "temperature must be >= 0"),
     (["--model", MODEL, "--prompt", "hi", "--temperature", "hot"], "invalid float value"),
