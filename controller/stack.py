@@ -15,6 +15,8 @@ from pathlib import Path
 
 from tokenpool.controller.catalog import ModelCard, build_catalog
 from tokenpool.controller.cost_fit import EngineProfilePlan
+from tokenpool.controller.profile_cache import (cache_path, load_profile, profile_key,
+                                                save_profile)
 from tokenpool.controller.service import ServingController
 from tokenpool.gpu_pool.fleet_weights import FleetModels, FleetWeights
 from tokenpool.gpu_pool.worker_factory import make_runner, open_host_cache
@@ -73,13 +75,23 @@ def build_stack(fleet, *, progress: bool = True, log=None) -> ServingStack:
     controller = ServingController(None, pool, _admission(fleet), roles, slos)
     started = time.monotonic()
     pool.start(controller)
-    cost = pool.profile(SERVE_PROFILE)
+    cost = _profile(fleet, models, pool)
     log(f"{fleet.pool.num_workers} {fleet.pool.backend} workers up and profiled in "
         f"{time.monotonic() - started:.1f} s")
     controller.scheduler = _scheduler(fleet, roles, cost)
     controller.start_loop()
     cache.close()
     return ServingStack(fleet, controller, build_catalog(fleet, models, int(time.time())), cost)
+
+
+def _profile(fleet, models: FleetModels, pool):
+    """The policy's cost model: from an earlier start on this machine, else profiled now."""
+    path = cache_path(fleet, profile_key(fleet, models, SERVE_PROFILE))
+    cost = load_profile(path)
+    if cost is None:
+        cost = pool.profile(SERVE_PROFILE)
+        save_profile(path, cost)
+    return cost
 
 
 def _scheduler(fleet, roles: Roles, cost):
