@@ -34,6 +34,7 @@ class PoolStats:
     workers: list[WorkerCounters] = field(default_factory=list)
     switch_times: list[tuple[str, float]] = field(default_factory=list)  # since last drain
     cancelled: int = 0
+    loop_errors: int = 0  # controller loop steps that raised (bugs; logged with a traceback)
 
     def __post_init__(self):
         self.models = {m: ModelCounters() for m in self.slos}
@@ -107,4 +108,5 @@ class PoolStats:
             "switches": c.switches, "switch_seconds": c.switch_seconds,
             "kv_swap_bytes": c.kv_swap_bytes, "rejected": c.rejected,
         } for model, c in self.models.items()]
-        return {"workers": workers, "models": models, "cancelled": self.cancelled}
+        return {"workers": workers, "models": models, "cancelled": self.cancelled,
+                "loop_errors": self.loop_errors}

@@ -11,6 +11,7 @@ each request's sink (the proxy's queue), not through the loop.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -27,6 +28,7 @@ from tokenpool.schedulers.types import (Decode, DecodeDone, Job, Prefill, Prefil
                                         RequestInfo, SwapIn)
 
 Sink = Callable[[TokenEvent], None]
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -139,14 +141,21 @@ class ServingController:
             self._wake.wait(timeout=0.5)
             self._wake.clear()
             with self._lock:
-                now = self.clock.now()
-                while self._done:
-                    item = self._done.popleft()
-                    if isinstance(item, JobDone):
-                        self._finish_job(item, now)
-                    else:
-                        self._lose_worker(*item, now)
-                self._dispatch(now)
+                try:
+                    self._step(self.clock.now())
+                except Exception:  # a bug must not stop the loop: later requests still run,
+                    # and a request it stranded ends at its proxy timeout with an error.
+                    self.stats.loop_errors += 1
+                    log.exception("controller loop step failed")
+
+    def _step(self, now: float) -> None:
+        while self._done:
+            item = self._done.popleft()
+            if isinstance(item, JobDone):
+                self._finish_job(item, now)
+            else:
+                self._lose_worker(*item, now)
+        self._dispatch(now)
 
     def _dispatch(self, now: float) -> None:
         if not self._idle:

@@ -126,13 +126,27 @@ class WeightedRoundRobinDecode:
                 self.upcoming.setdefault(turn.model, set()).add(worker)
         if not w.turns:
             return None
-        turn = w.turns.pop(0)
-        if not any(t.model == turn.model for t in w.turns):
-            ahead = self.upcoming[turn.model]
-            ahead.discard(worker)
-            if not ahead:
-                del self.upcoming[turn.model]
-        return Job(worker, tuple(self._turn_units(w, turn)))
+        while w.turns:
+            turn = self._live(w, w.turns.pop(0))
+            if not any(t.model == turn.model for t in w.turns):
+                ahead = self.upcoming[turn.model]
+                ahead.discard(worker)
+                if not ahead:
+                    del self.upcoming[turn.model]
+            if turn.request_ids:
+                return Job(worker, tuple(self._turn_units(w, turn)))
+        # The round's remaining turns all ended early: the next round starts now.
+        return self.next_job(worker) if w.requests else None
+
+    @staticmethod
+    def _live(w: DecodeWorker, turn: Turn) -> Turn:
+        """The turn without requests that ended outside it since the round began (on a
+        colocated worker a prefill job steps the model's running requests too)."""
+        requests = w.requests
+        if all(r in requests for r in turn.request_ids):
+            return turn
+        return Turn(turn.model, tuple(r for r in turn.request_ids if r in requests),
+                    turn.quota_s)
 
     def _new_round(self, w: DecodeWorker) -> list[Turn]:
         batches = self._batches(w)

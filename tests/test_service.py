@@ -140,6 +140,7 @@ def test_300_concurrent_requests_over_six_models_lose_nothing(stack, references)
     assert_pages_free(stack)
     assert sum(m["switches"] for m in snap["models"]) >= len(MODELS)
     assert all(m["waiting"] == 0 and m["running"] == 0 for m in snap["models"])
+    assert snap["loop_errors"] == 0
 
 
 def test_cancelled_requests_free_their_pages_and_the_rest_complete(stack, references):
