@@ -5,8 +5,10 @@ then miss its SLO on. Signals, cheapest first:
 - the pool-wide prefill queue is full (`max_waiting`): a bound on memory whatever the policy;
 - token-level: the predicted TTFT on the best prefill worker (its queued groups' predicted
   work, switches included, plus this prompt) exceeds `ttft_factor` x the TTFT SLO;
-- token-level: every decode worker's last round ran with alpha above `max_alpha`, i.e. the
-  rounds already stretch every batch's token gap past its TBT SLO by that factor.
+- token-level: on every decode worker, the next round with this request added would run at
+  an alpha above `max_alpha`, i.e. stretch every batch's token gap past its TBT SLO by that
+  factor. The next round's alpha, not the last one's: an emptied worker keeps the alpha of
+  its last busy round, and shedding on it would never let an idle pool recover.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class SLOAdmission:
         if ttft > self.ttft_factor * slo.ttft_s:
             return Admission(False, f"predicted time to first token {ttft:.2f} s exceeds the "
                                     f"SLO of {slo.ttft_s:g} s", ttft - slo.ttft_s)
-        alpha = min((w.alpha for w in scheduler.decode.workers.values()), default=0.0)
+        alpha = predicted_alpha(scheduler.decode, req, slo)
         if alpha > self.max_alpha:
             return Admission(False, f"decode is overloaded (round alpha {alpha:.2f} > "
                                     f"{self.max_alpha:g})", slo.tbt_s * 10)
@@ -59,3 +61,10 @@ def predicted_ttft(prefill, req: RequestInfo) -> float:
         return queue.work + own
     return min(prefill._cost_of_new_group(q, req.model) + prefill.busy_elsewhere(q.worker)
                for q in prefill.queues.values()) + own
+
+
+def predicted_alpha(decode, req: RequestInfo, slo: SLO) -> float:
+    """The lowest next-round alpha of any decode worker, were `req` placed on it."""
+    context = req.prompt_len + 1
+    return min(decode._alpha_with(w, req.model, context, slo.tbt_s)
+               for w in decode.workers.values())

@@ -1,0 +1,58 @@
+"""SLO admission (pure policy): sheds on the queue bound, the predicted TTFT and the decode
+rounds' alpha, and lets an emptied pool admit again."""
+
+from __future__ import annotations
+
+from test_schedulers import cost, req
+
+from tokenpool.schedulers.admission import SLOAdmission, predicted_alpha, predicted_ttft
+from tokenpool.schedulers.registry import Roles, make_scheduler
+from tokenpool.schedulers.types import SLO, DecodeDone, Prefill, PrefillDone
+
+SLO_ = SLO(2.0, 0.05)
+
+
+def token_level():
+    return make_scheduler("token-level", Roles((0,), (0,)), cost(), lambda m: SLO_,
+                          q_max_s=0.5)
+
+
+def test_the_queue_bound_sheds_whatever_the_policy():
+    s = make_scheduler("request-level", Roles((0,), (0,)), cost(), lambda m: SLO_)
+    verdict = SLOAdmission(max_waiting=3).decide(s, req(0, "a"), SLO_, num_waiting=3)
+    assert not verdict.admit and "3 requests" in verdict.reason
+    assert SLOAdmission(max_waiting=3).decide(s, req(0, "a"), SLO_, num_waiting=2).admit
+
+
+def test_a_long_prefill_queue_sheds_on_predicted_ttft():
+    s = token_level()
+    admission = SLOAdmission(ttft_factor=1.0, max_alpha=1e9)
+    for i in range(40):  # 40 x (10 ms + 1000 tokens x 0.1 ms) = 4.4 s queued, plus a switch
+        s.add_request(req(i, "ab"[i % 2], prompt=1000), 0.0)
+    assert predicted_ttft(s.prefill, req(99, "a", prompt=1000)) > SLO_.ttft_s
+    verdict = admission.decide(s, req(99, "a", prompt=1000), SLO_, num_waiting=40)
+    assert not verdict.admit and "time to first token" in verdict.reason
+
+
+def test_decode_overload_sheds_and_an_emptied_pool_admits_again():
+    s = token_level()
+    admission = SLOAdmission(ttft_factor=1e9, max_alpha=1.0)
+    models = "abc"
+    for i in range(30):
+        s.add_request(req(i, models[i % 3]), 0.0)
+    while True:  # prefill all; three models' batches then share one decode worker
+        jobs = s.schedule({0}, 0.0)
+        prefills = [u for j in jobs for u in j.units if type(u) is Prefill]
+        if not prefills:
+            break
+        s.update([PrefillDone(0, u.model, u.request_ids, ()) for u in prefills], 0.0)
+    # Three models, 1 s switches, 50 ms TBT: far past alpha 1.
+    assert predicted_alpha(s.decode, req(99, "a"), SLO_) > 1.0
+    assert not admission.decide(s, req(99, "a"), SLO_, num_waiting=0).admit
+    everyone = tuple(f"r{i}" for i in range(30))
+    for model in models:
+        ids = tuple(r for i, r in enumerate(everyone) if models[i % 3] == model)
+        s.update([DecodeDone(0, model, ids, 1, ids)], 1.0)
+    assert s.num_unfinished() == 0
+    assert s.decode.workers[0].alpha > 1.0  # the last round's, stale
+    assert admission.decide(s, req(99, "a"), SLO_, num_waiting=0).admit
