@@ -58,10 +58,17 @@ def parse_clock(text: str) -> float:
 
 def load_aegaeon_csv(path: str | Path) -> list[WorkloadRequest]:
     """An artifact workload file; request ids are the row numbers in file order."""
-    rows = _read_csv(path, AEGAEON_COLUMNS)
-    requests = [WorkloadRequest(str(i), row["Model Name"], parse_clock(row["Request Time"]),
-                                int(row["Input Length"]), int(row["Output Length"]))
-                for i, row in enumerate(rows)]
+    # Plain rows, not DictReader's dicts: the hour at scale has 360,000 of them.
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        missing = [c for c in AEGAEON_COLUMNS if c not in header]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
+        time, model, prompt, output = (header.index(c) for c in AEGAEON_COLUMNS)
+        requests = [WorkloadRequest(str(i), row[model], parse_clock(row[time]),
+                                    int(row[prompt]), int(row[output]))
+                    for i, row in enumerate(row for row in reader if row)]  # as DictReader
     return sorted(requests, key=lambda r: r.arrival_s)  # stable: file order within a tie
 
 

@@ -79,8 +79,12 @@ class SimWorker:
         return t + self.cost.switch_time(model)
 
     def _swap_time(self, unit) -> float:
-        tokens = sum(self.requests[i].context for i in unit.request_ids
-                     if self.requests[i].remaining > 0)
+        requests = self.requests
+        tokens = 0
+        for request_id in unit.request_ids:
+            r = requests[request_id]
+            if r.remaining > 0:  # a request that finished this turn holds no KV
+                tokens += r.context
         return self.cost.kv_swap_time(unit.model, tokens) if tokens else 0.0
 
     def _prefill(self, unit: Prefill, t: float) -> tuple[float, PrefillDone]:
@@ -97,20 +101,26 @@ class SimWorker:
 
     def _decode(self, unit: Decode, t: float) -> tuple[float, DecodeDone]:
         """Steps until the quota is spent, in stretches between request completions."""
-        live = [r for r in map(self.requests.__getitem__, unit.request_ids) if r.remaining > 0]
+        requests = self.requests
+        live, context, least = [], 0, None
+        for request_id in unit.request_ids:
+            r = requests[request_id]
+            if r.remaining > 0:
+                live.append(r)
+                context += r.context
+                if least is None or r.remaining < least:
+                    least = r.remaining
         step_time = self.cost.decode_step_time
-        end = t + unit.quota_s
-        context = sum(r.context for r in live)
+        model, end = unit.model, t + unit.quota_s
         steps, finished = 0, []
         while live:
             n = len(live)
-            d = step_time(unit.model, n, context)
+            d = step_time(model, n, context)
             fit = int((end - t) / d)
             if fit < 1:
                 if steps:
                     break
                 fit = 1  # a turn always makes progress
-            least = min(r.remaining for r in live)
             k = fit if fit < least else least
             for r in live:
                 r.timeline.emit_evenly(t, d, k)
@@ -119,16 +129,21 @@ class SimWorker:
             t += k * d
             steps += k
             context += n * k
-            if k == least:  # someone finished: the batch shrinks
-                still = []
-                for r in live:
-                    if r.remaining > 0:
-                        still.append(r)
-                    else:
-                        r.timeline.finish()
-                        finished.append(r.request_id)
-                        context -= r.context
-                live = still
-                if unit.until_first_finish:
-                    break
+            least -= k
+            if least:  # nobody finished: the next pass finds the quota spent
+                continue
+            # Someone finished: the batch shrinks.
+            still, least = [], None
+            for r in live:
+                if r.remaining > 0:
+                    still.append(r)
+                    if least is None or r.remaining < least:
+                        least = r.remaining
+                else:
+                    r.timeline.finish()
+                    finished.append(r.request_id)
+                    context -= r.context
+            live = still
+            if unit.until_first_finish:
+                break
         return t, DecodeDone(self.worker, unit.model, unit.request_ids, steps, tuple(finished))

@@ -16,7 +16,16 @@ SAMPLED_CHOICES = 4
 
 
 def candidates(items: list[T], rng: random.Random) -> list[T]:
-    if len(items) <= FULL_SCAN_MAX:
+    n = len(items)
+    if n <= FULL_SCAN_MAX:
         return items
-    pick = rng.randrange
-    return [items[pick(len(items))] for _ in range(SAMPLED_CHOICES)]
+    # Rejection sampling on getrandbits: the very draws `rng.randrange(n)` makes, without its
+    # argument checks (placement samples hundreds of thousands of times an hour at scale).
+    bits, draw = n.bit_length(), rng.getrandbits
+    picked = []
+    for _ in range(SAMPLED_CHOICES):
+        r = draw(bits)
+        while r >= n:
+            r = draw(bits)
+        picked.append(items[r])
+    return picked

@@ -68,11 +68,13 @@ class CostModel:
         for n in prompt_lens:
             t += n
             s += n * n
-        return max(p.a + p.b * t + p.c * s, MIN_STEP_S)
+        seconds = p.a + p.b * t + p.c * s
+        return seconds if seconds > MIN_STEP_S else MIN_STEP_S
 
     def decode_step_time(self, model: str, batch: int, total_context: int) -> float:
         d = self.models[model].decode
-        return max(d.a + d.b * batch + d.c * total_context, MIN_STEP_S)
+        seconds = d.a + d.b * batch + d.c * total_context
+        return seconds if seconds > MIN_STEP_S else MIN_STEP_S  # not max(): a hot path
 
     def switch_time(self, model: str) -> float:
         """Copy the model's weights in; prefetch hides this when it has time to finish."""

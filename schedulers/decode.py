@@ -4,8 +4,13 @@ A decode worker holds its requests in FCFS order. At the start of each round the
 into batches, one model each (a model whose requests do not fit the KV budget becomes
 several batches), and every batch gets a quota from `round_quotas`. Each batch then takes one
 turn: its KV comes back if it was swapped out, the model is switched in (prefetched during
-the previous turn), it decodes for its quota, and its KV is swapped out if other batches
-share the round. Requests that arrive mid-round wait for the next round.
+the previous turn, the last turn of a round included), it decodes for its quota, and its KV
+is swapped out if other batches share the round. A request that arrives mid-round joins its
+model's turn if that is still ahead, else waits for the next round.
+
+A request whose model no worker holds goes to the worker whose next round would then have
+the lowest alpha: with TBT SLOs tight, a decode worker fits only a few batches a round, so
+what balances load is the number and weight of the models each worker serves.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import random
 from dataclasses import dataclass, field
 
 from tokenpool.schedulers.cost import CostModel
-from tokenpool.schedulers.quota import Q_MAX_S, round_quotas
+from tokenpool.schedulers.quota import Q_MAX_S, round_alpha, round_quotas
 from tokenpool.schedulers.choices import candidates
 from tokenpool.schedulers.types import Decode, Job, Prefetch, SwapIn, SwapOut, Switch
 
@@ -36,6 +41,16 @@ class Turn:
 
 
 @dataclass(slots=True)
+class _Batch:
+    """A batch of a round in the making: one model's requests, in FCFS order."""
+
+    model: str
+    requests: list[DecodeRequest]
+    tokens: int  # their context, summed
+    tbt_slo: float  # the tightest of theirs
+
+
+@dataclass(slots=True)
 class DecodeWorker:
     worker: int
     requests: dict[str, DecodeRequest] = field(default_factory=dict)  # insertion = FCFS
@@ -44,6 +59,9 @@ class DecodeWorker:
     alpha: float = 0.0  # of the last round: > 1 means overloaded
     round_s: float = 0.0  # the last round's decode time (its quotas summed)
     tokens: dict[str, int] = field(default_factory=dict)  # KV tokens held per model
+    counts: dict[str, int] = field(default_factory=dict)  # requests held per model
+    tbt: dict[str, float] = field(default_factory=dict)  # per model: its requests' tightest
+    kv_bytes: int = 0  # KV bytes of all its requests, kept up to date (checked every turn)
 
 
 class WeightedRoundRobinDecode:
@@ -68,42 +86,76 @@ class WeightedRoundRobinDecode:
 
         `local`: the worker that prefilled it, when it also decodes (colocated roles): the KV
         is already there. Otherwise prefer a worker already decoding the model with KV room
-        (no extra switch per round), the least loaded of those; else the least loaded worker.
-        Its KV arrives through the host, as a swap-in on its first turn.
+        (no extra batch per round); else the worker whose next round, with this request,
+        would have the lowest alpha. Its KV arrives through the host, as a swap-in on its
+        first turn.
         """
         if local in self.workers:
             self._add(self.workers[local], DecodeRequest(request_id, model, context, tbt_slo))
             return local
-        capacity = self.cost.kv_capacity_tokens(model)
-
-        def fitting(ids) -> list[DecodeWorker]:
-            return [self.workers[i] for i in sorted(ids)
-                    if self.workers[i].tokens.get(model, 0) + context <= capacity]
-
         # A batch of the model still to take its turn this round: the request joins it and
         # decodes within this round instead of waiting for the next one.
-        upcoming = fitting(self.upcoming.get(model, ()))
-        choices = upcoming or fitting(self.holders.get(model, ())) or \
+        upcoming = self._fitting(self.upcoming.get(model), model, context)
+        choices = upcoming or self._fitting(self.holders.get(model), model, context) or \
             candidates(self._all, self._rng)
-        target = min(choices, key=lambda w: (w.alpha, len(w.requests), w.worker))
+        if len(choices) == 1:
+            target = choices[0]
+        else:
+            target = min(choices, key=lambda w: (self._alpha_with(w, model, context, tbt_slo),
+                                                 len(w.requests), w.worker))
         self._add(target, DecodeRequest(request_id, model, context, tbt_slo, resident=False))
         if upcoming:
             self._join_turn(target, model, request_id)
         return target.worker
 
+    def _fitting(self, ids: set[int] | None, model: str, context: int) -> list[DecodeWorker]:
+        """The workers `ids` whose KV room for `model` takes `context` more tokens."""
+        if not ids:
+            return []
+        capacity = self.cost.kv_capacity_tokens(model)
+        workers = self.workers
+        return [workers[i] for i in (sorted(ids) if len(ids) > 1 else ids)
+                if workers[i].tokens.get(model, 0) + context <= capacity]
+
+    def _alpha_with(self, w: DecodeWorker, model: str, context: int, tbt_slo: float) -> float:
+        """The alpha of the worker's next round if it also held this request: one batch per
+        model of its current requests. Not its last round's alpha, which is stale (an
+        emptied worker keeps the alpha of its last busy round)."""
+        step_time = self.cost.decode_step_time
+        steps, slos = [], []
+        for m, tokens in w.tokens.items():
+            count, tbt = w.counts[m], w.tbt[m]
+            if m == model:
+                count, tokens, tbt = count + 1, tokens + context, min(tbt, tbt_slo)
+            steps.append(step_time(m, count, tokens))
+            slos.append(tbt)
+        models = list(w.tokens)
+        if model not in w.tokens:
+            steps.append(step_time(model, 1, context))
+            slos.append(tbt_slo)
+            models.append(model)
+        # A lone model switches in once, not every round.
+        switch = sum(map(self.cost.switch_time, models)) if len(models) > 1 else 0.0
+        return round_alpha(steps, slos, switch, self.q_max_s)
+
     def _add(self, w: DecodeWorker, r: DecodeRequest) -> None:
         w.requests[r.request_id] = r
         w.tokens[r.model] = w.tokens.get(r.model, 0) + r.context
+        w.counts[r.model] = w.counts.get(r.model, 0) + 1
+        w.tbt[r.model] = min(w.tbt.get(r.model, r.tbt_slo), r.tbt_slo)
+        w.kv_bytes += self.cost.kv_bytes(r.model, r.context)
         self.holders.setdefault(r.model, set()).add(w.worker)
         self.active.add(w.worker)
 
     def _remove(self, w: DecodeWorker, request_id: str) -> None:
         r = w.requests.pop(request_id)
         left = w.tokens[r.model] - r.context
-        if left:
+        w.counts[r.model] -= 1
+        w.kv_bytes -= self.cost.kv_bytes(r.model, r.context)
+        if w.counts[r.model]:
             w.tokens[r.model] = left
         else:
-            del w.tokens[r.model]
+            del w.tokens[r.model], w.counts[r.model], w.tbt[r.model]
             self.holders[r.model].discard(w.worker)
             if not self.holders[r.model]:
                 del self.holders[r.model]
@@ -120,19 +172,25 @@ class WeightedRoundRobinDecode:
 
     def next_job(self, worker: int) -> Job | None:
         w = self.workers[worker]
-        if not w.turns:
-            w.turns = self._new_round(w)
-            for turn in w.turns:
-                self.upcoming.setdefault(turn.model, set()).add(worker)
-        if not w.turns:
-            return None
-        while w.turns:
-            turn = self._live(w, w.turns.pop(0))
-            if not any(t.model == turn.model for t in w.turns):
-                ahead = self.upcoming[turn.model]
+        turns = w.turns
+        if not turns:
+            turns = w.turns = self._new_round(w)
+            if not turns:
+                return None
+            upcoming = self.upcoming
+            for turn in turns:
+                upcoming.setdefault(turn.model, set()).add(worker)
+        while turns:
+            turn = self._live(w, turns.pop(0))
+            model = turn.model
+            for t in turns:
+                if t.model == model:
+                    break
+            else:  # the model's last turn of the round
+                ahead = self.upcoming[model]
                 ahead.discard(worker)
                 if not ahead:
-                    del self.upcoming[turn.model]
+                    del self.upcoming[model]
             if turn.request_ids:
                 return Job(worker, tuple(self._turn_units(w, turn)))
         # The round's remaining turns all ended early: the next round starts now.
@@ -152,41 +210,43 @@ class WeightedRoundRobinDecode:
         batches = self._batches(w)
         if not batches:
             return []
-        models = {m for m, _ in batches}
+        # In round order, not a set's: string hashes differ between processes, and so would
+        # the last bit of a float sum taken in hash order.
+        models = list(dict.fromkeys(b.model for b in batches))
         switch = sum(self.cost.switch_time(m) for m in models) \
             if len(models) > 1 or w.model not in models else 0.0
-        steps = [self.cost.decode_step_time(m, len(b), sum(r.context for r in b))
-                 for m, b in batches]
-        slos = [min(r.tbt_slo for r in b) for _, b in batches]
-        quotas = round_quotas(steps, slos, switch, self.q_max_s)
+        step_time = self.cost.decode_step_time
+        steps = [step_time(b.model, len(b.requests), b.tokens) for b in batches]
+        quotas = round_quotas(steps, [b.tbt_slo for b in batches], switch, self.q_max_s)
         w.alpha = quotas.alpha
         w.round_s = sum(quotas.quotas)
-        return [Turn(m, tuple(r.request_id for r in b), q)
-                for (m, b), q in zip(batches, quotas.quotas)]
+        return [Turn(b.model, tuple(r.request_id for r in b.requests), q)
+                for b, q in zip(batches, quotas.quotas)]
 
-    def _batches(self, w: DecodeWorker) -> list[tuple[str, list[DecodeRequest]]]:
+    def _batches(self, w: DecodeWorker) -> list[_Batch]:
         """FCFS per model, cut where the KV budget or the batch size would be exceeded."""
-        open_batch: dict[str, list[DecodeRequest]] = {}
-        tokens: dict[str, int] = {}
-        batches: list[tuple[str, list[DecodeRequest]]] = []
+        open_batch: dict[str, _Batch] = {}
+        batches: list[_Batch] = []
+        capacity, max_size = self.cost.kv_capacity_tokens, self.max_batch_size
         for r in w.requests.values():
-            batch = open_batch.get(r.model)
-            capacity = self.cost.kv_capacity_tokens(r.model)
-            if batch is None or len(batch) >= self.max_batch_size or \
-                    tokens[r.model] + r.context > capacity:
-                batch = open_batch[r.model] = []
-                tokens[r.model] = 0
-                batches.append((r.model, batch))
-            batch.append(r)
-            tokens[r.model] += r.context
+            model = r.model
+            batch = open_batch.get(model)
+            if batch is None or len(batch.requests) >= max_size or \
+                    batch.tokens + r.context > capacity(model):
+                batch = open_batch[model] = _Batch(model, [], 0, r.tbt_slo)
+                batches.append(batch)
+            batch.requests.append(r)
+            batch.tokens += r.context
+            if r.tbt_slo < batch.tbt_slo:
+                batch.tbt_slo = r.tbt_slo
         return batches
 
     def _turn_units(self, w: DecodeWorker, turn: Turn) -> list:
         units: list = []
-        requests = w.requests
+        requests, worker, model = w.requests, w.worker, turn.model
         # At the turn's end the batch's KV goes to host slabs only if other batches of the
         # round need the room (DESIGN §3.2); usually every batch's KV fits at once.
-        swap_out = bool(w.turns) and self._kv_overcommitted(w)
+        swap_out = bool(w.turns) and w.kv_bytes > self.cost.kv_capacity_bytes
         away = []
         for request_id in turn.request_ids:
             r = requests[request_id]
@@ -194,23 +254,31 @@ class WeightedRoundRobinDecode:
                 away.append(request_id)
             r.resident = not swap_out
         if away:
-            units.append(SwapIn(w.worker, turn.model, tuple(away)))
-        if w.model != turn.model:
-            units.append(Switch(w.worker, turn.model))
-            w.model = turn.model
-        for t in w.turns:
-            if t.model != turn.model:
-                units.append(Prefetch(w.worker, t.model))
-                break
-        units.append(Decode(w.worker, turn.model, turn.request_ids, turn.quota_s))
+            units.append(SwapIn(worker, model, tuple(away)))
+        if w.model != model:
+            units.append(Switch(worker, model))
+            w.model = model
+        upcoming = self._next_model(w, model)
+        if upcoming is not None:
+            units.append(Prefetch(worker, upcoming))
+        units.append(Decode(worker, model, turn.request_ids, turn.quota_s))
         if swap_out:
-            units.append(SwapOut(w.worker, turn.model, turn.request_ids))
+            units.append(SwapOut(worker, model, turn.request_ids))
         return units
 
-    def _kv_overcommitted(self, w: DecodeWorker) -> bool:
-        """Whether the KV of all the worker's requests exceeds the device's KV region."""
-        used = sum(self.cost.kv_bytes(model, tokens) for model, tokens in w.tokens.items())
-        return used > self.cost.kv_capacity_bytes
+    @staticmethod
+    def _next_model(w: DecodeWorker, current: str) -> str | None:
+        """The model to prefetch during a turn of `current`: the next other model of this
+        round, else the one the next round most likely opens with (rounds are FCFS, so the
+        model of the oldest other request). Without the latter, every round boundary would
+        pay a whole switch in the open."""
+        for t in w.turns:
+            if t.model != current:
+                return t.model
+        for r in w.requests.values():
+            if r.model != current:
+                return r.model
+        return None
 
     # -- results -----------------------------------------------------------------------------
 
@@ -218,10 +286,15 @@ class WeightedRoundRobinDecode:
                 finished: tuple[str, ...]) -> None:
         w = self.workers[worker]
         done = set(finished)
+        requests = w.requests
+        grown: dict[str, int] = {}  # tokens added per model (a turn's requests share one)
         for request_id in request_ids:
             if request_id in done:
                 self._remove(w, request_id)
             else:
-                r = w.requests[request_id]
+                r = requests[request_id]
                 r.context += steps
-                w.tokens[r.model] += steps
+                grown[r.model] = grown.get(r.model, 0) + steps
+        for model, tokens in grown.items():
+            w.tokens[model] += tokens
+            w.kv_bytes += self.cost.kv_bytes(model, tokens)

@@ -45,6 +45,7 @@ class GroupedFCFSPrefill:
         # Colocated roles: how busy a worker is with decoding, so new groups spread out
         # instead of piling onto the first worker whose prefill queue happens to be empty.
         self.busy_elsewhere = busy_elsewhere or (lambda worker: 0.0)
+        self._colocated = busy_elsewhere is not None
         self.max_group_size = max_group_size
         self.batch_group = batch_group  # one forward pass per group instead of per request
         self.queues = {w: PrefillQueue(w) for w in workers}
@@ -54,8 +55,9 @@ class GroupedFCFSPrefill:
         self._rng = random.Random(seed)
 
     def add_request(self, req: RequestInfo) -> None:
-        work = self.cost.prefill_time(req.model, [req.prompt_len])
-        joinable = self.open_groups.get(req.model)
+        model = req.model
+        work = self.cost.prefill_time(model, [req.prompt_len])
+        joinable = self.open_groups.get(model)
         if joinable:
             queue, group = joinable[0]
             group.requests.append(req)
@@ -64,16 +66,28 @@ class GroupedFCFSPrefill:
             if len(group.requests) >= self.max_group_size:
                 joinable.pop(0)
             return
-        queue = min(candidates(self._workers, self._rng), key=lambda q: (
-            self._cost_of_new_group(q, req.model) + self.busy_elsewhere(q.worker), q.worker))
-        added = self._cost_of_new_group(queue, req.model) - queue.work + work
-        group = Group(req.model, [req], added)
+        queue = self._soonest_start(model)
+        added = self._cost_of_new_group(queue, model) - queue.work + work
+        group = Group(model, [req], added)
         queue.work += added
         queue.groups.append(group)
-        queue.last_model = req.model
+        queue.last_model = model
         self.nonempty.add(queue.worker)
         if self.max_group_size > 1:
-            self.open_groups.setdefault(req.model, []).append((queue, group))
+            self.open_groups.setdefault(model, []).append((queue, group))
+
+    def _soonest_start(self, model: str) -> PrefillQueue:
+        """The candidate queue where a new group of `model` would start soonest (ties: the
+        lowest worker id). A plain loop, not min() with a key: it runs once per request."""
+        switch = self.cost.switch_time(model)
+        best, best_cost = None, 0.0
+        for q in candidates(self._workers, self._rng):
+            cost = q.work + switch if model != q.last_model else q.work + 0.0
+            if self._colocated:
+                cost += self.busy_elsewhere(q.worker)
+            if best is None or cost < best_cost or (cost == best_cost and q.worker < best.worker):
+                best, best_cost = q, cost
+        return best
 
     def _cost_of_new_group(self, queue: PrefillQueue, model: str) -> float:
         """The queue's pending work plus the switch a new group of `model` would add."""

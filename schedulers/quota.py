@@ -37,6 +37,25 @@ def round_quotas(step_times: list[float], tbt_slos: list[float], switch_time: fl
     With no switch cost (one model, or switches fully hidden) any quota keeps up; each batch
     then gets the longest one, `q_max`.
     """
+    n, inv_sum, alpha = _steps_per_slo_and_alpha(step_times, tbt_slos, switch_time, q_max)
+    if switch_time == 0.0:
+        return RoundQuotas(alpha, tuple(q_max for _ in n))
+    if alpha - inv_sum <= 0.0:
+        # A switch time so small next to sum 1/n that alpha rounds to it: the formula's
+        # limit, q_i = q_max * min_j n_j / n_i (alpha unfloored), instead of dividing by 0.
+        return RoundQuotas(alpha, tuple(q_max * min(n) / x for x in n))
+    return RoundQuotas(alpha, tuple(switch_time / (x * (alpha - inv_sum)) for x in n))
+
+
+def round_alpha(step_times: list[float], tbt_slos: list[float], switch_time: float,
+                q_max: float = Q_MAX_S) -> float:
+    """The alpha alone of a round of these batches: what placement compares workers by."""
+    return _steps_per_slo_and_alpha(step_times, tbt_slos, switch_time, q_max)[2]
+
+
+def _steps_per_slo_and_alpha(step_times: list[float], tbt_slos: list[float],
+                             switch_time: float, q_max: float):
+    """(n_i, sum 1/n_i, alpha) for the formula in the module docstring."""
     if not step_times or len(step_times) != len(tbt_slos):
         raise ValueError("need one TBT SLO per batch, and at least one batch")
     if not (min(step_times) > 0 and min(tbt_slos) > 0 and switch_time >= 0 and q_max > 0
@@ -45,6 +64,4 @@ def round_quotas(step_times: list[float], tbt_slos: list[float], switch_time: fl
     n = [slo / d for slo, d in zip(tbt_slos, step_times)]
     inv_sum = sum(1.0 / x for x in n)
     alpha = max(switch_time / (min(n) * q_max) + inv_sum, ALPHA_FLOOR)
-    if switch_time == 0.0:
-        return RoundQuotas(alpha, tuple(q_max for _ in n))
-    return RoundQuotas(alpha, tuple(switch_time / (x * (alpha - inv_sum)) for x in n))
+    return n, inv_sum, alpha

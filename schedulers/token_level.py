@@ -39,29 +39,34 @@ class TokenLevelScheduler:
         self.prefill.add_request(req)
 
     def schedule(self, idle_workers: Iterable[int], now: float) -> list[Job]:
-        jobs = []
         idle = idle_workers if isinstance(idle_workers, (set, frozenset)) else set(idle_workers)
-        ready = idle.intersection(self.prefill.nonempty)
-        ready.update(idle.intersection(self.decode.active))
-        for worker in sorted(ready):
+        prefill, decode = self.prefill, self.decode
+        # Most calls find one idle worker, or none, with work: keep them cheap.
+        ready = idle & decode.active
+        if prefill.nonempty:
+            ready |= idle & prefill.nonempty
+        if not ready:
+            return []
+        jobs = []
+        for worker in sorted(ready) if len(ready) > 1 else ready:
             job = None
-            if worker in self.prefill.queues:
-                job = self.prefill.next_job(worker)
-            if job is None and worker in self.decode.workers:
-                job = self.decode.next_job(worker)
+            if worker in prefill.queues:
+                job = prefill.next_job(worker)
+            if job is None and worker in decode.workers:
+                job = decode.next_job(worker)
             if job is not None:
                 jobs.append(job)
         return jobs
 
     def update(self, results, now: float) -> None:
         for result in results:
-            if isinstance(result, PrefillDone):
-                self._prefilled(result)
-            elif isinstance(result, DecodeDone):
+            if isinstance(result, DecodeDone):  # the common case: most jobs are turns
                 self.decode.decoded(result.worker, result.request_ids, result.steps,
                                     result.finished)
                 for request_id in result.finished:
                     self.requests.pop(request_id, None)
+            elif isinstance(result, PrefillDone):
+                self._prefilled(result)
 
     def _prefilled(self, result: PrefillDone) -> None:
         done = set(result.finished)

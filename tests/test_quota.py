@@ -16,7 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenpool.schedulers.quota import ALPHA_FLOOR, Q_MAX_S, RoundQuotas, round_quotas
+from tokenpool.schedulers.quota import (ALPHA_FLOOR, Q_MAX_S, RoundQuotas, round_alpha,
+                                        round_quotas)
 
 approx = pytest.approx
 
@@ -135,3 +136,18 @@ def test_mean_gap_is_alpha_times_tbt(batch, switch_time, q_max):
         assert max(r.quotas) == approx(q_max, rel=1e-6)
     else:  # floored: shorter quotas, the same identity with the floored alpha
         assert max(r.quotas) < q_max
+
+
+@settings(max_examples=100, deadline=None)
+@given(batch=batches, switch_time=st.floats(0.0, 10.0), q_max=st.floats(0.1, 10.0))
+def test_round_alpha_is_the_alpha_of_round_quotas(batch, switch_time, q_max):
+    """Placement compares workers by `round_alpha`: the very alpha their round would get."""
+    step_times, tbt_slos = batch
+    assert round_alpha(step_times, tbt_slos, switch_time, q_max) == \
+        round_quotas(step_times, tbt_slos, switch_time, q_max).alpha
+
+
+def test_a_vanishing_switch_time_takes_the_formulas_limit():
+    # alpha = 2e-313 / (1 * 1) + 1 rounds to 1 = sum 1/n: q = c0 / (n * 0) would divide by 0.
+    r = round_quotas([1.0, 0.5], [1.0, 1.0], 2.2250738585e-313, q_max=1.0)
+    assert r.alpha == 1.5 and r.quotas == (1.0, 0.5)  # q_max * min n / n_i: n = 1, 2

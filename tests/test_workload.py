@@ -36,6 +36,18 @@ def test_aegaeon_csv_first_rows():
     assert arrivals == sorted(arrivals) and arrivals[-1] < 120.0
 
 
+def test_aegaeon_csv_columns_in_any_order_and_blank_lines(tmp_path):
+    path = tmp_path / "w.csv"
+    path.write_text("Output Length,Model Name,Input Length,Request Time\n"
+                    "5,m1,10,00:00:02.000\n\n7,m0,20,00:00:01.500\n")
+    requests = load_aegaeon_csv(path)
+    assert [(r.request_id, r.model, r.arrival_s, r.prompt_len, r.output_len)
+            for r in requests] == [("1", "m0", 1.5, 20, 7), ("0", "m1", 2.0, 10, 5)]
+    path.write_text("Request Time,Model Name,Input Length\n00:00:01.000,m0,3\n")
+    with pytest.raises(ValueError, match="missing column.*Output Length"):
+        load_aegaeon_csv(path)
+
+
 def test_names_and_zipf():
     assert model_names(8)[:2] == ["synth_model_00", "synth_model_01"]
     assert model_names(300)[5] == "synth_model_005"
