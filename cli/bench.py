@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 
@@ -41,9 +42,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                     "object to --json OUT.",
         formatter_class=_args.HelpFormatter)
     kinds = p.add_subparsers(dest="bench_command", metavar="KIND", required=True)
-    # `serve` will be added here.
     _add_engine(kinds)
     _add_swap(kinds)
+    _add_proxy(kinds)
 
 
 def _add_engine(kinds: argparse._SubParsersAction) -> None:
@@ -191,6 +192,37 @@ def run_swap(args: argparse.Namespace) -> int:
     result |= {"cpu": report.cpu_info(), "command": _command(args)}
     report.write_json(args.json, result)
     sys.stdout.write(report.swap_table(result))
+    return 0
+
+
+PROXY_DESCRIPTION = """\
+The proxy's share of token latency. Serves the fleet (as `tokenpool serve` does, with the
+worker's time stamp added to each SSE chunk), streams completions over its models from a
+separate client process, and reports how long each token spent between the worker that made
+it and the client: median, p90, p99 in ms (target: median <= 5 ms)."""
+
+
+def _add_proxy(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser("proxy", help="time a token spends between its worker and the client",
+                         description=PROXY_DESCRIPTION, formatter_class=_args.HelpFormatter)
+    _args.add_config(p)
+    p.add_argument("--requests", metavar="N", type=_args.positive_int, default=32,
+                   help="streamed requests, round robin over the fleet's models (default: 32)")
+    p.add_argument("--concurrency", metavar="C", type=_args.positive_int, default=4,
+                   help="requests in flight at once (default: 4)")
+    p.add_argument("--max-tokens", metavar="N", type=_args.positive_int, default=16,
+                   help="tokens per request (default: 16)")
+    _args.add_json_out(p)
+    p.set_defaults(func=_run_proxy)
+
+
+def _run_proxy(args: argparse.Namespace) -> int:
+    from tokenpool.bench import proxy_overhead
+
+    result = proxy_overhead.run(args.config, args.requests, args.json,
+                                concurrency=args.concurrency, max_tokens=args.max_tokens,
+                                progress=True)
+    print(json.dumps({k: v for k, v in result.items() if k.endswith("_ms")}, indent=1))
     return 0
 
 
