@@ -39,20 +39,10 @@ def speedups(ours: list[BatchResult], hf: list[BatchResult]) -> dict[str, float]
 
 
 def cpu_info() -> dict:
-    from tokenpool.gpu_pool.device import cpu_has_fast_bf16
+    from tokenpool.gpu_pool.device import cpu_has_fast_bf16, cpu_name
 
-    return {"name": _cpu_name(), "logical_cores": os.cpu_count(),
+    return {"name": cpu_name(), "logical_cores": os.cpu_count(),
             "fast_bf16": bool(cpu_has_fast_bf16()), "machine": platform.machine()}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def write_json(path: Path, report: dict) -> None:

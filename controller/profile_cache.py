@@ -11,28 +11,18 @@ import dataclasses
 import hashlib
 import json
 import os
-import platform
 from pathlib import Path
 
+from tokenpool.gpu_pool.device import cpu_name
 from tokenpool.schedulers.cost import CostModel, Linear3, ModelCost
 
 
 def profile_key(fleet, models, plan) -> str:
-    parts = [repr(plan), fleet.engine.device, str(fleet.pool.torch_threads), _cpu_name(),
+    parts = [repr(plan), fleet.engine.device, str(fleet.pool.torch_threads), cpu_name(),
              str(fleet.engine.kv_cache_bytes)]
     for model_id, layout in sorted(models.layouts.items()):
         parts.append(f"{model_id}|{layout.config!r}|{layout.dtype}")
     return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def cache_path(fleet, key: str) -> Path:

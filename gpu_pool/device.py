@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import platform
+from pathlib import Path
 
 import torch
 
@@ -41,3 +43,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def cpu_name() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it (for reports and cache keys)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
