@@ -8,6 +8,10 @@ import pytest
 import torch
 
 from tokenpool.gpu_pool.engine import EngineConfig, LLMEngine
+from tokenpool.gpu_pool.weights import pack_llama
+from tokenpool.gpu_pool.worker import Worker
+from tokenpool.gpu_pool.worker_memory import ModelLayout
+from tokenpool.memory.config import MemoryConfig
 
 NEAR_TIE = 0.01  # HF top-2 logit gap below which float rounding may flip the greedy choice
 
@@ -74,3 +78,20 @@ def parse_gguf_once():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gguf, "GGUFReader", shared)
         yield
+
+
+def worker_over(checkpoints: dict, *, kv_cache_bytes: int = 4 << 20, slab_bytes: int = 1 << 20,
+                swap_bytes: int = 4 << 20, max_num_seqs: int = 64, prefetch: bool = False) -> Worker:
+    """A worker over its own arena with one engine per checkpoint (model id -> checkpoint)."""
+    layouts, packed = [], {}
+    for name, ckpt in checkpoints.items():
+        layout = ModelLayout.of(name, ckpt.config, torch.float32)
+        buffer = torch.empty(layout.index.nbytes, dtype=torch.uint8)
+        pack_llama(ckpt.config, ckpt.weights, layout.index, buffer)
+        layouts.append(layout)
+        packed[name] = buffer
+    config = EngineConfig(dtype="float32", kv_cache_bytes=kv_cache_bytes,
+                          max_num_seqs=max_num_seqs)
+    memory = MemoryConfig(slab_bytes=slab_bytes, swap_bytes=swap_bytes, prefetch=prefetch)
+    return Worker(layouts, packed.__getitem__, config, memory,
+                  {name: ckpt.tokenizer for name, ckpt in checkpoints.items()})

@@ -11,12 +11,7 @@ from __future__ import annotations
 import pytest
 
 from tokenpool.controller import loop
-from tokenpool.gpu_pool.engine import EngineConfig
-from tokenpool.gpu_pool.weights import pack_llama
-from tokenpool.gpu_pool.worker import Worker
 from tokenpool.gpu_pool.worker_executor import WorkerExecutor
-from tokenpool.gpu_pool.worker_memory import ModelLayout
-from tokenpool.memory.config import MemoryConfig
 from tokenpool.models.checkpoint import load_checkpoint
 from tokenpool.models.synth import write_synthetic_checkpoint
 from tokenpool.sampling import SamplingParams
@@ -49,18 +44,10 @@ def expected(checkpoints):
             for name, ckpt in checkpoints.items()}
 
 
-def make_worker(checkpoints) -> Worker:
-    import torch
+def make_worker(checkpoints):
+    from helpers import worker_over
 
-    layouts, packed = [], {}
-    for name, ckpt in checkpoints.items():
-        layout = ModelLayout.of(name, ckpt.config, torch.float32)
-        buffer = torch.empty(layout.index.nbytes, dtype=torch.uint8)
-        pack_llama(ckpt.config, ckpt.weights, layout.index, buffer)
-        layouts.append(layout)
-        packed[name] = buffer
-    config = EngineConfig(dtype="float32", kv_cache_bytes=8 << 20)
-    return Worker(layouts, packed.__getitem__, config, MemoryConfig(slab_bytes=1 << 20))
+    return worker_over(checkpoints, kv_cache_bytes=8 << 20, swap_bytes=1 << 30, prefetch=True)
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,10 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from helpers import worker_over as make_worker
 
-from tokenpool.gpu_pool.engine import EngineConfig
 from tokenpool.gpu_pool.kv_handoff import HandoffError, SequenceHandoff, restore_sequence
 from tokenpool.gpu_pool.sequence import SeqStatus
-from tokenpool.gpu_pool.weights import pack_llama
-from tokenpool.gpu_pool.worker import Worker
-from tokenpool.gpu_pool.worker_memory import ModelLayout
-from tokenpool.memory.config import MemoryConfig
 from tokenpool.memory.slabs import PageShape
 from tokenpool.models.checkpoint import load_checkpoint
 from tokenpool.models.detokenizer import IncrementalDetokenizer
@@ -42,23 +38,6 @@ def checkpoints(tmp_path_factory):
     return {name: load_checkpoint(write_synthetic_checkpoint(root / name, seed=i + 3, **shape),
                                   progress=False)
             for i, (name, shape) in enumerate(SHAPES.items())}
-
-
-def make_worker(checkpoints: dict, *, kv_cache_bytes: int = 4 << 20, slab_bytes: int = 1 << 20,
-                swap_bytes: int = 4 << 20, max_num_seqs: int = 64) -> Worker:
-    """A worker over its own arena with one engine per checkpoint (model id -> checkpoint)."""
-    layouts, packed = [], {}
-    for name, ckpt in checkpoints.items():
-        layout = ModelLayout.of(name, ckpt.config, torch.float32)
-        buffer = torch.empty(layout.index.nbytes, dtype=torch.uint8)
-        pack_llama(ckpt.config, ckpt.weights, layout.index, buffer)
-        layouts.append(layout)
-        packed[name] = buffer
-    config = EngineConfig(dtype="float32", kv_cache_bytes=kv_cache_bytes,
-                          max_num_seqs=max_num_seqs)
-    memory = MemoryConfig(slab_bytes=slab_bytes, swap_bytes=swap_bytes, prefetch=False)
-    return Worker(layouts, packed.__getitem__, config, memory,
-                  {name: ckpt.tokenizer for name, ckpt in checkpoints.items()})
 
 
 def standalone(checkpoint, prompts, params) -> list[tuple[list[int], str]]:
