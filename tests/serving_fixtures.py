@@ -74,6 +74,26 @@ def live_server(app):
         server.close()
 
 
+@contextmanager
+def stack_over_http(fleet_path):
+    """A whole serving stack from `fleet_path` behind a live HTTP server: (stack, server)."""
+    from tokenpool.controller.stack import build_stack
+    from tokenpool.fleet import load_fleet
+    from tokenpool.proxy.frontend import Frontend
+    from tokenpool.proxy.http_app import create_app
+    from tokenpool.proxy.metrics import ServingMetrics, kv_pages_of
+
+    stack = build_stack(load_fleet(fleet_path), progress=False, log=lambda m: None)
+    metrics = ServingMetrics(stack.controller, kv_pages_of(stack.fleet))
+    frontend = Frontend(stack.controller, stack.catalog, stack.fleet.proxy, metrics)
+    try:
+        with live_server(create_app(frontend, stack.controller, stack.fleet.proxy,
+                                    metrics)) as live:
+            yield stack, live
+    finally:
+        stack.close()
+
+
 def wait_until_idle(controller, timeout_s: float = 300.0) -> dict:
     """The controller's snapshot once no request is held and no worker is busy; fails the
     test after `timeout_s`. Returns that snapshot."""

@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from serving_fixtures import fleet_yaml, live_server, wait_until_idle
+from serving_fixtures import fleet_yaml, stack_over_http, wait_until_idle
 
 MODELS = ("smollm2-135m-instruct", *(f"smollm2-load-{i}" for i in range(5)))
 PROMPTS = ("The sea is", "My favourite colour is", "Paris is the capital of",
@@ -24,24 +24,11 @@ NUM_REQUESTS = 300
 
 @pytest.fixture(scope="module")
 def load_server(tmp_path_factory):
-    from tokenpool.controller.stack import build_stack
-    from tokenpool.fleet import load_fleet
-    from tokenpool.proxy.frontend import Frontend
-    from tokenpool.proxy.http_app import create_app
-    from tokenpool.proxy.metrics import ServingMetrics, kv_pages_of
-
     root = tmp_path_factory.mktemp("load")
     (root / "fleet.yaml").write_text(fleet_yaml(root, MODELS).replace(
         "scheduler: {", "scheduler: {max_waiting: 4096, "))
-    stack = build_stack(load_fleet(root / "fleet.yaml"), progress=False, log=lambda m: None)
-    metrics = ServingMetrics(stack.controller, kv_pages_of(stack.fleet))
-    frontend = Frontend(stack.controller, stack.catalog, stack.fleet.proxy, metrics)
-    try:
-        with live_server(create_app(frontend, stack.controller, stack.fleet.proxy,
-                                    metrics)) as live:
-            yield stack, live
-    finally:
-        stack.close()
+    with stack_over_http(root / "fleet.yaml") as served:
+        yield served
 
 
 @pytest.fixture(scope="module")

@@ -12,31 +12,18 @@ import os
 
 import pytest
 
-from serving_fixtures import FLEET_IDS, MODEL, fleet_yaml, live_server, wait_until_idle
+from serving_fixtures import FLEET_IDS, MODEL, fleet_yaml, stack_over_http, wait_until_idle
 
 PROMPT = "The three primary colours are"
 
 
 @pytest.fixture(scope="module")
 def ray_server(tmp_path_factory):
-    from tokenpool.controller.stack import build_stack
-    from tokenpool.fleet import load_fleet
-    from tokenpool.proxy.frontend import Frontend
-    from tokenpool.proxy.http_app import create_app
-    from tokenpool.proxy.metrics import ServingMetrics, kv_pages_of
-
     root = tmp_path_factory.mktemp("serve-ray")
     text = fleet_yaml(root).replace("backend: local", "backend: ray, object_store_bytes: 128MiB")
     (root / "fleet.yaml").write_text(text)
-    stack = build_stack(load_fleet(root / "fleet.yaml"), progress=False, log=lambda m: None)
-    metrics = ServingMetrics(stack.controller, kv_pages_of(stack.fleet))
-    frontend = Frontend(stack.controller, stack.catalog, stack.fleet.proxy, metrics)
-    try:
-        with live_server(create_app(frontend, stack.controller, stack.fleet.proxy,
-                                    metrics)) as live:
-            yield stack, live
-    finally:
-        stack.close()
+    with stack_over_http(root / "fleet.yaml") as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
