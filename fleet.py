@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tokenpool.bench.bench_workload import BenchConfig
 from tokenpool.config import build, load_yaml
 from tokenpool.errors import ConfigError, UnknownModelError
 from tokenpool.gpu_pool.engine import EngineConfig
@@ -35,6 +36,7 @@ class FleetConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     slo: SLOConfig = field(default_factory=SLOConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    bench: BenchConfig | None = None  # the scenario `tokenpool bench sweep` runs on this fleet
     base_dir: str = "."  # where relative sources resolve; set from the file's location
 
     def __post_init__(self):

@@ -90,3 +90,12 @@ def port(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be a port in 0..65535, got {text!r}")
     return value
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command as the user typed it, for the reports that say how they were made."""
+    import shlex
+    import sys
+
+    argv = getattr(args, "argv", None)
+    return shlex.join(["tokenpool", *(sys.argv[1:] if argv is None else argv)])

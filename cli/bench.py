@@ -1,10 +1,10 @@
-"""`tokenpool bench engine|swap`: engine throughput and model-switch cost, as JSON."""
+"""`tokenpool bench engine|swap|proxy`: engine throughput, model-switch cost and proxy
+overhead, as JSON (`serve` and `sweep` live in cli/bench_serve.py)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 
 from tokenpool.cli import _args
@@ -37,7 +37,7 @@ examples:
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
-        "bench", help="benchmarks that write one JSON object (engine, swap)",
+        "bench", help="benchmarks that write one JSON object (engine, swap, proxy, serve, sweep)",
         description="Benchmarks. Each prints a short table to stdout and writes one JSON "
                     "object to --json OUT.",
         formatter_class=_args.HelpFormatter)
@@ -45,6 +45,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     _add_engine(kinds)
     _add_swap(kinds)
     _add_proxy(kinds)
+    from tokenpool.cli import bench_serve
+
+    bench_serve.add_parsers(kinds)
 
 
 def _add_engine(kinds: argparse._SubParsersAction) -> None:
@@ -103,7 +106,7 @@ def run_engine(args: argparse.Namespace) -> int:
     result = report.engine_report(
         model=spec.id, device=str(device), dtype=str(dtype).removeprefix("torch."),
         new_tokens=args.new_tokens, prompt_lens=(low, high), ours=ours, hf=hf,
-        torch_threads=torch.get_num_threads(), command=_command(args))
+        torch_threads=torch.get_num_threads(), command=_args.command_line(args))
     report.write_json(args.json, result)
     sys.stdout.write(report.engine_table(result))
     return 0
@@ -189,7 +192,7 @@ def run_swap(args: argparse.Namespace) -> int:
         raise ConfigError(f"--models: expected two different model ids, got {args.models!r}")
     result = swap_bench.run(fleet, ids[0], ids[1], args.repeats, not args.no_hf,
                             namespace=f"bench{os.getpid()}")
-    result |= {"cpu": report.cpu_info(), "command": _command(args)}
+    result |= {"cpu": report.cpu_info(), "command": _args.command_line(args)}
     report.write_json(args.json, result)
     sys.stdout.write(report.swap_table(result))
     return 0
@@ -234,10 +237,6 @@ def _at_least(low: int):
         return value
     return parse
 
-
-def _command(args: argparse.Namespace) -> str:
-    argv = getattr(args, "argv", None)
-    return shlex.join(["tokenpool", *(sys.argv[1:] if argv is None else argv)])
 
 
 def _at_least_two(text: str) -> int:

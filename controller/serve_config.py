@@ -36,6 +36,10 @@ class SchedulerConfig:
     max_alpha: float = 1.5
     max_waiting: int = 512  # requests queued for prefill across the pool
     profile_s: float = 3.0  # start-up profile of each model's engine for the cost model
+    # What a switch costs beyond the weight copy the profile measures: sending the next job
+    # to the worker, streaming its first step back, swapping KV. The policy plans every turn
+    # with it (DESIGN §3.2's c0), so turns stay long enough to be worth their switch.
+    switch_overhead_s: float = 0.0
 
     def __post_init__(self):
         if self.name not in SCHEDULERS:
@@ -44,5 +48,7 @@ class SchedulerConfig:
         if self.q_max_s <= 0 or self.max_group_size < 1 or self.max_waiting < 1:
             raise ConfigError("scheduler: q_max_s must be > 0, max_group_size and max_waiting "
                               ">= 1")
+        if self.switch_overhead_s < 0:
+            raise ConfigError("scheduler.switch_overhead_s must be >= 0")
         if self.shed_ttft_factor <= 0 or self.max_alpha <= 0:
             raise ConfigError("scheduler: shed_ttft_factor and max_alpha must be > 0")

@@ -7,6 +7,7 @@ profile one engine per model shape for the cost model, then start the controller
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sys
 import time
@@ -70,7 +71,7 @@ def build_stack(fleet, *, progress: bool = True, log=None) -> ServingStack:
     packed = FleetWeights(models, cache).populate(progress=progress)
     log(f"host cache {namespace}: {len(models.layouts)} models ({len(packed)} packed now)")
     pool = make_pool(fleet, namespace, models)
-    roles = Roles(fleet.pool.prefill_ids, fleet.pool.decode_ids)
+    roles = pool_roles(fleet)
     slos = {spec.id: fleet.slo_of(spec.id) for spec in fleet.models}
     controller = ServingController(None, pool, _admission(fleet), roles, slos)
     started = time.monotonic()
@@ -78,7 +79,7 @@ def build_stack(fleet, *, progress: bool = True, log=None) -> ServingStack:
     cost = _profile(fleet, models, pool)
     log(f"{fleet.pool.num_workers} {fleet.pool.backend} workers up and profiled in "
         f"{time.monotonic() - started:.1f} s")
-    controller.scheduler = _scheduler(fleet, roles, cost)
+    controller.scheduler = scheduler_for(fleet, cost)
     controller.start_loop()
     cache.close()
     return ServingStack(fleet, controller, build_catalog(fleet, models, int(time.time())), cost)
@@ -94,8 +95,16 @@ def _profile(fleet, models: FleetModels, pool):
     return cost
 
 
-def _scheduler(fleet, roles: Roles, cost):
+def pool_roles(fleet) -> Roles:
+    return Roles(fleet.pool.prefill_ids, fleet.pool.decode_ids)
+
+
+def scheduler_for(fleet, cost):
+    """The fleet's policy over its pool; the simulator's predictions build the same one."""
     s = fleet.scheduler
+    roles = pool_roles(fleet)
+    if s.switch_overhead_s:
+        cost = dataclasses.replace(cost, switch_overhead_s=s.switch_overhead_s)
     return make_scheduler(s.name, roles, cost, fleet.slo_of,
                           model_load={m.id: 1.0 for m in fleet.models},
                           max_group_size=s.max_group_size, q_max_s=s.q_max_s,

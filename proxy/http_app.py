@@ -173,7 +173,7 @@ class _Routes:
             first = await first_event(request.receive, events)
             if body.stream:
                 chunks = sse_chunks(fmt, first, events, len(req.prompt_ids),
-                                    body.include_usage)
+                                    body.include_usage, body.continuous_usage)
                 return EventStreamResponse(chunks)
             outcome = await collect(request.receive, first, events, len(req.prompt_ids))
         except ClientGone:

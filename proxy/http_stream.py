@@ -119,7 +119,8 @@ def sse(payload: str) -> bytes:
 
 
 async def sse_chunks(fmt, first: TokenEvent, events: AsyncIterator[TokenEvent],
-                     prompt_tokens: int, include_usage: bool) -> AsyncIterator[bytes]:
+                     prompt_tokens: int, include_usage: bool,
+                     continuous_usage: bool = False) -> AsyncIterator[bytes]:
     """The SSE body of a streamed request. `fmt` makes the endpoint's chunk objects.
 
     An error after the 200 went out cannot change the status: it becomes an error chunk,
@@ -137,7 +138,9 @@ async def sse_chunks(fmt, first: TokenEvent, events: AsyncIterator[TokenEvent],
                 break
             chunk = fmt.chunk(event)
             if chunk is not None:
-                yield sse(fmt.dump(chunk))
+                if continuous_usage:
+                    chunk.usage = fmt.usage_of(outcome)
+                yield sse(fmt.dump(chunk, usage=continuous_usage))
             if event.finished:
                 if include_usage:
                     yield sse(fmt.dump(fmt.usage_chunk(outcome), usage=True))

@@ -66,7 +66,7 @@ class _Format:
         return event.emitted_at if self._timing else None
 
     @staticmethod
-    def _usage(outcome) -> UsageInfo:
+    def usage_of(outcome) -> UsageInfo:
         return UsageInfo.of(outcome.prompt_tokens, outcome.completion_tokens)
 
 
@@ -103,13 +103,13 @@ class CompletionFormat(_Format):
         return self._object(choice, emitted_at=self._emitted_at(event))
 
     def usage_chunk(self, outcome) -> CompletionResponse:
-        return self._object(None, usage=self._usage(outcome))
+        return self._object(None, usage=self.usage_of(outcome))
 
     def response(self, outcome) -> CompletionResponse:
         choice = CompletionChoice(text="".join(outcome.text),
                                   logprobs=self._logprobs(outcome.logprobs),
                                   finish_reason=outcome.finish_reason)
-        return self._object(choice, usage=self._usage(outcome))
+        return self._object(choice, usage=self.usage_of(outcome))
 
 
 class ChatFormat(_Format):
@@ -142,11 +142,11 @@ class ChatFormat(_Format):
         return self._chunk([choice], emitted_at=self._emitted_at(event))
 
     def usage_chunk(self, outcome) -> ChatCompletionChunk:
-        return self._chunk([], usage=self._usage(outcome))
+        return self._chunk([], usage=self.usage_of(outcome))
 
     def response(self, outcome) -> ChatCompletionResponse:
         choice = ChatChoice(message=AssistantMessage(content="".join(outcome.text)),
                             logprobs=self._logprobs(outcome.logprobs),
                             finish_reason=outcome.finish_reason)
         return ChatCompletionResponse(id=self.id, created=self.created, model=self.model,
-                                      choices=[choice], usage=self._usage(outcome))
+                                      choices=[choice], usage=self.usage_of(outcome))

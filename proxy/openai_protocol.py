@@ -35,6 +35,9 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    # vLLM's extension: every chunk carries the usage so far, so a client can tell how many
+    # tokens each chunk holds (a chunk may hold several when text was held back).
+    continuous_usage_stats: bool = False
 
 
 class _GenerationBody(_Body):
@@ -59,6 +62,10 @@ class _GenerationBody(_Body):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
     def refuse_unsupported(self) -> None:
         if self.n not in (None, 1):

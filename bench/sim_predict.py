@@ -1,0 +1,66 @@
+"""The simulator's prediction of a real sweep: the same requests, the same policy objects, the
+cost model the server fitted at start-up (its cached profile), on simulated workers.
+
+This is the fidelity check of issue 6: if the simulator, fed the real engine's fitted costs,
+predicts the real sustainable rate, its GPU-scale results (docs/sim.md) rest on a model that
+has been held against a real system.
+"""
+
+from __future__ import annotations
+
+from tokenpool.controller.metrics import max_at_90, summarize
+from tokenpool.controller.simulator import simulate
+from tokenpool.controller.stack import pool_roles, scheduler_for
+
+
+def fleet_cost(fleet):
+    """The cost model the server uses: the profile cached by its last start on this machine.
+
+    Raises LookupError when no server of this fleet has started here yet.
+    """
+    from tokenpool.controller.profile_cache import cache_path, load_profile, profile_key
+    from tokenpool.controller.stack import SERVE_PROFILE
+    from tokenpool.gpu_pool.fleet_weights import FleetModels
+
+    path = cache_path(fleet, profile_key(fleet, FleetModels(fleet), SERVE_PROFILE))
+    cost = load_profile(path)
+    if cost is None:
+        raise LookupError(f"no cost profile at {path}: start `tokenpool serve` on this fleet "
+                          "once (the sweep does) so it profiles the engine")
+    return cost
+
+
+def simulate_point(fleet, cost, requests, duration_s: float) -> dict:
+    """One sweep point in simulation: attainment, goodput and switches."""
+    scheduler = scheduler_for(fleet, cost)
+    workers = len(pool_roles(fleet).all)
+    outcome = simulate(requests, scheduler, workers, cost, fleet.slo_of)
+    summary = summarize(outcome.timelines, duration_s)
+    return {"slo_attainment": summary["slo_attainment"],
+            "slo_met_fraction": summary["slo_met_fraction"],
+            "request_goodput": summary["goodput_rps"],
+            "switches": sum(w.switches for w in outcome.workers),
+            "p50_ttft_ms": _ms(summary["ttft_p50_s"]), "p99_ttft_ms": _ms(summary["ttft_p99_s"]),
+            "p99_tbt_ms": _ms(summary["tbt_p99_s"])}
+
+
+def predicted_sweep(fleet, cost, schedulers: list[str], rates: list[float],
+                    requests_at, duration_s: float) -> dict:
+    """{scheduler: {max_rate_at_90, points}} as the real sweep reports it, simulated.
+
+    `requests_at(rate)` gives the workload of one point (the real sweep's own).
+    """
+    import dataclasses
+
+    out = {}
+    for name in schedulers:
+        policy = dataclasses.replace(fleet, scheduler=dataclasses.replace(fleet.scheduler,
+                                                                          name=name))
+        points = [{"rate": rate, **simulate_point(policy, cost, requests_at(rate), duration_s)}
+                  for rate in rates]
+        out[name] = {"max_rate_at_90": max_at_90(points, "rate"), "points": points}
+    return out
+
+
+def _ms(seconds):
+    return None if seconds is None else seconds * 1e3

@@ -1,0 +1,138 @@
+"""`tokenpool bench sweep`: each scheduler at each rate, each point on a fresh server.
+
+A point starts `tokenpool serve --scheduler NAME` in its own process (its own Ray cluster
+when the fleet uses Ray), waits for its `ready` line, drives the fleet's `bench:` workload at
+the rate with the open-loop client of `bench serve` (this process), and stops the server. A
+fresh server per point keeps one point's queues, caches and switches out of the next.
+
+Each scheduler's sustainable rate is `max_at_90` of its points (controller/metrics.py): the
+highest rate whose SLO attainment, and every lower rate's, is at least 90%. The simulator's
+prediction of the same sweep (bench/sim_predict.py) rides along in each entry.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from tokenpool.bench import serve_bench
+from tokenpool.bench.bench_workload import poisson_requests, trace_requests
+from tokenpool.controller.metrics import max_at_90
+
+READY_TIMEOUT_S = 600.0  # the first start packs the host cache and profiles the engines
+POINT_KEYS = ("slo_attainment", "slo_met_fraction", "request_goodput", "request_throughput",
+              "output_throughput", "completed", "shed", "failed", "num_requests",
+              "median_ttft_ms", "p95_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p95_itl_ms",
+              "p99_itl_ms", "median_tpot_ms", "p99_tpot_ms")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def served(config: str, scheduler: str, log_path: Path | None = None):
+    """A `tokenpool serve` process of `config` under `scheduler`; yields its HTTP URL."""
+    http, grpc = free_port(), free_port()
+    command = [sys.executable, "-m", "tokenpool.cli.main", "serve", "--config", str(config),
+               "--scheduler", scheduler, "--http-port", str(http), "--grpc-port", str(grpc)]
+    log = open(log_path, "w") if log_path else subprocess.DEVNULL
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True,
+                            start_new_session=True)
+    try:
+        _wait_ready(proc)
+        yield f"http://127.0.0.1:{http}"
+    finally:
+        _stop(proc)
+        if log_path:
+            log.close()
+
+
+def _wait_ready(proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    for line in proc.stdout:  # the server prints nothing else on stdout
+        if line.startswith("ready "):
+            return
+        if time.monotonic() > deadline:
+            break
+    code = proc.poll()
+    raise RuntimeError(f"tokenpool serve did not become ready (exit code {code}); see its log")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def point_requests(fleet, rate: float, duration_s: float | None = None):
+    """The fleet's `bench:` workload at `rate` requests per second over the fleet."""
+    bench = fleet.bench
+    spec = bench.workload.resolve(Path(fleet.base_dir))
+    ids = [m.id for m in fleet.models]
+    duration = duration_s or bench.duration_s
+    if spec.kind == "poisson":
+        return poisson_requests(spec, ids, rate, duration, bench.seed)
+    # A trace runs at its own pace times `rate`: rate 2 replays it twice as fast.
+    return trace_requests(spec, ids, rate_scale=rate, duration_s=duration, seed=bench.seed)
+
+
+def run_point(config: str, fleet, scheduler: str, rate: float, duration_s: float,
+              log_dir: Path | None = None) -> dict:
+    requests = point_requests(fleet, rate, duration_s)
+    log = log_dir / f"serve-{scheduler}-{rate:g}.log" if log_dir else None
+    print(f"bench sweep: {scheduler} at {rate:g} req/s: {len(requests)} requests",
+          file=sys.stderr, flush=True)
+    with served(config, scheduler, log) as url:
+        before = serve_bench.server_facts(url)
+        warmup = serve_bench.warmup_requests(before["models"], 2 * len(before["models"]))
+        result = serve_bench.run(serve_bench.Target(url), requests, before["slo"].__getitem__,
+                                 seed=fleet.bench.seed, warmup=warmup, progress=False)
+        after = serve_bench.server_facts(url)
+    point = {"rate": rate, **{k: result[k] for k in POINT_KEYS},
+             "switches": after["switches"] - before["switches"]}
+    print(f"bench sweep: {scheduler} at {rate:g} req/s: attainment "
+          f"{point['slo_attainment']:.3f}, goodput {point['request_goodput']:.2f} req/s",
+          file=sys.stderr, flush=True)
+    return point
+
+
+def sweep(config: str, fleet, schedulers: list[str], rates: list[float], duration_s: float,
+          *, log_dir: Path | None = None, simulate: bool = True) -> dict:
+    """{scheduler: {max_rate_at_90, points, ..., simulated}}."""
+    from tokenpool.bench import sim_predict
+
+    workers = fleet.pool.num_workers
+    out = {}
+    for name in schedulers:
+        points = [run_point(config, fleet, name, rate, duration_s, log_dir) for rate in rates]
+        best = max_at_90(points, "rate")
+        out[name] = {"max_rate_at_90": best, "points": points, "num_workers": workers,
+                     "num_models": len(fleet.models),
+                     "max_rate_per_device": None if best is None else best / workers}
+    if simulate:  # after the points: their servers left the fitted profile in the cache
+        cost = sim_predict.fleet_cost(fleet)
+        predicted = sim_predict.predicted_sweep(
+            fleet, cost, schedulers, rates, lambda r: point_requests(fleet, r, duration_s),
+            duration_s)
+        for name in schedulers:
+            out[name]["simulated"] = predicted[name]
+            out[name]["simulated_over_real"] = _ratio(predicted[name]["max_rate_at_90"],
+                                                      out[name]["max_rate_at_90"])
+    return out
+
+
+def _ratio(a, b):
+    return None if a is None or not b else a / b

@@ -1,0 +1,95 @@
+"""The sweep's markdown report and its plot: attainment against rate, per scheduler."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+BASELINES = ("request-level", "request-level-plus", "static")
+
+
+def plot(result: dict, path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, entry in result.items():
+        rates = [p["rate"] for p in entry["points"]]
+        line, = ax.plot(rates, [p["slo_attainment"] for p in entry["points"]], "o-",
+                        label=f"{name} ({entry['num_models']} models)")
+        simulated = entry.get("simulated")
+        if simulated:
+            ax.plot([p["rate"] for p in simulated["points"]],
+                    [p["slo_attainment"] for p in simulated["points"]], "--",
+                    color=line.get_color(), alpha=0.6, label=f"{name}, simulated")
+    ax.axhline(0.9, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("arrival rate over the fleet (req/s)")
+    ax.set_ylabel("SLO attainment")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(result: dict, *, title: str, command: str, config: str, slo: dict,
+             plot_path: str | None = None) -> str:
+    lines = [f"# {title}", "",
+             f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} by:", "",
+             "```", command, "```", "",
+             f"Fleet: `{config}`. SLO per model: TTFT {slo['ttft_s']} s, TBT {slo['tbt_s']} s. "
+             "Every point ran on a fresh server; every number is measured on the client.", "",
+             "## Sustainable rate (highest rate with attainment >= 90%, and at every lower "
+             "rate)", "",
+             "| scheduler | models | workers | sustainable req/s | per worker | simulated | "
+             "simulated / real |", "|---|---|---|---|---|---|---|"]
+    for name, e in result.items():
+        sim = e.get("simulated", {}).get("max_rate_at_90")
+        lines.append(f"| {name} | {e['num_models']} | {e['num_workers']} | "
+                     f"{_n(e['max_rate_at_90'])} | {_n(e['max_rate_per_device'])} | {_n(sim)} | "
+                     f"{_n(e.get('simulated_over_real'), 2)} |")
+    lines += _ratios(result)
+    if plot_path:
+        lines += ["", f"![attainment against rate]({plot_path})"]
+    lines += ["", "## Every point", "",
+              "TBT is the client's inter-chunk gap (vLLM's ITL). Shed and failed requests "
+              "count as misses.", "",
+              "| scheduler | rate | attainment | goodput req/s | throughput req/s | tok/s | "
+              "TTFT p50 / p95 / p99 ms | TBT p50 / p95 / p99 ms | switches | shed |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, e in result.items():
+        for p in e["points"]:
+            lines.append(
+                f"| {name} | {p['rate']:g} | {_n(p['slo_attainment'], 3)} | "
+                f"{_n(p['request_goodput'], 2)} | {_n(p['request_throughput'], 2)} | "
+                f"{_n(p['output_throughput'], 0)} | {_trio(p, 'ttft')} | {_trio(p, 'itl')} | "
+                f"{p['switches']} | {p['shed']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _ratios(result: dict) -> list[str]:
+    ours = result.get("token-level", {}).get("max_rate_at_90")
+    lines = []
+    for name in BASELINES:
+        theirs = result.get(name, {}).get("max_rate_at_90")
+        if ours and theirs:
+            lines.append(f"- token-level / {name}: **{ours / theirs:.2f}x**")
+        elif ours and name in result:
+            lines.append(f"- token-level / {name}: {name} sustains no rate of the sweep")
+    return [""] + lines if lines else []
+
+
+def _trio(point: dict, name: str) -> str:
+    return " / ".join(_n(point[f"{p}_{name}_ms"], 0) for p in ("median", "p95", "p99"))
+
+
+def _n(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def write(path, text: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
