@@ -64,3 +64,25 @@ def predicted_sweep(fleet, cost, schedulers: list[str], rates: list[float],
 
 def _ms(seconds):
     return None if seconds is None else seconds * 1e3
+
+
+GPU_REFERENCE = ("qwen2_5_7b", "H800")  # the paper's most common model, on its testbed
+REFERENCE_BATCH = 8
+
+
+def step_ratio(fleet, cost) -> dict:
+    """r of the CPU SLO rule (configs/bench/cpu-8models.yaml): this fleet's fitted decode
+    step over Qwen2.5-7B's on H800 (the GPU profiles configs/sim/aegaeon-h800.yaml reads),
+    both at batch 8 with 512-token contexts."""
+    from pathlib import Path
+
+    from tokenpool.controller.cost_fit import fit_gpu_profile
+    from tokenpool.controller.sim_config import load_sim_config
+
+    sim = Path(__file__).resolve().parents[1] / "configs" / "sim" / "aegaeon-h800.yaml"
+    profile_dir = load_sim_config(sim).device.profile_dir
+
+    context = REFERENCE_BATCH * 512
+    gpu = fit_gpu_profile(Path(profile_dir), *GPU_REFERENCE).decode(REFERENCE_BATCH, context)
+    ours = cost.decode_step_time(fleet.models[0].id, REFERENCE_BATCH, context)
+    return {"cpu_step_ms": ours * 1e3, "gpu_step_ms": gpu * 1e3, "r": ours / gpu}

@@ -36,12 +36,13 @@ def plot(result: dict, path, title: str = "") -> None:
 
 
 def markdown(result: dict, *, title: str, command: str, config: str, slo: dict,
-             plot_path: str | None = None) -> str:
+             plot_path: str | None = None, rule: dict | None = None) -> str:
     lines = [f"# {title}", "",
              f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} by:", "",
              "```", command, "```", "",
              f"Fleet: `{config}`. SLO per model: TTFT {slo['ttft_s']} s, TBT {slo['tbt_s']} s. "
              "Every point ran on a fresh server; every number is measured on the client.", "",
+             *_rule(rule),
              "## Sustainable rate (highest rate with attainment >= 90%, and at every lower "
              "rate)", "",
              "| scheduler | models | workers | sustainable req/s | per worker | simulated | "
@@ -68,6 +69,15 @@ def markdown(result: dict, *, title: str, command: str, config: str, slo: dict,
                 f"{_n(p['output_throughput'], 0)} | {_trio(p, 'ttft')} | {_trio(p, 'itl')} | "
                 f"{p['switches']} | {p['shed']} |")
     return "\n".join(lines) + "\n"
+
+
+def _rule(rule: dict | None) -> list[str]:
+    if not rule:
+        return []
+    return [f"SLO rule inputs, from the cost profile these servers fitted: decode step at "
+            f"batch 8 {rule['cpu_step_ms']:.2f} ms here against {rule['gpu_step_ms']:.2f} ms "
+            f"for Qwen2.5-7B on H800, r = {rule['r']:.3f}; the rule gives TBT = 100 ms x r = "
+            f"{100 * rule['r']:.0f} ms and TTFT = 10 s x r x 0.5 = {5 * rule['r']:.2f} s.", ""]
 
 
 def _ratios(result: dict) -> list[str]:

@@ -160,7 +160,7 @@ def _add_sweep(kinds) -> None:
 
 
 def _run_sweep(args) -> int:
-    from tokenpool.bench import report, sweep, sweep_report
+    from tokenpool.bench import report, sim_predict, sweep, sweep_report
     from tokenpool.fleet import load_fleet
     from tokenpool.schedulers.registry import SCHEDULERS
 
@@ -184,9 +184,11 @@ def _run_sweep(args) -> int:
     path = args.report or Path("docs/bench") / f"sweep-{Path(args.config).stem}.md"
     plot_ref = None if not args.plot else _relative(args.plot, path.parent)
     slo = fleet.slo_of(fleet.models[0].id)
+    rule = None if args.no_simulate else sim_predict.step_ratio(fleet,
+                                                                sim_predict.fleet_cost(fleet))
     sweep_report.write(path, sweep_report.markdown(
         result, title=title, command=_args.command_line(args), config=str(args.config),
-        slo={"ttft_s": slo.ttft_s, "tbt_s": slo.tbt_s}, plot_path=plot_ref))
+        slo={"ttft_s": slo.ttft_s, "tbt_s": slo.tbt_s}, plot_path=plot_ref, rule=rule))
     print(json.dumps({n: e["max_rate_at_90"] for n, e in result.items()}))
     return 0
 
