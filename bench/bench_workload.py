@@ -23,6 +23,7 @@ import numpy as np
 
 from tokenpool.config import load_yaml
 from tokenpool.controller.workload import (AEGAEON_COLUMNS, AZURE_COLUMNS, WorkloadRequest,
+                                           csv_header,
                                            load_aegaeon_csv, load_length_pairs,
                                            read_azure_trace, zipf_weights)
 from tokenpool.errors import ConfigError
@@ -99,7 +100,7 @@ def trace_requests(spec: BenchWorkload, fleet_ids: list[str], *, rate_scale: flo
     `duration_s` dropped, lengths scaled."""
     if rate_scale <= 0:
         raise ValueError(f"rate_scale must be > 0, got {rate_scale}")
-    header = _header(spec.path)
+    header = csv_header(spec.path)
     if set(AEGAEON_COLUMNS) <= set(header):
         raw = load_aegaeon_csv(spec.path)
         mapping = models_map or default_models_map([r.model for r in raw], fleet_ids)
@@ -154,13 +155,6 @@ def _finish(rows, lengths: LengthScale, rate_scale: float,
         prompt, output = lengths.apply(prompt, output)
         requests.append(WorkloadRequest(str(len(requests)), model, arrival, prompt, output))
     return requests
-
-
-def _header(path: str | Path) -> list[str]:
-    import csv
-
-    with open(path, newline="") as f:
-        return next(csv.reader(f), [])
 
 
 @dataclass(frozen=True, slots=True)

@@ -103,7 +103,7 @@ def load_length_pairs(paths: list[str | Path]) -> np.ndarray:
     """(prompt, output) length pairs pooled from Aegaeon CSVs and/or Azure traces."""
     pairs = []
     for path in paths:
-        header = _header(path)
+        header = csv_header(path)
         if set(AEGAEON_COLUMNS) <= set(header):
             pairs += [(r.prompt_len, r.output_len) for r in load_aegaeon_csv(path)]
         elif set(AZURE_COLUMNS) <= set(header):
@@ -117,7 +117,7 @@ def load_length_pairs(paths: list[str | Path]) -> np.ndarray:
     return np.array(pairs, dtype=np.int64)
 
 
-def _header(path: str | Path) -> list[str]:
+def csv_header(path: str | Path) -> list[str]:
     with open(path, newline="") as f:
         return next(csv.reader(f), [])
 
