@@ -35,6 +35,8 @@ class PoolStats:
     switch_times: list[tuple[str, float]] = field(default_factory=list)  # since last drain
     cancelled: int = 0
     loop_errors: int = 0  # controller loop steps that raised (bugs; logged with a traceback)
+    recomputed: int = 0  # requests started again after their worker died
+    lost: int = 0  # requests ended with an error after losing their worker too often
 
     def __post_init__(self):
         self.models = {m: ModelCounters() for m in self.slos}
@@ -109,4 +111,5 @@ class PoolStats:
             "kv_swap_bytes": c.kv_swap_bytes, "rejected": c.rejected,
         } for model, c in self.models.items()]
         return {"workers": workers, "models": models, "cancelled": self.cancelled,
-                "loop_errors": self.loop_errors}
+                "loop_errors": self.loop_errors, "recomputed": self.recomputed,
+                "lost": self.lost}

@@ -16,16 +16,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from tokenpool.controller import recovery
 from tokenpool.controller.loop import WallClock
 from tokenpool.controller.pool_stats import PoolStats
 from tokenpool.controller.serving_types import (JobDone, JobInput, ServeRequest, StepOutputs,
                                                 TokenEvent)
 from tokenpool.errors import OverloadedError, UnavailableError
 from tokenpool.schedulers.admission import SLOAdmission
-from tokenpool.schedulers.types import (Decode, DecodeDone, Job, Prefill, PrefillDone,
-                                        RequestInfo, SwapIn)
+from tokenpool.schedulers.types import Decode, Job, Prefill, PrefillDone, RequestInfo, SwapIn
 
 Sink = Callable[[TokenEvent], None]
 log = logging.getLogger(__name__)
@@ -37,8 +37,12 @@ class Tracked:
 
     request: ServeRequest
     sink: Sink | None  # None once the client is gone or has its finished event
+    admitted: float  # on the controller's clock
     worker: int | None = None  # where its state lives, once a job took it
     decoding: bool = False  # past prefill
+    # The tokens its client has: should its worker die, a new prefill starts from them.
+    emitted: list[int] = field(default_factory=list)
+    retries: int = 0  # times it was started again after losing its worker
 
 
 class ServingController:
@@ -73,11 +77,15 @@ class ServingController:
                                         daemon=True)
         self._thread.start()
 
-    def close(self) -> None:
+    def stop_loop(self) -> None:
+        """Stop scheduling; the pool and the requests held are left as they are."""
         self._closing = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+
+    def close(self) -> None:
+        self.stop_loop()
         with self._lock:
             for rid in list(self._requests):
                 self._fail(rid, "the server is shutting down")
@@ -98,7 +106,7 @@ class ServingController:
             if not verdict.admit:
                 self.stats.rejected(req.model)
                 raise OverloadedError(verdict.reason, verdict.retry_after_s)
-            self._requests[req.request_id] = Tracked(req, sink)
+            self._requests[req.request_id] = Tracked(req, sink, now)
             self.stats.arrived(req.model)
             self.scheduler.add_request(info, now)
         self._wake.set()
@@ -124,6 +132,8 @@ class ServingController:
                 continue
             if output.finished:
                 tracked.sink = None
+            else:  # only this worker's thread appends, and only while the request is on it
+                tracked.emitted.extend(output.new_token_ids)
             sink(TokenEvent.of(output, out.emitted_at))
 
     def on_done(self, done: JobDone) -> None:
@@ -167,13 +177,15 @@ class ServingController:
             self.pool.run(job.worker, self._job_input(job))
 
     def _job_input(self, job: Job) -> JobInput:
-        prompts, handoffs = {}, {}
+        prompts, handoffs, resumed = {}, {}, {}
         for unit in job.units:
             if type(unit) is Prefill:
                 for rid in unit.request_ids:
                     tracked = self._requests[rid]
                     tracked.worker = job.worker
                     prompts[rid] = (tracked.request.prompt_ids, tracked.request.params)
+                    if tracked.emitted:
+                        resumed[rid] = tuple(tracked.emitted)
             elif type(unit) in (Decode, SwapIn):
                 for rid in unit.request_ids:
                     self._requests[rid].worker = job.worker
@@ -181,7 +193,8 @@ class ServingController:
                         handoffs[rid] = self._handoffs.pop(rid)
         cancelled = tuple(rid for rid in self._cancelled
                           if self._requests[rid].worker in (job.worker, None))
-        return JobInput(job, prompts, handoffs, cancelled, job.worker in self.prefill_only)
+        return JobInput(job, prompts, handoffs, cancelled, job.worker in self.prefill_only,
+                        resumed)
 
     def _finish_job(self, done: JobDone, now: float) -> None:
         self._idle.add(done.worker)
@@ -222,24 +235,28 @@ class ServingController:
                         emitted_at=time.monotonic()))
 
     def _lose_worker(self, worker: int, error: BaseException, now: float) -> None:
-        """The worker died (the pool restarts it): everything it held is gone."""
+        """The worker died (the pool restarts it), and the state of every request it held
+        with it: each is started again from its prompt plus the tokens its client has."""
         self.stats.worker_lost(worker)
         job = self._jobs.pop(worker, None)
         lost = [rid for rid, t in self._requests.items() if t.worker == worker]
-        prefilling = {rid for u in (job.units if job else ()) if type(u) is Prefill
-                      for rid in u.request_ids}
-        results = []
-        for rid in lost:
-            self._fail(rid, f"worker {worker} failed: {error}")
-            model = self._requests[rid].request.model
-            if rid in prefilling:
-                results.append(PrefillDone(worker, model, (rid,), (rid,)))
-            else:
-                results.append(DecodeDone(worker, model, (rid,), 0, (rid,)))
         self._idle.add(worker)
-        self.scheduler.update(results, now)
+        self.scheduler.update(recovery.finished_results(worker, job, lost, self._requests), now)
         for rid in lost:
-            self._forget(rid)
+            tracked = self._requests[rid]
+            if recovery.can_retry(tracked):
+                self._retry(tracked, now)
+                continue
+            if tracked.sink is not None:
+                self.stats.lost += 1
+                self._fail(rid, recovery.give_up_message(worker, error))
+            self._forget(rid)  # ended for its client already: a final event, or cancelled
+
+    def _retry(self, tracked: Tracked, now: float) -> None:
+        tracked.worker = None
+        tracked.retries += 1
+        self.stats.recomputed += 1
+        self.scheduler.add_request(recovery.retry_info(tracked), now)
 
     # -- the operator's view ------------------------------------------------------------------
 

@@ -63,6 +63,9 @@ class JobInput:
     # A prefill-only worker (disaggregated roles) exports each prefilled request's KV
     # (a SequenceHandoff) instead of keeping it.
     export_after_prefill: bool = False
+    # Requests whose worker died mid-stream: id -> the tokens their client already has. The
+    # prefill recomputes prompt plus these, and generation continues right after them.
+    resumed: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

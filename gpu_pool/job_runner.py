@@ -22,12 +22,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 
+import numpy as np
+import torch
+
 from tokenpool.controller.serving_types import JobDone, JobInput, StepOutputs, SwitchEvent
 from tokenpool.errors import InvalidRequestError
 from tokenpool.gpu_pool.engine import LLMEngine
 from tokenpool.gpu_pool.engine_config import RequestOutput
 from tokenpool.gpu_pool.kv_handoff import HandoffError, SequenceHandoff
 from tokenpool.gpu_pool.worker import Worker
+from tokenpool.sampling import SamplingParams
 from tokenpool.schedulers.types import (Decode, DecodeDone, Prefetch, Prefill, PrefillDone,
                                         SwapIn, SwapOut, Switch)
 
@@ -73,6 +77,27 @@ class _Job:
             self.results.append(DecodeDone(self.worker_id, model, (request_id,), 0,
                                            (request_id,)))
         self.unreported.clear()
+
+
+def recompute_handoff(engine: LLMEngine, request_id: str, prompt_ids, params: SamplingParams,
+                      emitted: tuple[int, ...]) -> SequenceHandoff:
+    """A request whose worker died, as a handoff without KV: the engine recomputes prompt
+    plus `emitted` (the tokens its client has) in one prefill, as after a preemption, and
+    replays its detokenizer over them, so text continues with nothing repeated or dropped.
+
+    A seeded sampler is replayed too (one uniform per token, as the sampler draws), so its
+    stream continues where it stood; the tokens equal an uninterrupted run's only as far
+    as a prefill's logits equal the decode steps' (exactly, in practice, for greedy).
+    """
+    generator = engine._generator(params)  # None for greedy; an unseeded one starts afresh
+    if generator is not None and params.seed is not None:
+        for _ in emitted:
+            torch.rand(1, generator=generator)
+    state = None if generator is None else generator.get_state().numpy().tobytes()
+    shape = engine.memory.kv.shape
+    return SequenceHandoff(request_id, engine.model_id, tuple(prompt_ids), tuple(emitted),
+                           params, state, shape, engine.dtype_name,
+                           np.empty((0, shape.page_bytes), dtype=np.uint8))
 
 
 class JobRunner:
@@ -173,9 +198,14 @@ class JobRunner:
             job.fail(request_id, model, f"no prompt was sent for request {request_id!r}")
             return False
         prompt_ids, params = prompt
+        emitted = job.input.resumed.get(request_id)
         try:
-            engine.add_request(list(prompt_ids), params, request_id)
-        except InvalidRequestError as exc:  # this request is bad, not the job
+            if emitted:
+                engine.import_sequence(recompute_handoff(engine, request_id, prompt_ids,
+                                                         params, emitted))
+            else:
+                engine.add_request(list(prompt_ids), params, request_id)
+        except (InvalidRequestError, HandoffError) as exc:  # this request is bad, not the job
             job.fail(request_id, model, str(exc))
             return False
         return True

@@ -10,6 +10,7 @@ Backends: `LocalPool` runs each worker in a thread of this process (tests, small
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -18,6 +19,8 @@ from typing import Protocol
 
 from tokenpool.controller.serving_types import JobDone, JobInput, StepOutputs
 from tokenpool.gpu_pool.pool_config import PoolConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +87,8 @@ class LocalPool:
     def _serve(self, worker: int, inbox: queue.SimpleQueue, listener: PoolListener) -> None:
         while (job := inbox.get()) is not None:
             try:
-                for item in self._runners[worker].run(job):
+                runner = self._runners[worker] or self._build(worker)
+                for item in runner.run(job):
                     if isinstance(item, StepOutputs):
                         listener.on_step(item)
                     else:
@@ -94,15 +98,25 @@ class LocalPool:
                 # restarts a dead actor, and report everything it held as lost.
                 self._restart(worker)
                 listener.on_failure(worker, exc)
-        self._runners[worker].close()
+        if self._runners[worker] is not None:
+            self._runners[worker].close()
 
     def _restart(self, worker: int) -> None:
+        broken, self._runners[worker] = self._runners[worker], None
         try:
-            self._runners[worker].close()
+            if broken is not None:
+                broken.close()
         except Exception:  # closing a broken worker may fail too; it is replaced anyway
             pass
+        try:
+            self._build(worker)
+        except Exception:  # its next job tries again, and fails (so is reported) if it cannot
+            log.exception("worker %d could not be rebuilt", worker)
+
+    def _build(self, worker: int):
         self._runners[worker] = self._make_runner(worker)
         self._restarts[worker] += 1
+        return self._runners[worker]
 
     def profile(self, plan):
         """The policy's CostModel, from a short profile of worker 0 (all workers are alike).
@@ -118,7 +132,8 @@ class LocalPool:
 
     def workers(self) -> list[WorkerInfo]:
         return [WorkerInfo(i, self.config.role(i), self._devices[i], os.getpid(),
-                           self._threads[i].is_alive(), self._restarts[i])
+                           self._threads[i].is_alive() and self._runners[i] is not None,
+                           self._restarts[i])
                 for i in range(self.config.num_workers)]
 
     def close(self) -> None:

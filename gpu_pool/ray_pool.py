@@ -11,7 +11,9 @@ waits (bounded) for Ray to restart the actor (`max_restarts`); the constructor r
 worker from the node's host cache, whose files outlive the process, so a restart reads no
 checkpoint. Jobs queued meanwhile run once it is back. Tasks are never retried
 (`max_task_retries=0`): a job that may have half run on a dead worker is the controller's to
-replan, not ours to replay on a fresh worker that holds none of its requests' KV.
+replan, not ours to replay on a fresh worker that holds none of its requests' KV. An actor
+that died between jobs may be back before the next one, with nothing it held: each job names
+the process it expects, and a new one refuses it, so that death is reported like any other.
 
 Ray is imported only when a pool starts, so installs that never use it import this fast.
 """
@@ -40,6 +42,10 @@ def _ray():
     return ray
 
 
+class WorkerRestarted(RuntimeError):
+    """A job reached a restarted actor: the requests the job expects there are gone."""
+
+
 class WorkerActor:
     """The body of every worker actor. Building the worker in the constructor means a
     restart by Ray rebuilds it too."""
@@ -64,7 +70,10 @@ class WorkerActor:
 
         return worker_cost_model(self.runner.worker, plan)
 
-    def run(self, job_input: JobInput):
+    def run(self, job_input: JobInput, expected_pid: int):
+        if os.getpid() != expected_pid:
+            raise WorkerRestarted(f"worker actor restarted (pid {expected_pid} -> "
+                                  f"{os.getpid()}): everything it held is gone")
         yield from self.runner.run(job_input)
 
     def close(self) -> None:
@@ -208,16 +217,18 @@ class _WorkerLink:
         except Exception as exc:
             # A failed job leaves the worker in an unknown state and on_failure tells the
             # controller that everything it held is lost: restarting the actor makes that
-            # true, as LocalPool rebuilds its worker.
-            error, killed = exc, True
-            ray.kill(self.actor, no_restart=False)
+            # true, as LocalPool rebuilds its worker. A refusal by a restarted one is true
+            # already.
+            error, killed = exc, not _refused_as_restarted(exc)
+            if killed:
+                ray.kill(self.actor, no_restart=False)
         self.info = dataclasses.replace(self.info, alive=False)
         self.listener.on_failure(self.id, error)
         self._await_restart(ray, new_process=killed)
 
     def _stream(self, ray, job: JobInput) -> None:
         ended = False
-        for ref in self.actor.run.options(num_returns="streaming").remote(job):
+        for ref in self.actor.run.options(num_returns="streaming").remote(job, self.info.pid):
             item = ray.get(ref)
             if isinstance(item, StepOutputs):
                 self.listener.on_step(item)
@@ -264,6 +275,12 @@ class _WorkerLink:
         self.info = dataclasses.replace(self.info, device=device, pid=pid, alive=True,
                                         restarts=restarts)
         self.lost = None
+
+
+def _refused_as_restarted(exc: BaseException) -> bool:
+    # Ray wraps what the actor raised in a RayTaskError whose cause is the original.
+    return isinstance(exc, WorkerRestarted) or \
+        isinstance(getattr(exc, "cause", None), WorkerRestarted)
 
 
 def _connect(ray, config: PoolConfig, cpus_needed: int) -> bool:

@@ -44,19 +44,26 @@ class Recorder:
     def __init__(self):
         self.events: list[tuple[str, int, object, float]] = []  # (kind, worker, item, at)
         self.on_first_step = None  # called once from the pool's thread, for the kill test
+        self.forward = None  # a listener (a controller) that gets every event too
         self._changed = threading.Condition()
 
     def on_step(self, out: StepOutputs) -> None:
         self._add("step", out.worker, out)
+        if self.forward:
+            self.forward.on_step(out)
         hook, self.on_first_step = self.on_first_step, None
         if hook:
             hook(out)
 
     def on_done(self, done: JobDone) -> None:
         self._add("done", done.worker, done)
+        if self.forward:
+            self.forward.on_done(done)
 
     def on_failure(self, worker: int, error: BaseException) -> None:
         self._add("failure", worker, error)
+        if self.forward:
+            self.forward.on_failure(worker, error)
 
     def _add(self, kind, worker, item) -> None:
         with self._changed:
@@ -253,3 +260,79 @@ def test_failed_job_restarts_its_worker_afresh(pool, reference):
     events = pool.recorder.wait_ends(since, [worker])
     assert tokens_of(job, events) == reference["synth-b"][SHORT.max_tokens]
     assert pool.workers()[worker].restarts == before.restarts + 1
+
+
+def serving_controller(pool, fleet):
+    """A serving controller over the module's pool, fitted to a quick profile of it."""
+    from tokenpool.controller.cost_fit import EngineProfilePlan
+    from tokenpool.controller.service import ServingController
+    from tokenpool.schedulers.admission import SLOAdmission
+    from tokenpool.schedulers.registry import Roles, make_scheduler
+    from tokenpool.schedulers.types import SLO
+
+    plan = EngineProfilePlan(prompt_lens=(8, 16), prefill_batches=(1, 2), decode_batches=(1, 2),
+                             decode_prompt_lens=(8, 16), decode_steps=2, repeats=1)
+    roles, slo = Roles((0, 1), (0, 1)), SLO(600, 60)
+    slos = {spec.id: slo for spec in fleet.models}
+    controller = ServingController(None, pool, SLOAdmission(1000, 1000, 4096), roles, slos)
+    controller.scheduler = make_scheduler("token-level", roles, pool.profile(plan),
+                                          lambda model: slo)
+    return controller
+
+
+def kill_mid_stream(controller, client, pool, min_tokens: int) -> int:
+    """Once clients hold `min_tokens` tokens, kill the actor of a worker decoding some."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline:
+        with client.done:
+            streamed = sum(len(ev.token_ids) for evs in client.events.values() for ev in evs)
+        running = [w["id"] for w in controller.snapshot()["workers"] if w["running"]]
+        if streamed >= min_tokens and running:
+            pool.kill(running[-1])
+            return running[-1]
+        time.sleep(0.005)
+    raise AssertionError("no worker was decoding")
+
+
+def test_a_killed_actor_s_requests_are_recomputed_elsewhere_exactly(pool, fleet, reference,
+                                                                    monkeypatch):
+    """Under a controller: the actor of one of two workers is killed while its requests are
+    mid-stream; every client still gets exactly the standalone tokens, one end each, within
+    a bounded wait; the actor comes back and serves; no KV page is left held."""
+    from serving_fixtures import wait_until_idle
+    from test_service import Client, spy_jobs
+
+    controller = serving_controller(pool, fleet)
+    sent = spy_jobs(monkeypatch, pool)
+    pool.recorder.forward = controller
+    controller.start_loop()
+    try:
+        client = Client(controller)
+        requests = [(f"k{copy}-{model}-{j}", model, j) for copy in range(2)
+                    for model in SHAPES for j in range(len(PROMPTS))]
+        restarts = [w.restarts for w in pool.workers()]
+        for rid, model, j in requests:
+            client.submit(rid, model, PROMPTS[j], LONG)
+        victim = kill_mid_stream(controller, client, pool, min_tokens=40)
+        client.wait([r[0] for r in requests], timeout=JOB_TIMEOUT_S)
+        for rid, model, j in requests:
+            assert client.events[rid][-1].error is None, client.events[rid][-1]
+            assert client.tokens(rid) == reference[model][LONG.max_tokens][j], rid
+        assert any(inp.resumed for _, inp in sent), "no request was cut mid-stream"
+
+        snap = wait_until_idle(controller, timeout_s=JOB_TIMEOUT_S)
+        info = pool.workers()[victim]
+        assert info.alive and info.restarts == restarts[victim] + 1
+        assert pool.workers()[1 - victim].restarts == restarts[1 - victim]
+        assert snap["recomputed"] >= 1 and snap["lost"] == 0 and snap["loop_errors"] == 0
+        assert all(w["kv_pages_used"] == 0 for w in snap["workers"]), snap["workers"]
+    finally:
+        controller.stop_loop()
+        pool.recorder.forward = None
+    # The restarted actor serves again (the policy may well have sent it nothing since).
+    job = generate_job(victim, "synth-a", SHORT)
+    since = pool.recorder.mark()
+    pool.run(victim, job)
+    events = pool.recorder.wait_ends(since, [victim])
+    assert events[-1][0] == "done"
+    assert tokens_of(job, events) == reference["synth-a"][SHORT.max_tokens]

@@ -1,0 +1,54 @@
+"""A dead worker's requests (DESIGN §7): each starts again from its prompt plus the tokens its
+client already has, or, once lost too often, ends with an explicit error.
+
+The policy hears of every lost request as finished, so it forgets the request wherever it
+held it (a prefill queue, a decode batch, a turn still to come, host slabs of the dead
+worker), then gets it again as a new request: its prompt is the old prompt plus those tokens,
+its budget what is left of max_tokens. A worker recomputes their KV in one prefill
+(`JobInput.resumed`) and goes on from the next token, so the client sees a pause, never a
+repeated or a missing token. Only the scheduler's view is a longer prompt: the engine keeps
+prompt and output apart, so usage counts, stop strings and the detokenizer run on as before.
+
+Bounds: a request survives MAX_RETRIES losses; the next ends it with an error. Each try ends
+when its job does or when its worker is reported lost, which every pool bounds (LocalPool
+rebuilds the worker at once; RayPool waits at most `restart_timeout_s` for the actor).
+"""
+
+from __future__ import annotations
+
+from tokenpool.schedulers.types import DecodeDone, Job, Prefill, PrefillDone, RequestInfo
+
+MAX_RETRIES = 2
+
+
+def finished_results(worker: int, job: Job | None, lost: list[str], requests: dict) -> list:
+    """Results that tell the policy each lost request finished: a PrefillDone for those the
+    dead job was prefilling (the policy still waits on that unit), a zero-step DecodeDone for
+    the rest (decoding there, or swapped out there)."""
+    prefilling = {rid for unit in (job.units if job else ()) if type(unit) is Prefill
+                  for rid in unit.request_ids}
+    results = []
+    for rid in lost:
+        model = requests[rid].request.model
+        if rid in prefilling:
+            results.append(PrefillDone(worker, model, (rid,), (rid,)))
+        else:
+            results.append(DecodeDone(worker, model, (rid,), 0, (rid,)))
+    return results
+
+
+def can_retry(tracked) -> bool:
+    """Still wanted by its client (not cancelled, no final event yet) and not lost too often."""
+    return tracked.sink is not None and tracked.retries < MAX_RETRIES
+
+
+def retry_info(tracked) -> RequestInfo:
+    """The request as the policy sees its next try: the tokens streamed so far are prompt."""
+    req, done = tracked.request, len(tracked.emitted)
+    return RequestInfo(req.request_id, req.model, len(req.prompt_ids) + done, tracked.admitted,
+                       req.params.max_tokens - done)
+
+
+def give_up_message(worker: int, error: BaseException) -> str:
+    return (f"worker {worker} failed ({error}); the request was lost with a worker "
+            f"{MAX_RETRIES + 1} times and is not retried again")
