@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -109,7 +110,9 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
         raise InvalidRequestError(f"request body is not valid UTF-8 (byte {exc.start})") from exc
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:
+        # Not only JSONDecodeError: an integer of more than 4,300 digits is a plain
+        # ValueError, and arrays nested too deep a RecursionError; both are the client's.
         raise InvalidRequestError(f"request body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise InvalidRequestError("request body must be a JSON object")
@@ -210,7 +213,33 @@ def create_app(frontend: Frontend, controller, config: ProxyConfig,
     app.post("/v1/completions")(routes.completions)
     app.post("/v1/chat/completions")(routes.chat)
     _add_info_routes(app, frontend, controller, metrics)
+    _document_bodies(app)
     return app
+
+
+_BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest}
+
+
+def _document_bodies(app: FastAPI) -> None:
+    """Put the request bodies into /openapi.json. The routes parse their bodies themselves
+    (see `parse_body`), so FastAPI cannot see them; without this the schema would say the
+    POSTs take nothing, and clients and fuzzers built from it would send nothing."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()  # caches itself in app.openapi_schema
+            _, defs = models_json_schema([(m, "validation") for m in _BODIES.values()],
+                                         ref_template="#/components/schemas/{model}")
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(
+                defs["$defs"])
+            for path, model in _BODIES.items():
+                schema["paths"][path]["post"]["requestBody"] = {"required": True, "content": {
+                    "application/json": {"schema": {
+                        "$ref": f"#/components/schemas/{model.__name__}"}}}}
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def _add_info_routes(app: FastAPI, frontend: Frontend, controller,
