@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenpool.bench import serve_bench
@@ -32,35 +32,40 @@ POINT_KEYS = ("slo_attainment", "slo_met_fraction", "request_goodput", "request_
               "p99_itl_ms", "median_tpot_ms", "p99_tpot_ms")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@dataclass(frozen=True, slots=True)
+class Server:
+    url: str  # http://127.0.0.1:PORT
+    grpc: str  # 127.0.0.1:PORT
+    pid: int
 
 
 @contextmanager
 def served(config: str, scheduler: str, log_path: Path | None = None):
-    """A `tokenpool serve` process of `config` under `scheduler`; yields its HTTP URL."""
-    http, grpc = free_port(), free_port()
+    """A `tokenpool serve` process of `config` under `scheduler`; yields its Server.
+
+    It binds port 0 for both edges and says which ports it got in its `ready` line: choosing
+    free ports here and passing them would race with whatever else binds ports meanwhile."""
     command = [sys.executable, "-m", "tokenpool.cli.main", "serve", "--config", str(config),
-               "--scheduler", scheduler, "--http-port", str(http), "--grpc-port", str(grpc)]
+               "--scheduler", scheduler, "--http-port", "0", "--grpc-port", "0"]
     log = open(log_path, "w") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True,
                             start_new_session=True)
     try:
-        _wait_ready(proc)
-        yield f"http://127.0.0.1:{http}"
+        http, grpc = _wait_ready(proc)
+        yield Server(f"http://{http}", grpc, proc.pid)
     finally:
         _stop(proc)
         if log_path:
             log.close()
 
 
-def _wait_ready(proc: subprocess.Popen) -> None:
+def _wait_ready(proc: subprocess.Popen) -> tuple[str, str]:
+    """The HTTP and gRPC addresses of the `ready http=H:P grpc=H:P` line."""
     deadline = time.monotonic() + READY_TIMEOUT_S
     for line in proc.stdout:  # the server prints nothing else on stdout
         if line.startswith("ready "):
-            return
+            fields = dict(part.split("=", 1) for part in line.split()[1:])
+            return fields["http"], fields["grpc"]
         if time.monotonic() > deadline:
             break
     code = proc.poll()
@@ -95,7 +100,8 @@ def run_point(config: str, fleet, scheduler: str, rate: float, duration_s: float
     log = log_dir / f"serve-{scheduler}-{rate:g}.log" if log_dir else None
     print(f"bench sweep: {scheduler} at {rate:g} req/s: {len(requests)} requests",
           file=sys.stderr, flush=True)
-    with served(config, scheduler, log) as url:
+    with served(config, scheduler, log) as server:
+        url = server.url
         before = serve_bench.server_facts(url)
         warmup = serve_bench.warmup_requests(before["models"], 2 * len(before["models"]))
         result = serve_bench.run(serve_bench.Target(url), requests, before["slo"].__getitem__,

@@ -1,5 +1,5 @@
 """`tokenpool bench engine|swap|proxy`: engine throughput, model-switch cost and proxy
-overhead, as JSON (`serve` and `sweep` live in cli/bench_serve.py)."""
+overhead, as JSON (`serve` and `sweep` live in cli/bench_serve.py, `overload` in cli/bench_overload.py)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ examples:
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
-        "bench", help="benchmarks that write one JSON object (engine, swap, proxy, serve, sweep)",
+        "bench", help="benchmarks that write one JSON object (engine, swap, proxy, serve, sweep, overload)",
         description="Benchmarks. Each prints a short table to stdout and writes one JSON "
                     "object to --json OUT.",
         formatter_class=_args.HelpFormatter)
@@ -45,9 +45,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     _add_engine(kinds)
     _add_swap(kinds)
     _add_proxy(kinds)
-    from tokenpool.cli import bench_serve
+    from tokenpool.cli import bench_overload, bench_serve
 
     bench_serve.add_parsers(kinds)
+    bench_overload.add_parser(kinds)
 
 
 def _add_engine(kinds: argparse._SubParsersAction) -> None:
