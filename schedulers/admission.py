@@ -56,9 +56,9 @@ def predicted_ttft(prefill, req: RequestInfo) -> float:
     """Seconds until `req`'s first token on the prefill worker that would give it soonest."""
     own = prefill.cost.prefill_time(req.model, [req.prompt_len])
     joinable = prefill.open_groups.get(req.model)
-    if joinable:  # it joins a queued group of its model
+    if joinable:  # it joins a queued group of its model, behind the worker's other work too
         queue, _ = joinable[0]
-        return queue.work + own
+        return queue.work + prefill.busy_elsewhere(queue.worker) + own
     return min(prefill._cost_of_new_group(q, req.model) + prefill.busy_elsewhere(q.worker)
                for q in prefill.queues.values()) + own
 
