@@ -234,12 +234,7 @@ def test_killed_actor_fails_its_job_then_restarts_and_serves(pool, reference):
     assert "done" not in [kind for kind, *_ in events]
 
     # Queued right away: it runs once Ray has rebuilt the actor, on a fresh worker.
-    job = generate_job(victim, "synth-a", SHORT)
-    since = pool.recorder.mark()
-    pool.run(victim, job)
-    events = pool.recorder.wait_ends(since, [victim])
-    assert events[-1][0] == "done"
-    assert tokens_of(job, events) == reference["synth-a"][SHORT.max_tokens]
+    assert_serves_short(pool, victim, reference)
     after = pool.workers()[victim]
     assert after.alive and after.restarts == before.restarts + 1 and after.pid != before.pid
     assert pool.workers()[0].restarts == 0
@@ -260,6 +255,16 @@ def test_failed_job_restarts_its_worker_afresh(pool, reference):
     events = pool.recorder.wait_ends(since, [worker])
     assert tokens_of(job, events) == reference["synth-b"][SHORT.max_tokens]
     assert pool.workers()[worker].restarts == before.restarts + 1
+
+
+def assert_serves_short(pool, worker: int, reference) -> None:
+    """A short job on `worker` ends done, with the standalone engine's tokens."""
+    job = generate_job(worker, "synth-a", SHORT)
+    since = pool.recorder.mark()
+    pool.run(worker, job)
+    events = pool.recorder.wait_ends(since, [worker])
+    assert events[-1][0] == "done"
+    assert tokens_of(job, events) == reference["synth-a"][SHORT.max_tokens]
 
 
 def serving_controller(pool, fleet):
@@ -330,9 +335,4 @@ def test_a_killed_actor_s_requests_are_recomputed_elsewhere_exactly(pool, fleet,
         controller.stop_loop()
         pool.recorder.forward = None
     # The restarted actor serves again (the policy may well have sent it nothing since).
-    job = generate_job(victim, "synth-a", SHORT)
-    since = pool.recorder.mark()
-    pool.run(victim, job)
-    events = pool.recorder.wait_ends(since, [victim])
-    assert events[-1][0] == "done"
-    assert tokens_of(job, events) == reference["synth-a"][SHORT.max_tokens]
+    assert_serves_short(pool, victim, reference)
