@@ -5,8 +5,8 @@ then miss its SLO on. Signals, cheapest first:
 - the pool-wide prefill queue is full (`max_waiting`): a bound on memory whatever the policy;
 - token-level: the predicted TTFT on the best prefill worker (its queued groups' predicted
   work, switches included, plus this prompt) exceeds `ttft_factor` x the TTFT SLO;
-- token-level: on every decode worker, the next round with this request added would run at
-  an alpha above `max_alpha`, i.e. stretch every batch's token gap past its TBT SLO by that
+- token-level: on every decode worker (colocated roles: on the worker it would prefill and so
+  decode on), the next round with this request added would run at an alpha above `max_alpha`, i.e. stretch every batch's token gap past its TBT SLO by that
   factor. The next round's alpha, not the last one's: an emptied worker keeps the alpha of
   its last busy round, and shedding on it would never let an idle pool recover.
 """
@@ -41,30 +41,32 @@ class SLOAdmission:
         prefill = getattr(scheduler, "prefill", None)
         if prefill is None:  # request-level baselines: the queue bound only
             return ADMIT
-        ttft = predicted_ttft(prefill, req)
+        queue, group = prefill.target(req)
+        ttft = predicted_ttft(prefill, req, queue, group)
         if ttft > self.ttft_factor * slo.ttft_s:
             return Admission(False, f"predicted time to first token {ttft:.2f} s exceeds the "
                                     f"SLO of {slo.ttft_s:g} s", ttft - slo.ttft_s)
-        alpha = predicted_alpha(scheduler.decode, req, slo)
+        # Colocated roles decode where they prefill: that worker's round is the one to check.
+        on = queue.worker if prefill.decode_fits is not None else None
+        alpha = predicted_alpha(scheduler.decode, req, slo, on)
         if alpha > self.max_alpha:
             return Admission(False, f"decode is overloaded (round alpha {alpha:.2f} > "
                                     f"{self.max_alpha:g})", slo.tbt_s * 10)
         return ADMIT
 
 
-def predicted_ttft(prefill, req: RequestInfo) -> float:
-    """Seconds until `req`'s first token on the prefill worker that would give it soonest."""
+def predicted_ttft(prefill, req: RequestInfo, queue=None, group=None) -> float:
+    """Seconds until `req`'s first token on the prefill worker placement would give it:
+    `queue` and the open `group` it joins (None: a new group), from `prefill.target`."""
+    if queue is None:
+        queue, group = prefill.target(req)
     own = prefill.cost.prefill_time(req.model, [req.prompt_len])
-    joinable = prefill.open_groups.get(req.model)
-    if joinable:  # it joins a queued group of its model, behind the worker's other work too
-        queue, _ = joinable[0]
-        return queue.work + prefill.busy_elsewhere(queue.worker) + own
-    return min(prefill._cost_of_new_group(q, req.model) + prefill.busy_elsewhere(q.worker)
-               for q in prefill.queues.values()) + own
+    ahead = queue.work if group is not None else prefill._cost_of_new_group(queue, req.model)
+    return ahead + prefill.busy_elsewhere(queue.worker) + own
 
 
-def predicted_alpha(decode, req: RequestInfo, slo: SLO) -> float:
-    """The lowest next-round alpha of any decode worker, were `req` placed on it."""
-    context = req.prompt_len + 1
-    return min(decode._alpha_with(w, req.model, context, slo.tbt_s)
-               for w in decode.workers.values())
+def predicted_alpha(decode, req: RequestInfo, slo: SLO, worker: int | None = None) -> float:
+    """The next-round alpha of `worker`, or of the best decode worker, were `req` placed on it."""
+    if worker is not None and worker in decode.workers:
+        return decode.alpha_with(worker, req, slo.tbt_s)
+    return min(decode.alpha_with(w, req, slo.tbt_s) for w in decode.workers)

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from tokenpool.schedulers.cost import CostModel
 from tokenpool.schedulers.quota import Q_MAX_S, round_alpha, round_quotas
 from tokenpool.schedulers.choices import candidates
-from tokenpool.schedulers.types import Decode, Job, Prefetch, SwapIn, SwapOut, Switch
+from tokenpool.schedulers.types import (
+    Decode, Job, Prefetch, RequestInfo, SwapIn, SwapOut, Switch)
 
 
 @dataclass(slots=True)
@@ -116,6 +117,11 @@ class WeightedRoundRobinDecode:
         workers = self.workers
         return [workers[i] for i in (sorted(ids) if len(ids) > 1 else ids)
                 if workers[i].tokens.get(model, 0) + context <= capacity]
+
+    def alpha_with(self, worker: int, req: RequestInfo, tbt_slo: float) -> float:
+        """The next-round alpha of `worker` with prefilled `req` added; 0 if it decodes not."""
+        w = self.workers.get(worker)
+        return 0.0 if w is None else self._alpha_with(w, req.model, req.prompt_len + 1, tbt_slo)
 
     def _alpha_with(self, w: DecodeWorker, model: str, context: int, tbt_slo: float) -> float:
         """The alpha of the worker's next round if it also held this request: one batch per

@@ -3,7 +3,9 @@
 Each prefill worker keeps a FIFO of groups, a group being waiting requests of one model (at
 most `max_group_size`). A request joins a waiting group of its model with room on any
 worker, else opens a group on the worker with the least estimated pending work (prefill time
-plus switch time). A worker runs its groups in order, switches model only between groups, and
+plus switch time). With colocated roles a request decodes where it prefills, so a worker
+whose decoding it would overload (`decode_fits`) is passed over while another one has room:
+otherwise a busy worker's groups wait longer, gather more joiners, and make it busier still. A worker runs its groups in order, switches model only between groups, and
 prefetches the next group's model while the current one runs.
 
 Bookkeeping is incremental so that dispatch stays O(1) in the number of queued groups: open
@@ -40,12 +42,14 @@ class PrefillQueue:
 class GroupedFCFSPrefill:
     def __init__(self, workers: list[int], cost: CostModel, max_group_size: int = 8,
                  batch_group: bool = False, seed: int = 0,
-                 busy_elsewhere: Callable[[int], float] | None = None):
+                 busy_elsewhere: Callable[[int], float] | None = None,
+                 decode_fits: Callable[[int, RequestInfo], bool] | None = None):
         self.cost = cost
         # Colocated roles: how busy a worker is with decoding, so new groups spread out
         # instead of piling onto the first worker whose prefill queue happens to be empty.
         self.busy_elsewhere = busy_elsewhere or (lambda worker: 0.0)
         self._colocated = busy_elsewhere is not None
+        self.decode_fits = decode_fits
         self.max_group_size = max_group_size
         self.batch_group = batch_group  # one forward pass per group instead of per request
         self.queues = {w: PrefillQueue(w) for w in workers}
@@ -57,16 +61,15 @@ class GroupedFCFSPrefill:
     def add_request(self, req: RequestInfo) -> None:
         model = req.model
         work = self.cost.prefill_time(model, [req.prompt_len])
-        joinable = self.open_groups.get(model)
-        if joinable:
-            queue, group = joinable[0]
+        queue, group = self.target(req)
+        if group is not None:
             group.requests.append(req)
             group.work += work
             queue.work += work
             if len(group.requests) >= self.max_group_size:
-                joinable.pop(0)
+                joinable = self.open_groups[model]
+                joinable[:] = [e for e in joinable if e[1] is not group]
             return
-        queue = self._soonest_start(model)
         added = self._cost_of_new_group(queue, model) - queue.work + work
         group = Group(model, [req], added)
         queue.work += added
@@ -76,12 +79,30 @@ class GroupedFCFSPrefill:
         if self.max_group_size > 1:
             self.open_groups.setdefault(model, []).append((queue, group))
 
-    def _soonest_start(self, model: str) -> PrefillQueue:
+    def target(self, req: RequestInfo) -> tuple[PrefillQueue, Group | None]:
+        """Where `req` would go: the open group it would join, or the queue of a new group."""
+        allowed = self._with_decode_room(req)
+        for queue, group in self.open_groups.get(req.model, ()):
+            if allowed is None or queue.worker in allowed:
+                return queue, group
+        return self._soonest_start(req.model, allowed), None
+
+    def _with_decode_room(self, req: RequestInfo) -> set[int] | None:
+        """Colocated: the workers whose decoding `req` would not overload; None for any.
+        O(workers) per request: colocated roles are for small pools."""
+        if self.decode_fits is None:
+            return None
+        fits = {w for w in self.queues if self.decode_fits(w, req)}
+        return fits or None  # all overloaded: placement as usual (admission sheds first)
+
+    def _soonest_start(self, model: str, allowed: set[int] | None = None) -> PrefillQueue:
         """The candidate queue where a new group of `model` would start soonest (ties: the
         lowest worker id). A plain loop, not min() with a key: it runs once per request."""
         switch = self.cost.switch_time(model)
         best, best_cost = None, 0.0
-        for q in candidates(self._workers, self._rng):
+        queues = candidates(self._workers, self._rng) if allowed is None else \
+            [self.queues[w] for w in allowed]
+        for q in queues:
             cost = q.work + switch if model != q.last_model else q.work + 0.0
             if self._colocated:
                 cost += self.busy_elsewhere(q.worker)

@@ -26,13 +26,18 @@ class TokenLevelScheduler:
         colocated = set(prefill_workers) & set(decode_workers)
         self.prefill = GroupedFCFSPrefill(
             prefill_workers, cost, max_group_size, batch_prefill,
-            busy_elsewhere=self._decode_backlog if colocated else None)
+            busy_elsewhere=self._decode_backlog if colocated else None,
+            decode_fits=self._decode_fits if colocated else None)
         self.requests: dict[str, RequestInfo] = {}
 
     def _decode_backlog(self, worker: int) -> float:
         """Seconds of decoding a colocated worker has in hand: its last round's length."""
         w = self.decode.workers.get(worker)
         return w.round_s if w is not None and w.requests else 0.0
+
+    def _decode_fits(self, worker: int, req: RequestInfo) -> bool:
+        """Would the worker's next decode round, with `req` added, still meet every TBT SLO?"""
+        return self.decode.alpha_with(worker, req, self.slo_of(req.model).tbt_s) <= 1.0
 
     def add_request(self, req: RequestInfo, now: float) -> None:
         self.requests[req.request_id] = req

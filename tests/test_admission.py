@@ -56,3 +56,16 @@ def test_decode_overload_sheds_and_an_emptied_pool_admits_again():
     assert s.num_unfinished() == 0
     assert s.decode.workers[0].alpha > 1.0  # the last round's, stale
     assert admission.decide(s, req(99, "a"), SLO_, num_waiting=0).admit
+
+
+def test_colocated_admission_checks_the_worker_the_request_would_decode_on():
+    from test_schedulers import _decoding
+
+    s = make_scheduler("token-level", Roles((0, 1), (0, 1)), cost(), lambda m: SLO_)
+    s.add_request(req(0, "a"), 0.0)  # an open group of "a" on worker 0, which r99 would join
+    _decoding(s, 0, "a", 90)  # steps of 100 ms against 50 ms TBT: alpha 2
+    _decoding(s, 1, "a", 50, first=2000)  # 60 ms: alpha 1.2, over 1 too, so no way around 0
+    assert predicted_alpha(s.decode, req(99, "a"), SLO_) < 1.5  # the best worker's...
+    assert predicted_alpha(s.decode, req(99, "a"), SLO_, worker=0) > 1.5  # ...is not r99's
+    verdict = SLOAdmission(ttft_factor=1e9, max_alpha=1.5).decide(s, req(99, "a"), SLO_, 0)
+    assert not verdict.admit and "decode is overloaded" in verdict.reason

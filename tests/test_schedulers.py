@@ -232,3 +232,25 @@ def test_colocated_prefill_avoids_a_worker_busy_decoding():
     assert s.decode.workers[0].round_s > 0
     s.add_request(req(1, "b"), 0.2)
     assert [g.model for g in s.prefill.queues[1].groups] == ["b"]  # not piled onto worker 0
+
+
+def _decoding(s, worker: int, model: str, count: int, first: int = 1000) -> None:
+    """Give a colocated worker `count` prefilled requests of `model` to decode."""
+    for i in range(first, first + count):
+        s.decode.place(f"r{i}", model, 101, s.slo_of(model).tbt_s, local=worker)
+
+
+def test_colocated_requests_skip_an_open_group_where_decoding_them_would_break_tbt():
+    from tokenpool.schedulers.token_level import TokenLevelScheduler
+
+    # 50 ms TBT, decode steps of 10 ms + 1 ms per request: one model keeps up to 40 requests.
+    s = TokenLevelScheduler([0, 1], [0, 1], cost(), lambda m: SLO(10, 0.05))
+    s.add_request(req(0, "a"), 0.0)  # opens a group of "a" on worker 0
+    _decoding(s, 0, "a", 45)  # worker 0's round now runs past the TBT SLO
+    s.add_request(req(1, "a"), 0.0)
+    groups = {w: [[r.request_id for r in g.requests] for g in q.groups]
+              for w, q in s.prefill.queues.items()}
+    assert groups == {0: [["r0"]], 1: [["r1"]]}  # not the open group: worker 1 decodes in time
+    _decoding(s, 1, "a", 45, first=2000)
+    s.add_request(req(2, "a"), 0.0)  # both overloaded: the usual placement (admission sheds)
+    assert [r.request_id for r in s.prefill.queues[0].groups[0].requests] == ["r0", "r2"]
