@@ -9,6 +9,9 @@ or failed counts as a miss in attainment and goodput: it was not served.
 
 from __future__ import annotations
 
+import json
+import re
+from collections import Counter
 from collections.abc import Iterable
 
 from tokenpool.bench.load_client import RequestRecord
@@ -33,6 +36,21 @@ def _ms_stats(name: str, values: list[float]) -> dict:
             f"p99_{name}_ms": percentile(ms, 99)}
 
 
+def shed_reasons(records: Iterable[RequestRecord]) -> dict[str, int]:
+    """How often the server gave each reason for shedding, numbers blanked out ("#"), so
+    that an operator sees which admission signal fired."""
+    return dict(Counter(_reason(r.error or "") for r in records if r.status == "shed"))
+
+
+def _reason(error: str) -> str:
+    _, _, body = error.partition(": ")  # "HTTP 429: {json}" or "RESOURCE_EXHAUSTED: text"
+    try:
+        body = json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        pass
+    return re.sub(r"\d+(\.\d+)?", "#", str(body))[:120]
+
+
 def summarize_records(records: list[RequestRecord], slo_of, duration_s: float) -> dict:
     """The keys for one set of requests (the whole run or one model)."""
     timelines = [timeline(r, slo_of(r.request.model)) for r in records]
@@ -48,6 +66,7 @@ def summarize_records(records: list[RequestRecord], slo_of, duration_s: float) -
         "completed": len(done),
         "shed": sum(r.status == "shed" for r in records),
         "failed": sum(r.status == "error" for r in records),
+        "shed_reasons": shed_reasons(records),
         "total_input_tokens": sum(r.request.prompt_len for r, _ in done),
         "total_output_tokens": output_tokens,
         "request_throughput": len(done) / duration_s,

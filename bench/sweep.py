@@ -29,7 +29,7 @@ READY_TIMEOUT_S = 600.0  # the first start packs the host cache and profiles the
 POINT_KEYS = ("slo_attainment", "slo_met_fraction", "request_goodput", "request_throughput",
               "output_throughput", "completed", "shed", "failed", "num_requests",
               "median_ttft_ms", "p95_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p95_itl_ms",
-              "p99_itl_ms", "median_tpot_ms", "p99_tpot_ms")
+              "p99_itl_ms", "median_tpot_ms", "p99_tpot_ms", "shed_reasons")
 
 
 @dataclass(frozen=True, slots=True)

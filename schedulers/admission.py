@@ -47,7 +47,7 @@ class SLOAdmission:
             return Admission(False, f"predicted time to first token {ttft:.2f} s exceeds the "
                                     f"SLO of {slo.ttft_s:g} s", ttft - slo.ttft_s)
         # Colocated roles decode where they prefill: that worker's round is the one to check.
-        on = queue.worker if prefill.decode_fits is not None else None
+        on = queue.worker if prefill.decode_tiers is not None else None
         alpha = predicted_alpha(scheduler.decode, req, slo, on)
         if alpha > self.max_alpha:
             return Admission(False, f"decode is overloaded (round alpha {alpha:.2f} > "

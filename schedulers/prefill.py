@@ -3,9 +3,11 @@
 Each prefill worker keeps a FIFO of groups, a group being waiting requests of one model (at
 most `max_group_size`). A request joins a waiting group of its model with room on any
 worker, else opens a group on the worker with the least estimated pending work (prefill time
-plus switch time). With colocated roles a request decodes where it prefills, so a worker
-whose decoding it would overload (`decode_fits`) is passed over while another one has room:
-otherwise a busy worker's groups wait longer, gather more joiners, and make it busier still. A worker runs its groups in order, switches model only between groups, and
+plus switch time). With colocated roles a request decodes where it prefills, so placement
+asks the decode side which workers to prefer (`decode_tiers`): those already decoding the
+model with room in their round, then any with room. A worker the request would overload is
+passed over while another has room: else a busy worker's groups wait longer, gather more
+joiners, and make it busier still. A worker runs its groups in order, switches model only between groups, and
 prefetches the next group's model while the current one runs.
 
 Bookkeeping is incremental so that dispatch stays O(1) in the number of queued groups: open
@@ -43,13 +45,13 @@ class GroupedFCFSPrefill:
     def __init__(self, workers: list[int], cost: CostModel, max_group_size: int = 8,
                  batch_group: bool = False, seed: int = 0,
                  busy_elsewhere: Callable[[int], float] | None = None,
-                 decode_fits: Callable[[int, RequestInfo], bool] | None = None):
+                 decode_tiers: Callable[[RequestInfo], list[set[int]]] | None = None):
         self.cost = cost
         # Colocated roles: how busy a worker is with decoding, so new groups spread out
         # instead of piling onto the first worker whose prefill queue happens to be empty.
         self.busy_elsewhere = busy_elsewhere or (lambda worker: 0.0)
         self._colocated = busy_elsewhere is not None
-        self.decode_fits = decode_fits
+        self.decode_tiers = decode_tiers
         self.max_group_size = max_group_size
         self.batch_group = batch_group  # one forward pass per group instead of per request
         self.queues = {w: PrefillQueue(w) for w in workers}
@@ -81,19 +83,17 @@ class GroupedFCFSPrefill:
 
     def target(self, req: RequestInfo) -> tuple[PrefillQueue, Group | None]:
         """Where `req` would go: the open group it would join, or the queue of a new group."""
-        allowed = self._with_decode_room(req)
-        for queue, group in self.open_groups.get(req.model, ()):
-            if allowed is None or queue.worker in allowed:
-                return queue, group
-        return self._soonest_start(req.model, allowed), None
-
-    def _with_decode_room(self, req: RequestInfo) -> set[int] | None:
-        """Colocated: the workers whose decoding `req` would not overload; None for any.
-        O(workers) per request: colocated roles are for small pools."""
-        if self.decode_fits is None:
-            return None
-        fits = {w for w in self.queues if self.decode_fits(w, req)}
-        return fits or None  # all overloaded: placement as usual (admission sheds first)
+        joinable = self.open_groups.get(req.model, ())
+        # Colocated: O(workers) per request, as colocated roles are for small pools.
+        for allowed in (self.decode_tiers(req) if self.decode_tiers else ()):
+            for queue, group in joinable:
+                if queue.worker in allowed:
+                    return queue, group
+            if allowed:
+                return self._soonest_start(req.model, allowed), None
+        if joinable:  # any worker; all colocated ones are overloaded (admission sheds first)
+            return joinable[0]
+        return self._soonest_start(req.model), None
 
     def _soonest_start(self, model: str, allowed: set[int] | None = None) -> PrefillQueue:
         """The candidate queue where a new group of `model` would start soonest (ties: the

@@ -27,7 +27,7 @@ class TokenLevelScheduler:
         self.prefill = GroupedFCFSPrefill(
             prefill_workers, cost, max_group_size, batch_prefill,
             busy_elsewhere=self._decode_backlog if colocated else None,
-            decode_fits=self._decode_fits if colocated else None)
+            decode_tiers=self._decode_tiers if colocated else None)
         self.requests: dict[str, RequestInfo] = {}
 
     def _decode_backlog(self, worker: int) -> float:
@@ -35,9 +35,16 @@ class TokenLevelScheduler:
         w = self.decode.workers.get(worker)
         return w.round_s if w is not None and w.requests else 0.0
 
-    def _decode_fits(self, worker: int, req: RequestInfo) -> bool:
-        """Would the worker's next decode round, with `req` added, still meet every TBT SLO?"""
-        return self.decode.alpha_with(worker, req, self.slo_of(req.model).tbt_s) <= 1.0
+    def _decode_tiers(self, req: RequestInfo) -> list[set[int]]:
+        """Colocated workers to prefer for `req`, best first: those already decoding its model
+        or queueing a group of it (one more request costs a fraction of a step, a new batch a
+        whole step per round), then the rest; each only where the next round, with `req`
+        added, still meets every TBT SLO."""
+        decode, tbt, model = self.decode, self.slo_of(req.model).tbt_s, req.model
+        fits = {w for w in self.prefill.queues if decode.alpha_with(w, req, tbt) <= 1.0}
+        queued = {q.worker for q, _ in self.prefill.open_groups.get(model, ())}
+        holding = fits & (decode.holders.get(model, set()) | queued)
+        return [holding, fits - holding]
 
     def add_request(self, req: RequestInfo, now: float) -> None:
         self.requests[req.request_id] = req

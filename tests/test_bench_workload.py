@@ -116,3 +116,15 @@ def test_report_late_tokens_lower_attainment():
     assert tl.attainment == pytest.approx(0.5)
     report = bench_report([late], lambda _m: slo, duration_s=2.0)
     assert report["slo_attainment"] == pytest.approx(0.5) and report["request_goodput"] == 0
+
+
+def test_report_counts_shed_reasons_with_numbers_blanked():
+    http = '{"error": {"message": "predicted time to first token 5.10 s exceeds the SLO of 4.3 s"}}'
+    records = [_record("a", 0.0, [], status="shed") for _ in range(3)]
+    records[0].error = f"HTTP 429: {http}"
+    records[1].error = f"HTTP 429: {http.replace('5.10', '7.25')}"
+    records[2].error = "RESOURCE_EXHAUSTED: decode is overloaded (round alpha 1.62 > 1.5)"
+    report = bench_report(records, lambda _m: SLO(1.0, 0.5), duration_s=1.0)
+    assert report["shed_reasons"] == {
+        "predicted time to first token # s exceeds the SLO of # s": 2,
+        "decode is overloaded (round alpha # > #)": 1}

@@ -254,3 +254,14 @@ def test_colocated_requests_skip_an_open_group_where_decoding_them_would_break_t
     _decoding(s, 1, "a", 45, first=2000)
     s.add_request(req(2, "a"), 0.0)  # both overloaded: the usual placement (admission sheds)
     assert [r.request_id for r in s.prefill.queues[0].groups[0].requests] == ["r0", "r2"]
+
+
+def test_colocated_requests_go_where_their_model_already_decodes():
+    from tokenpool.schedulers.token_level import TokenLevelScheduler
+
+    s = TokenLevelScheduler([0, 1], [0, 1], cost(), lambda m: SLO(10, 0.05))
+    _decoding(s, 0, "b", 5)
+    _decoding(s, 1, "a", 20, first=2000)  # busier, but a new batch on 0 would cost more
+    s.add_request(req(0, "a"), 0.0)
+    assert [g.model for g in s.prefill.queues[1].groups] == ["a"]
+    assert not s.prefill.queues[0].groups
