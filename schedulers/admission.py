@@ -3,12 +3,13 @@
 Shedding early, with 429 / RESOURCE_EXHAUSTED, beats queueing work that every request would
 then miss its SLO on. Signals, cheapest first:
 - the pool-wide prefill queue is full (`max_waiting`): a bound on memory whatever the policy;
-- token-level: the predicted TTFT on the best prefill worker (its queued groups' predicted
-  work, switches included, plus this prompt) exceeds `ttft_factor` x the TTFT SLO;
+- token-level: the predicted TTFT on the prefill worker placement picks (its queued groups'
+  predicted work, switches included, plus this prompt) exceeds `ttft_factor` x the TTFT SLO;
 - token-level: on every decode worker (colocated roles: on the worker it would prefill and so
-  decode on), the next round with this request added would run at an alpha above `max_alpha`, i.e. stretch every batch's token gap past its TBT SLO by that
-  factor. The next round's alpha, not the last one's: an emptied worker keeps the alpha of
-  its last busy round, and shedding on it would never let an idle pool recover.
+  decode on), the next round with this request added would run at an alpha above
+  `max_alpha`, i.e. stretch every batch's token gap past its TBT SLO by that factor. The next
+  round's alpha, not the last one's: an emptied worker keeps the alpha of its last busy
+  round, and shedding on it would never let an idle pool recover.
 """
 
 from __future__ import annotations

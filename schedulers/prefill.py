@@ -7,8 +7,8 @@ plus switch time). With colocated roles a request decodes where it prefills, so 
 asks the decode side which workers to prefer (`decode_tiers`): those already decoding the
 model with room in their round, then any with room. A worker the request would overload is
 passed over while another has room: else a busy worker's groups wait longer, gather more
-joiners, and make it busier still. A worker runs its groups in order, switches model only between groups, and
-prefetches the next group's model while the current one runs.
+joiners, and make it busier still. A worker runs its groups in order, switches model only
+between groups, and prefetches the next group's model while the current one runs.
 
 Bookkeeping is incremental so that dispatch stays O(1) in the number of queued groups: open
 groups are indexed by model, and each queue keeps a running estimate of its pending work.

@@ -31,9 +31,13 @@ class TokenLevelScheduler:
         self.requests: dict[str, RequestInfo] = {}
 
     def _decode_backlog(self, worker: int) -> float:
-        """Seconds of decoding a colocated worker has in hand: its last round's length."""
+        """The longest a colocated worker's decoding keeps a new prefill waiting: one turn,
+        its last round's longest, since the worker takes prefill work first between jobs.
+        Not the whole round: counting that, admission shed 28% of the requests at 14 req/s on
+        cpu-8models for a predicted TTFT over the 4.3 s SLO, while the p99 TTFT of the
+        requests it served was 1.5 s."""
         w = self.decode.workers.get(worker)
-        return w.round_s if w is not None and w.requests else 0.0
+        return w.turn_s if w is not None and w.requests else 0.0
 
     def _decode_tiers(self, req: RequestInfo) -> list[set[int]]:
         """Colocated workers to prefer for `req`, best first: those already decoding its model

@@ -3,6 +3,7 @@ rounds' alpha, and lets an emptied pool admit again."""
 
 from __future__ import annotations
 
+import pytest
 from test_schedulers import cost, req
 
 from tokenpool.schedulers.admission import SLOAdmission, predicted_alpha, predicted_ttft
@@ -69,3 +70,17 @@ def test_colocated_admission_checks_the_worker_the_request_would_decode_on():
     assert predicted_alpha(s.decode, req(99, "a"), SLO_, worker=0) > 1.5  # ...is not r99's
     verdict = SLOAdmission(ttft_factor=1e9, max_alpha=1.5).decide(s, req(99, "a"), SLO_, 0)
     assert not verdict.admit and "decode is overloaded" in verdict.reason
+
+
+def test_colocated_predicted_ttft_waits_for_one_decode_turn_not_the_round():
+    from test_schedulers import _decoding
+
+    s = make_scheduler("token-level", Roles((0,), (0,)), cost(), lambda m: SLO_, q_max_s=0.5)
+    _decoding(s, 0, "a", 5)
+    _decoding(s, 0, "b", 5, first=2000)
+    [job] = s.schedule({0}, 0.0)  # a round of two turns starts: prefill runs after this one
+    w = s.decode.workers[0]
+    assert w.round_s > w.turn_s > 0
+    c = s.prefill.cost
+    own = c.switch_time("c") + c.prefill_time("c", [100])
+    assert predicted_ttft(s.prefill, req(99, "c")) == pytest.approx(w.turn_s + own)

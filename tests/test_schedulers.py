@@ -229,7 +229,7 @@ def test_colocated_prefill_avoids_a_worker_busy_decoding():
     [job] = s.schedule({0}, 0.0)  # worker 1 is busy elsewhere; 0 prefills r0...
     s.update([PrefillDone(0, "a", ("r0",), ())], 0.1)  # ...and keeps it to decode
     [job] = s.schedule({0}, 0.1)  # its first round starts: it now has decode work in hand
-    assert s.decode.workers[0].round_s > 0
+    assert s.decode.workers[0].turn_s > 0
     s.add_request(req(1, "b"), 0.2)
     assert [g.model for g in s.prefill.queues[1].groups] == ["b"]  # not piled onto worker 0
 
