@@ -24,13 +24,19 @@ from tokenpool.bench.sweep import point_requests, served
 
 
 class MemorySampler:
-    """Resident memory of a process and its descendants, sampled on a thread."""
+    """Resident memory of a process and its descendants, sampled on a thread: all of it, and
+    the private part (resident minus file-backed shared pages). The private part is what a
+    leak grows. The rest is mostly the node's host cache: each worker maps a model's
+    /dev/shm file the first time it switches to it, and the kernel counts those same pages
+    in every process that maps them, so total RSS steps up by a model's size per worker
+    until each worker has served every model, without a byte more in use on the node."""
 
     def __init__(self, pid: int, interval_s: float = 1.0):
         import psutil
 
         self._root, self._interval = psutil.Process(pid), interval_s
-        self.samples: list[tuple[float, float]] = []  # (perf_counter s, MiB)
+        self.samples: list[tuple[float, float]] = []  # (perf_counter s, MiB resident)
+        self.private: list[tuple[float, float]] = []  # (perf_counter s, MiB private)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
@@ -43,23 +49,36 @@ class MemorySampler:
         self._thread.join(timeout=10)
 
     def rss_mib(self) -> float:
+        return self._read()[0]
+
+    def _read(self) -> tuple[float, float]:
         import psutil
 
-        total = 0
+        rss = shared = 0
         for proc in [self._root, *self._root.children(recursive=True)]:
             try:
-                total += proc.memory_info().rss
+                info = proc.memory_info()
             except psutil.Error:  # a process that ended between listing and reading
-                pass
-        return total / 2**20
+                continue
+            rss += info.rss
+            shared += getattr(info, "shared", 0)  # Linux; elsewhere all counts as private
+        return rss / 2**20, (rss - shared) / 2**20
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append((time.perf_counter(), self.rss_mib()))
+            now, (rss, private) = time.perf_counter(), self._read()
+            self.samples.append((now, rss))
+            self.private.append((now, private))
             self._stop.wait(self._interval)
 
     def between(self, start: float, end: float) -> dict:
-        return memory_summary([s for s in self.samples if start <= s[0] <= end])
+        """RSS first, peak, last and slope over [start, end], and the same of private memory."""
+        def window(samples):
+            return [s for s in samples if start <= s[0] <= end]
+        private = memory_summary(window(self.private))
+        return {**memory_summary(window(self.samples)),
+                **{k.replace("rss_", "private_"): v for k, v in private.items()
+                   if k != "num_samples"}}
 
 
 def memory_summary(samples: list[tuple[float, float]]) -> dict:

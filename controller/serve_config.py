@@ -35,7 +35,6 @@ class SchedulerConfig:
     shed_ttft_factor: float = 1.0
     max_alpha: float = 1.5
     max_waiting: int = 512  # requests queued for prefill across the pool
-    profile_s: float = 3.0  # start-up profile of each model's engine for the cost model
     # What a switch costs beyond the weight copy the profile measures: sending the next job
     # to the worker, streaming its first step back, swapping KV. The policy plans every turn
     # with it (DESIGN §3.2's c0), so turns stay long enough to be worth their switch.

@@ -133,9 +133,13 @@ def test_bench_sweep_runs_fresh_servers_and_writes_its_report(trace, tmp_path):
         assert point["rate"] == 2 and point["failed"] == 0
         assert point["completed"] + point["shed"] == point["num_requests"] > 0
         assert entry["max_rate_at_90"] in (None, 2.0) and entry["num_workers"] == 1
+        met = point["slo_met_fraction"] >= 0.9  # DESIGN §8's goodput criterion, beside it
+        assert entry["max_rate_at_90_met"] == (2.0 if met else None)
+        assert isinstance(point["shed_reasons"], dict)
         # The simulator ran the same requests on the cost model the server fitted.
         (predicted,) = entry["simulated"]["points"]
         assert predicted["rate"] == 2 and 0 <= predicted["slo_attainment"] <= 1
     text = report.read_text()
     assert "| token-level | 2 |" in text and "tokenpool bench sweep --config" in text
+    assert "by goodput (90% of requests meet both)" in text and "The SLOs used are" in text
     assert plot.stat().st_size > 0

@@ -128,3 +128,18 @@ def test_report_counts_shed_reasons_with_numbers_blanked():
     assert report["shed_reasons"] == {
         "predicted time to first token # s exceeds the SLO of # s": 2,
         "decode is overloaded (round alpha # > #)": 1}
+
+
+def test_memory_sampler_splits_private_from_shared_pages():
+    import os
+    import time
+
+    from tokenpool.bench.overload import MemorySampler
+
+    with MemorySampler(os.getpid(), interval_s=0.05) as memory:
+        time.sleep(0.3)
+    summary = memory.between(0.0, float("inf"))
+    assert summary["num_samples"] >= 2
+    # Shared pages (this interpreter's libraries, at least) count in RSS, not in private.
+    assert 0 < summary["private_peak_mib"] < summary["rss_peak_mib"]
+    assert summary["private_slope_mib_per_min"] is not None
