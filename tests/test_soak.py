@@ -1,6 +1,6 @@
 """Soak (DESIGN §7), under `-m slow`: ten minutes of mixed load on a fresh `tokenpool serve`
 of the CPU bench fleet (8 models, 2 Ray workers): streamed HTTP, gRPC, and HTTP streams their
-clients drop after a moment, together at two thirds of the sustainable rate. The server's
+clients drop after a moment, together at 8 req/s, well under the sustainable 14. The server's
 private resident memory (its whole process tree; bench/overload.py's MemorySampler says why
 not all of RSS) must not trend upward once warm, and every KV page must come back at the
 end. The measured slopes are printed (run with -s to see them).
@@ -26,7 +26,7 @@ from tokenpool.fleet import load_fleet
 
 CONFIG = Path(__file__).parent.parent / "configs" / "bench" / "cpu-8models.yaml"
 SOAK_S = float(os.environ.get("TOKENPOOL_SOAK_S", 600))
-RATE = 8.0  # req/s over the fleet: two thirds of its sustainable rate (docs/bench/serving.md)
+RATE = 8.0  # req/s over the fleet, well under its sustainable 14 (docs/bench/serving.md)
 SHARES = {"http": 0.6, "grpc": 0.3, "dropped": 0.1}
 DROP_AFTER_S = 0.3  # a dropped stream's client gives up this long after sending
 WARM_FRACTION = 0.2  # the first fifth grows caches and pools to their working size
