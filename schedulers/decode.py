@@ -58,7 +58,6 @@ class DecodeWorker:
     turns: list[Turn] = field(default_factory=list)  # what is left of the current round
     model: str | None = None
     alpha: float = 0.0  # of the last round: > 1 means overloaded
-    round_s: float = 0.0  # the last round's decode time (its quotas summed)
     turn_s: float = 0.0  # the last round's longest quota: one turn, not preempted
     tokens: dict[str, int] = field(default_factory=dict)  # KV tokens held per model
     counts: dict[str, int] = field(default_factory=dict)  # requests held per model
@@ -226,7 +225,6 @@ class WeightedRoundRobinDecode:
         steps = [step_time(b.model, len(b.requests), b.tokens) for b in batches]
         quotas = round_quotas(steps, [b.tbt_slo for b in batches], switch, self.q_max_s)
         w.alpha = quotas.alpha
-        w.round_s = sum(quotas.quotas)
         w.turn_s = max(quotas.quotas)
         return [Turn(b.model, tuple(r.request_id for r in b.requests), q)
                 for b, q in zip(batches, quotas.quotas)]

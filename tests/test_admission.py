@@ -8,7 +8,7 @@ from test_schedulers import cost, req
 
 from tokenpool.schedulers.admission import SLOAdmission, predicted_alpha, predicted_ttft
 from tokenpool.schedulers.registry import Roles, make_scheduler
-from tokenpool.schedulers.types import SLO, DecodeDone, Prefill, PrefillDone
+from tokenpool.schedulers.types import SLO, Decode, DecodeDone, Prefill, PrefillDone
 
 SLO_ = SLO(2.0, 0.05)
 
@@ -80,7 +80,8 @@ def test_colocated_predicted_ttft_waits_for_one_decode_turn_not_the_round():
     _decoding(s, 0, "b", 5, first=2000)
     [job] = s.schedule({0}, 0.0)  # a round of two turns starts: prefill runs after this one
     w = s.decode.workers[0]
-    assert w.round_s > w.turn_s > 0
+    (running,) = [u for u in job.units if type(u) is Decode]
+    assert w.turns and running.quota_s == w.turn_s > 0  # a turn in progress, another to come
     c = s.prefill.cost
     own = c.switch_time("c") + c.prefill_time("c", [100])
     assert predicted_ttft(s.prefill, req(99, "c")) == pytest.approx(w.turn_s + own)
