@@ -174,10 +174,10 @@ def table(result: dict) -> str:
         p, acc = result[name], result[name]["accepted"] or {}
         lines.append(f"{name:<9} {p['rate']:g} req/s: {p['num_requests']} offered, "
                      f"{p['shed']} shed ({p['shed_fraction']:.1%}), {p['failed']} failed; "
-                     f"attainment of accepted {serve_report._f(acc.get('slo_attainment'))}, "
-                     f"p99 TTFT {serve_report._f(acc.get('p99_ttft_ms'), 0)} ms; RSS peak "
-                     f"{serve_report._f(p['memory']['rss_peak_mib'], 0)} MiB, slope "
-                     f"{serve_report._f(p['memory']['rss_slope_mib_per_min'], 1)} MiB/min")
+                     f"attainment of accepted {serve_report.fmt(acc.get('slo_attainment'))}, "
+                     f"p99 TTFT {serve_report.fmt(acc.get('p99_ttft_ms'), 0)} ms; RSS peak "
+                     f"{serve_report.fmt(p['memory']['rss_peak_mib'], 0)} MiB, slope "
+                     f"{serve_report.fmt(p['memory']['rss_slope_mib_per_min'], 1)} MiB/min")
     lines.append(f"KV pages used after: {result['kv_pages_used_after']}")
     return "\n".join(lines) + "\n"
 

@@ -112,10 +112,10 @@ def table(result: dict) -> str:
     rows = [("requests (completed / shed / failed)",
              f"{result['num_requests']} ({result['completed']} / {result['shed']} / "
              f"{result['failed']})"),
-            ("request throughput (req/s)", _f(result["request_throughput"])),
-            ("request goodput (req/s)", _f(result["request_goodput"])),
-            ("output throughput (tok/s)", _f(result["output_throughput"])),
-            ("SLO attainment", _f(result["slo_attainment"])),
+            ("request throughput (req/s)", fmt(result["request_throughput"])),
+            ("request goodput (req/s)", fmt(result["request_goodput"])),
+            ("output throughput (tok/s)", fmt(result["output_throughput"])),
+            ("SLO attainment", fmt(result["slo_attainment"])),
             ("TTFT mean / p50 / p99 (ms)", _trio(result, "ttft")),
             ("TPOT mean / p50 / p99 (ms)", _trio(result, "tpot")),
             ("ITL mean / p50 / p99 (ms)", _trio(result, "itl"))]
@@ -124,8 +124,9 @@ def table(result: dict) -> str:
 
 
 def _trio(result: dict, name: str) -> str:
-    return " / ".join(_f(result[f"{p}_{name}_ms"], 1) for p in ("mean", "median", "p99"))
+    return " / ".join(fmt(result[f"{p}_{name}_ms"], 1) for p in ("mean", "median", "p99"))
 
 
-def _f(value, digits: int = 3) -> str:
+def fmt(value, digits: int = 3) -> str:
+    """A number for a report table; "-" for a missing one."""
     return "-" if value is None else f"{value:.{digits}f}"

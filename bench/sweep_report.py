@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
+from tokenpool.bench.serve_report import fmt
+
 BASELINES = ("request-level", "request-level-plus", "static")
 
 
@@ -51,8 +53,9 @@ def markdown(result: dict, *, title: str, command: str, config: str, slo: dict,
     for name, e in result.items():
         sim = e.get("simulated", {}).get("max_rate_at_90")
         lines.append(f"| {name} | {e['num_models']} | {e['num_workers']} | "
-                     f"{_n(e['max_rate_at_90'])} | {_n(e['max_rate_per_device'])} | {_n(sim)} | "
-                     f"{_n(e.get('simulated_over_real'), 2)} | {_n(e.get('max_rate_at_90_met'))} |")
+                     f"{fmt(e['max_rate_at_90'], 2)} | {fmt(e['max_rate_per_device'], 2)} | "
+                     f"{fmt(sim, 2)} | {fmt(e.get('simulated_over_real'), 2)} | "
+                     f"{fmt(e.get('max_rate_at_90_met'), 2)} |")
     lines += _ratios(result)
     if plot_path:
         lines += ["", f"![attainment against rate]({plot_path})"]
@@ -65,9 +68,9 @@ def markdown(result: dict, *, title: str, command: str, config: str, slo: dict,
     for name, e in result.items():
         for p in e["points"]:
             lines.append(
-                f"| {name} | {p['rate']:g} | {_n(p['slo_attainment'], 3)} | "
-                f"{_n(p['request_goodput'], 2)} | {_n(p['request_throughput'], 2)} | "
-                f"{_n(p['output_throughput'], 0)} | {_trio(p, 'ttft')} | {_trio(p, 'itl')} | "
+                f"| {name} | {p['rate']:g} | {fmt(p['slo_attainment'], 3)} | "
+                f"{fmt(p['request_goodput'], 2)} | {fmt(p['request_throughput'], 2)} | "
+                f"{fmt(p['output_throughput'], 0)} | {_trio(p, 'ttft')} | {_trio(p, 'itl')} | "
                 f"{p['switches']} | {p['shed']} |")
     return "\n".join(lines) + "\n"
 
@@ -97,11 +100,9 @@ def _ratios(result: dict) -> list[str]:
 
 
 def _trio(point: dict, name: str) -> str:
-    return " / ".join(_n(point[f"{p}_{name}_ms"], 0) for p in ("median", "p95", "p99"))
+    return " / ".join(fmt(point[f"{p}_{name}_ms"], 0) for p in ("median", "p95", "p99"))
 
 
-def _n(value, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def write(path, text: str) -> None:
