@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
+
+# Upper bounds (s) of the switch-duration histogram: a GPU switch takes ms, a CPU one tens
+# of ms, a cold read from disk seconds. Counted here rather than kept per switch, so the
+# record stays the same size however long the server runs and however rarely it is scraped.
+SWITCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 @dataclass(slots=True)
@@ -12,6 +18,9 @@ class ModelCounters:
     running: int = 0  # decoding
     switches: int = 0  # workers switched to this model
     switch_seconds: float = 0.0
+    # switch_counts[i]: switches that took at most SWITCH_BUCKETS[i] (and more than the
+    # bound before); the ones longer than the last bound are switches - sum(switch_counts).
+    switch_counts: list[int] = field(default_factory=lambda: [0] * len(SWITCH_BUCKETS))
     kv_swap_bytes: int = 0
     rejected: int = 0
 
@@ -32,7 +41,6 @@ class PoolStats:
     slos: dict  # model id -> SLO
     models: dict[str, ModelCounters] = field(default_factory=dict)
     workers: list[WorkerCounters] = field(default_factory=list)
-    switch_times: list[tuple[str, float]] = field(default_factory=list)  # since last drain
     cancelled: int = 0
     loop_errors: int = 0  # controller loop steps that raised (bugs; logged with a traceback)
     recomputed: int = 0  # requests started again after their worker died
@@ -77,7 +85,9 @@ class PoolStats:
             counters.switches += 1
             counters.switch_seconds += switch.seconds
             w.switches += 1
-            self.switch_times.append((switch.model, switch.seconds))
+            bucket = bisect_left(SWITCH_BUCKETS, switch.seconds)
+            if bucket < len(SWITCH_BUCKETS):
+                counters.switch_counts[bucket] += 1
         if done.kv_swap_bytes and done.model in self.models:
             self.models[done.model].kv_swap_bytes += done.kv_swap_bytes
 
@@ -85,10 +95,6 @@ class PoolStats:
         w = self.workers[worker]
         w.busy, w.model, w.kv_pages_used = False, None, 0
         w.failures += 1
-
-    def drain_switch_times(self) -> list[tuple[str, float]]:
-        times, self.switch_times = self.switch_times, []
-        return times
 
     def snapshot(self, infos, jobs: dict, requests: dict) -> dict:
         queued, running = Counter(), Counter()
@@ -108,6 +114,7 @@ class PoolStats:
             "id": model, "waiting": c.waiting, "running": c.running,
             "slo": {"ttft_s": self.slos[model].ttft_s, "tbt_s": self.slos[model].tbt_s},
             "switches": c.switches, "switch_seconds": c.switch_seconds,
+            "switch_counts": list(c.switch_counts),
             "kv_swap_bytes": c.kv_swap_bytes, "rejected": c.rejected,
         } for model, c in self.models.items()]
         return {"workers": workers, "models": models, "cancelled": self.cancelled,

@@ -260,11 +260,6 @@ class ServingController:
 
     # -- the operator's view ------------------------------------------------------------------
 
-    def drain_switch_times(self) -> list[tuple[str, float]]:
-        """(model, seconds) of every switch since the last call, for a histogram."""
-        with self._lock:
-            return self.stats.drain_switch_times()
-
     def snapshot(self) -> dict:
         """The pool as `GET /pool` shows it, plus the counters behind /metrics."""
         with self._lock:

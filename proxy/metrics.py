@@ -6,8 +6,8 @@ Names follow vLLM's where they exist, with the `tokenpool:` prefix, and every se
   event loop as each event reaches the edge, so TTFT and ITL are what a client sees);
 - pool-side values (queue depths, switches, KV swap bytes, KV usage), read from
   `controller.snapshot()` at scrape time by a custom collector. The controller's counters
-  only grow, so the exported counters stay monotonic; switch durations are drained
-  (`drain_switch_times`) into a histogram that lives as long as this object.
+  only grow, so the exported counters stay monotonic; the switch-duration histogram is
+  built from the per-bucket counts the controller keeps.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from tokenpool.controller.metrics import TokenTimeline
+from tokenpool.controller.pool_stats import SWITCH_BUCKETS
 
 PREFIX = "tokenpool:"
 MODEL = "model_name"
@@ -31,7 +32,6 @@ ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
                1.0, 2.5, 5.0, 10.0)
 E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
                50.0, 60.0, 120.0, 240.0, 480.0)
-SWITCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # Frontend reports refusals by error class; the label uses stable short names.
 _REASONS = {"OverloadedError": "overloaded", "UnavailableError": "unavailable"}
 _ENDED_BY_CLIENT = "cancelled"
@@ -141,21 +141,26 @@ class PoolCollector(Collector):
     def __init__(self, controller, kv_pages: Mapping[str, int]):
         self.controller = controller
         self.kv_pages = dict(kv_pages)
-        # Not registered anywhere: collect() drains switch times into it, then yields it.
-        self.switch_seconds = Histogram(PREFIX + "model_switch_seconds", "Seconds a worker "
-                                        "spent switching to the model (weights copied into "
-                                        "its arena).", [MODEL], buckets=SWITCH_BUCKETS,
-                                        registry=None)
-        self._lock = threading.Lock()
 
     def collect(self):
-        with self._lock:
-            for model, seconds in self.controller.drain_switch_times():
-                self.switch_seconds.labels(model).observe(seconds)
-            yield from self.switch_seconds.collect()
         snapshot = self.controller.snapshot()
+        yield self._switch_seconds(snapshot["models"])
         yield from self._model_series(snapshot["models"])
         yield self._kv_usage(snapshot["workers"])
+
+    @staticmethod
+    def _switch_seconds(models: list[dict]) -> HistogramMetricFamily:
+        histogram = HistogramMetricFamily(PREFIX + "model_switch_seconds", "Seconds a worker "
+                                          "spent switching to the model (weights copied into "
+                                          "its arena).", labels=[MODEL])
+        for m in models:
+            cumulative, buckets = 0, []
+            for bound, count in zip(SWITCH_BUCKETS, m["switch_counts"]):
+                cumulative += count
+                buckets.append((str(bound), cumulative))
+            buckets.append(("+Inf", m["switches"]))
+            histogram.add_metric([m["id"]], buckets, m["switch_seconds"])
+        return histogram
 
     @staticmethod
     def _model_series(models: list[dict]):

@@ -560,11 +560,9 @@ def test_the_contracted_series_are_what_tokenpool_exports():
     class Controller:
         def snapshot(self):
             return {"models": [{"id": "m", "running": 1, "waiting": 2, "switches": 3,
+                                "switch_seconds": 0.03, "switch_counts": [0, 0, 0, 3] + [0] * 8,
                                 "kv_swap_bytes": 4}],
                     "workers": [{"id": 0, "model": "m", "kv_pages_used": 5}]}
-
-        def drain_switch_times(self):
-            return [("m", 0.01)]
 
     metrics = ServingMetrics(Controller(), kv_pages={"m": 10})
     metrics.on_rejected("m", "OverloadedError")
