@@ -24,6 +24,10 @@ class PoolConfig:
     torch_threads: int = 1  # intra-op threads per worker
     max_restarts: int = -1  # Ray restarts a dead worker actor this often (-1: always)
     object_store_bytes: int = 256 << 20  # a local Ray cluster's object store
+    # Tasks a local Ray cluster's GCS keeps events of (for `ray list tasks`), ~0.5 KiB each.
+    # Every job is an actor task, many a second, so Ray's 100,000 would grow the GCS by
+    # ~50 MiB over the server's first hour before it levels off.
+    ray_task_events: int = 10_000
 
     def __post_init__(self):
         if self.num_workers < 1:

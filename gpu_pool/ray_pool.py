@@ -294,6 +294,7 @@ def _connect(ray, config: PoolConfig, cpus_needed: int) -> bool:
         # /tmp/ray, and this pool is meant to own its cluster.
         ray.init(address="local", num_cpus=config.num_cpus or cpus_needed,
                  include_dashboard=False, object_store_memory=config.object_store_bytes,
+                 _system_config={"task_events_max_num_task_in_gcs": config.ray_task_events},
                  **quiet)
     else:
         ray.init(address=config.ray_address, **quiet)
