@@ -33,7 +33,7 @@ class SchedulerConfig:
     # Admission: shed (429 / RESOURCE_EXHAUSTED) when the predicted TTFT exceeds this
     # multiple of the TTFT SLO, or the decode rounds' alpha exceeds max_alpha.
     shed_ttft_factor: float = 1.0
-    max_alpha: float = 1.5
+    max_alpha: float = 1.0
     max_waiting: int = 512  # requests queued for prefill across the pool
     # What a switch costs beyond the weight copy the profile measures: sending the next job
     # to the worker, streaming its first step back, swapping KV. The policy plans every turn

@@ -263,4 +263,9 @@ class ServingController:
     def snapshot(self) -> dict:
         """The pool as `GET /pool` shows it, plus the counters behind /metrics."""
         with self._lock:
-            return self.stats.snapshot(self.pool.workers(), self._jobs, self._requests)
+            snapshot = self.stats.snapshot(self.pool.workers(), self._jobs, self._requests)
+            decode = getattr(self.scheduler, "decode", None)  # token-level policies
+            for worker in snapshot["workers"] if decode is not None else ():
+                if worker["id"] in decode.workers:
+                    worker["decode_slowdown"] = round(decode.workers[worker["id"]].slowdown, 3)
+            return snapshot

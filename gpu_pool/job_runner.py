@@ -217,7 +217,8 @@ class JobRunner:
         if wanted and not engine.has_unfinished():
             raise RuntimeError(f"decode of {sorted(wanted)}: model {unit.model!r} holds no "
                                "requests (a finish went unreported)")
-        end = time.monotonic() + unit.quota_s
+        start = time.monotonic()
+        end = start + unit.quota_s
         steps = 0
         while wanted and engine.has_unfinished():
             outputs = engine.step()
@@ -231,7 +232,8 @@ class JobRunner:
             if time.monotonic() >= end or (mine and unit.until_first_finish):
                 break
         job.results.append(DecodeDone(self.worker_id, unit.model, unit.request_ids, steps,
-                                      job.take_finished(unit.request_ids)))
+                                      job.take_finished(unit.request_ids),
+                                      time.monotonic() - start))
 
     def _import(self, unit: SwapIn, job: _Job) -> None:
         """Take in the unit's requests that were prefilled on another worker."""

@@ -10,6 +10,9 @@ then miss its SLO on. Signals, cheapest first:
   `max_alpha`, i.e. stretch every batch's token gap past its TBT SLO by that factor. The next
   round's alpha, not the last one's: an emptied worker keeps the alpha of its last busy
   round, and shedding on it would never let an idle pool recover.
+Both predictions are scaled by how much slower than its cost model the worker has been
+decoding lately (`DecodeWorker.slowdown`): under overload the frontend and its clients take
+CPU from the workers, and a profile from an idle machine would admit too much.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ ADMIT = Admission(True)
 @dataclass(frozen=True, slots=True)
 class SLOAdmission:
     ttft_factor: float = 1.0
-    max_alpha: float = 1.5
+    max_alpha: float = 1.0
     max_waiting: int = 512
 
     def decide(self, scheduler, req: RequestInfo, slo: SLO, num_waiting: int) -> Admission:
@@ -43,7 +46,7 @@ class SLOAdmission:
         if prefill is None:  # request-level baselines: the queue bound only
             return ADMIT
         queue, group = prefill.target(req)
-        ttft = predicted_ttft(prefill, req, queue, group)
+        ttft = predicted_ttft(prefill, req, queue, group) * _slowdown(scheduler, queue.worker)
         if ttft > self.ttft_factor * slo.ttft_s:
             return Admission(False, f"predicted time to first token {ttft:.2f} s exceeds the "
                                     f"SLO of {slo.ttft_s:g} s", ttft - slo.ttft_s)
@@ -54,6 +57,13 @@ class SLOAdmission:
             return Admission(False, f"decode is overloaded (round alpha {alpha:.2f} > "
                                     f"{self.max_alpha:g})", slo.tbt_s * 10)
         return ADMIT
+
+
+def _slowdown(scheduler, worker: int) -> float:
+    """How much slower than the cost model `worker` has been stepping: measured on its decode
+    turns, so known for colocated roles; a prefill-only worker is taken at its prediction."""
+    decode_worker = scheduler.decode.workers.get(worker)
+    return 1.0 if decode_worker is None else decode_worker.slowdown
 
 
 def predicted_ttft(prefill, req: RequestInfo, queue=None, group=None) -> float:
@@ -69,5 +79,5 @@ def predicted_ttft(prefill, req: RequestInfo, queue=None, group=None) -> float:
 def predicted_alpha(decode, req: RequestInfo, slo: SLO, worker: int | None = None) -> float:
     """The next-round alpha of `worker`, or of the best decode worker, were `req` placed on it."""
     if worker is not None and worker in decode.workers:
-        return decode.alpha_with(worker, req, slo.tbt_s)
-    return min(decode.alpha_with(w, req, slo.tbt_s) for w in decode.workers)
+        return decode.alpha_with(worker, req, slo.tbt_s, measured=True)
+    return min(decode.alpha_with(w, req, slo.tbt_s, measured=True) for w in decode.workers)

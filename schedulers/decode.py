@@ -24,6 +24,13 @@ from tokenpool.schedulers.choices import candidates
 from tokenpool.schedulers.types import (
     Decode, Job, Prefetch, RequestInfo, SwapIn, SwapOut, Switch)
 
+# The cost model is fitted on an idle machine; a loaded one (the frontend and its clients
+# share the CPUs, a GPU shares its host) steps slower. Each measured turn moves a worker's
+# slowdown this far towards what it saw, within SLOWDOWN_RANGE so one stalled turn cannot
+# close the worker to new requests for long.
+SLOWDOWN_SMOOTHING = 0.2
+SLOWDOWN_RANGE = (0.5, 4.0)
+
 
 @dataclass(slots=True)
 class DecodeRequest:
@@ -63,6 +70,7 @@ class DecodeWorker:
     counts: dict[str, int] = field(default_factory=dict)  # requests held per model
     tbt: dict[str, float] = field(default_factory=dict)  # per model: its requests' tightest
     kv_bytes: int = 0  # KV bytes of all its requests, kept up to date (checked every turn)
+    slowdown: float = 1.0  # measured over predicted step time, smoothed over its turns
 
 
 class WeightedRoundRobinDecode:
@@ -118,12 +126,18 @@ class WeightedRoundRobinDecode:
         return [workers[i] for i in (sorted(ids) if len(ids) > 1 else ids)
                 if workers[i].tokens.get(model, 0) + context <= capacity]
 
-    def alpha_with(self, worker: int, req: RequestInfo, tbt_slo: float) -> float:
-        """The next-round alpha of `worker` with prefilled `req` added; 0 if it decodes not."""
+    def alpha_with(self, worker: int, req: RequestInfo, tbt_slo: float,
+                   measured: bool = False) -> float:
+        """The next-round alpha of `worker` with prefilled `req` added; 0 if it decodes not.
+        `measured`: with step times as the worker's turns have lately run, not as profiled."""
         w = self.workers.get(worker)
-        return 0.0 if w is None else self._alpha_with(w, req.model, req.prompt_len + 1, tbt_slo)
+        if w is None:
+            return 0.0
+        return self._alpha_with(w, req.model, req.prompt_len + 1, tbt_slo,
+                                w.slowdown if measured else 1.0)
 
-    def _alpha_with(self, w: DecodeWorker, model: str, context: int, tbt_slo: float) -> float:
+    def _alpha_with(self, w: DecodeWorker, model: str, context: int, tbt_slo: float,
+                    slowdown: float = 1.0) -> float:
         """The alpha of the worker's next round if it also held this request: one batch per
         model of its current requests. Not its last round's alpha, which is stale (an
         emptied worker keeps the alpha of its last busy round)."""
@@ -133,11 +147,11 @@ class WeightedRoundRobinDecode:
             count, tbt = w.counts[m], w.tbt[m]
             if m == model:
                 count, tokens, tbt = count + 1, tokens + context, min(tbt, tbt_slo)
-            steps.append(step_time(m, count, tokens))
+            steps.append(step_time(m, count, tokens) * slowdown)
             slos.append(tbt)
         models = list(w.tokens)
         if model not in w.tokens:
-            steps.append(step_time(model, 1, context))
+            steps.append(step_time(model, 1, context) * slowdown)
             slos.append(tbt_slo)
             models.append(model)
         # A lone model switches in once, not every round.
@@ -289,8 +303,11 @@ class WeightedRoundRobinDecode:
     # -- results -----------------------------------------------------------------------------
 
     def decoded(self, worker: int, request_ids: tuple[str, ...], steps: int,
-                finished: tuple[str, ...]) -> None:
+                finished: tuple[str, ...], seconds: float = 0.0) -> None:
+        """A turn's result; `seconds` (0: not measured) is what its `steps` took."""
         w = self.workers[worker]
+        if seconds > 0.0 and steps:
+            self._measured(w, request_ids, seconds / steps)
         done = set(finished)
         requests = w.requests
         grown: dict[str, int] = {}  # tokens added per model (a turn's requests share one)
@@ -304,3 +321,13 @@ class WeightedRoundRobinDecode:
         for model, tokens in grown.items():
             w.tokens[model] += tokens
             w.kv_bytes += self.cost.kv_bytes(model, tokens)
+
+    def _measured(self, w: DecodeWorker, request_ids: tuple[str, ...], step_s: float) -> None:
+        batch = [w.requests[r] for r in request_ids if r in w.requests]
+        if not batch:
+            return
+        predicted = self.cost.decode_step_time(batch[0].model, len(batch),
+                                               sum(r.context for r in batch))
+        low, high = SLOWDOWN_RANGE
+        seen = min(max(step_s / predicted, low), high)
+        w.slowdown += SLOWDOWN_SMOOTHING * (seen - w.slowdown)

@@ -78,7 +78,7 @@ class TokenLevelScheduler:
         for result in results:
             if isinstance(result, DecodeDone):  # the common case: most jobs are turns
                 self.decode.decoded(result.worker, result.request_ids, result.steps,
-                                    result.finished)
+                                    result.finished, result.seconds)
                 for request_id in result.finished:
                     self.requests.pop(request_id, None)
             elif isinstance(result, PrefillDone):

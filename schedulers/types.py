@@ -5,7 +5,7 @@ Time is a float of seconds passed in as `now`; nothing here reads a clock.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +101,10 @@ class DecodeDone:
     request_ids: tuple[str, ...]
     steps: int
     finished: tuple[str, ...]
+    # Wall seconds the steps took on a real worker, for the policy to learn how far its cost
+    # model is off under the load of the moment; 0 when not measured (the simulator, whose
+    # truth is the cost model). A timing, not an outcome: results compare without it.
+    seconds: float = field(default=0.0, compare=False)
 
 
 UnitResult = PrefillDone | DecodeDone

@@ -85,3 +85,19 @@ def test_colocated_predicted_ttft_waits_for_one_decode_turn_not_the_round():
     c = s.prefill.cost
     own = c.switch_time("c") + c.prefill_time("c", [100])
     assert predicted_ttft(s.prefill, req(99, "c")) == pytest.approx(w.turn_s + own)
+
+
+def test_a_worker_measured_slower_than_its_profile_sheds_what_the_profile_would_admit():
+    tight = SLO(2.0, 0.02)  # a batch of two steps in 12 ms by the profile: alpha 0.6
+    s = make_scheduler("token-level", Roles((0,), (0,)), cost(), lambda m: tight, q_max_s=0.5)
+    admission = SLOAdmission(ttft_factor=1.0, max_alpha=1.0)
+    s.add_request(req(0, "a"), 0.0)
+    s.schedule({0}, 0.0)
+    s.update([PrefillDone(0, "a", ("r0",), ())], 0.0)
+    assert admission.decide(s, req(1, "a"), tight, num_waiting=0).admit
+    for _ in range(20):  # its turns take 4x the profile's step time
+        step = s.decode.cost.decode_step_time("a", 1, s.decode.workers[0].tokens["a"])
+        s.update([DecodeDone(0, "a", ("r0",), 5, (), seconds=5 * 4 * step)], 0.0)
+    assert s.decode.workers[0].slowdown > 3.9
+    verdict = admission.decide(s, req(1, "a"), tight, num_waiting=0)
+    assert not verdict.admit and "decode is overloaded" in verdict.reason

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from tokenpool.schedulers.choices import candidates
-from tokenpool.schedulers.decode import WeightedRoundRobinDecode
-from tokenpool.schedulers.types import Decode, Prefetch, Switch
+from tokenpool.schedulers.decode import SLOWDOWN_SMOOTHING, WeightedRoundRobinDecode
+from tokenpool.schedulers.types import Decode, Prefetch, RequestInfo, Switch
 
 from test_schedulers import SIM_CONFIG, WORKLOADS, cost
 
@@ -78,6 +78,36 @@ def test_kv_bytes_follow_the_requests():
     d.decoded(0, ("r0",), steps=1, finished=("r0",))
     d.decoded(0, ("r1",), steps=1, finished=("r1",))
     assert (w.kv_bytes, w.tokens, w.counts, d.active) == (0, {}, {}, set())
+
+
+def test_turns_slower_than_predicted_raise_the_measured_alpha_only():
+    c = cost()
+    d = WeightedRoundRobinDecode([0, 1], c, q_max_s=0.5)
+    d.place("r0", "a", 100, 0.1, local=0)
+    d.place("r1", "a", 100, 0.1, local=1)
+    for _ in range(30):  # worker 0's turns take twice the predicted step time
+        predicted = c.decode_step_time("a", 1, d.workers[0].tokens["a"])
+        d.decoded(0, ("r0",), steps=10, finished=(), seconds=20 * predicted)
+        d.decoded(1, ("r1",), steps=10, finished=())  # the same turns, not measured
+    assert d.workers[0].slowdown == pytest.approx(2.0, rel=0.01)
+    assert d.workers[1].slowdown == 1.0
+    new = RequestInfo("r2", "b", 99, 0.0, 16)
+    profiled = d.alpha_with(0, new, 0.1)
+    assert profiled == d.alpha_with(1, new, 0.1)  # rounds and placement: the profile's
+    assert d.alpha_with(0, new, 0.1, measured=True) > profiled
+    assert d.alpha_with(1, new, 0.1, measured=True) == profiled
+
+
+def test_slowdown_moves_gradually_and_within_its_range():
+    c = cost()
+    d = WeightedRoundRobinDecode([0], c)
+    d.place("r0", "a", 100, 0.1)
+    predicted = c.decode_step_time("a", 1, 100)
+    d.decoded(0, ("r0",), steps=1, finished=(), seconds=1000 * predicted)  # one stall
+    assert d.workers[0].slowdown == pytest.approx(1.0 + SLOWDOWN_SMOOTHING * (4.0 - 1.0))
+    d.decoded(0, ("r0",), steps=0, finished=(), seconds=5.0)  # no steps: nothing measured
+    d.decoded(0, ("r0",), steps=3, finished=())  # not measured (the simulator)
+    assert d.workers[0].slowdown == pytest.approx(1.6)
 
 
 def test_sampled_candidates_are_the_draws_randrange_would_make():

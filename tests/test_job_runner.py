@@ -93,6 +93,7 @@ def test_prefill_on_one_worker_and_decode_on_another_is_exact_on_smollm2(smollm2
                              Decode(1, "smollm2", tuple(ids), FOREVER), handoffs=handoffs)
     streams.add(steps)
     assert decoded.results == (DecodeDone(1, "smollm2", tuple(ids), 13, tuple(ids)),)
+    assert decoded.results[0].seconds > 0  # the turn's steps, timed for the policy
     assert decoded.kv_pages_used == 0 and decoded.model == "smollm2" and not decoded.errors
     streams.assert_matches(want)
     assert all(want[r][1] for r in ids)  # real text, not only tokens
