@@ -11,6 +11,10 @@ model's turn if that is still ahead, else waits for the next round.
 A request whose model no worker holds goes to the worker whose next round would then have
 the lowest alpha: with TBT SLOs tight, a decode worker fits only a few batches a round, so
 what balances load is the number and weight of the models each worker serves.
+
+A real worker times its turns; each worker keeps a smoothed ratio of measured to predicted
+step time (`slowdown`). Rounds and placement plan by the profile; admission asks for the
+measured alpha (`alpha_with(..., measured=True)`).
 """
 
 from __future__ import annotations
@@ -19,18 +23,11 @@ import random
 from dataclasses import dataclass, field
 
 from tokenpool.schedulers.cost import CostModel
+from tokenpool.schedulers.decode_batches import fcfs_batches, smoothed_slowdown
 from tokenpool.schedulers.quota import Q_MAX_S, round_alpha, round_quotas
 from tokenpool.schedulers.choices import candidates
 from tokenpool.schedulers.types import (
     Decode, Job, Prefetch, RequestInfo, SwapIn, SwapOut, Switch)
-
-# The cost model is fitted on an idle machine; a loaded one (the frontend and its clients
-# share the CPUs, a GPU shares its host) steps slower. Each measured turn moves a worker's
-# slowdown this far towards what it saw, within SLOWDOWN_RANGE so one stalled turn cannot
-# close the worker to new requests for long.
-SLOWDOWN_SMOOTHING = 0.2
-SLOWDOWN_RANGE = (0.5, 4.0)
-
 
 @dataclass(slots=True)
 class DecodeRequest:
@@ -46,16 +43,6 @@ class Turn:
     model: str
     request_ids: tuple[str, ...]
     quota_s: float
-
-
-@dataclass(slots=True)
-class _Batch:
-    """A batch of a round in the making: one model's requests, in FCFS order."""
-
-    model: str
-    requests: list[DecodeRequest]
-    tokens: int  # their context, summed
-    tbt_slo: float  # the tightest of theirs
 
 
 @dataclass(slots=True)
@@ -227,7 +214,8 @@ class WeightedRoundRobinDecode:
                     turn.quota_s)
 
     def _new_round(self, w: DecodeWorker) -> list[Turn]:
-        batches = self._batches(w)
+        batches = fcfs_batches(w.requests.values(), self.cost.kv_capacity_tokens,
+                               self.max_batch_size)
         if not batches:
             return []
         # In round order, not a set's: string hashes differ between processes, and so would
@@ -242,24 +230,6 @@ class WeightedRoundRobinDecode:
         w.turn_s = max(quotas.quotas)
         return [Turn(b.model, tuple(r.request_id for r in b.requests), q)
                 for b, q in zip(batches, quotas.quotas)]
-
-    def _batches(self, w: DecodeWorker) -> list[_Batch]:
-        """FCFS per model, cut where the KV budget or the batch size would be exceeded."""
-        open_batch: dict[str, _Batch] = {}
-        batches: list[_Batch] = []
-        capacity, max_size = self.cost.kv_capacity_tokens, self.max_batch_size
-        for r in w.requests.values():
-            model = r.model
-            batch = open_batch.get(model)
-            if batch is None or len(batch.requests) >= max_size or \
-                    batch.tokens + r.context > capacity(model):
-                batch = open_batch[model] = _Batch(model, [], 0, r.tbt_slo)
-                batches.append(batch)
-            batch.requests.append(r)
-            batch.tokens += r.context
-            if r.tbt_slo < batch.tbt_slo:
-                batch.tbt_slo = r.tbt_slo
-        return batches
 
     def _turn_units(self, w: DecodeWorker, turn: Turn) -> list:
         units: list = []
@@ -328,6 +298,4 @@ class WeightedRoundRobinDecode:
             return
         predicted = self.cost.decode_step_time(batch[0].model, len(batch),
                                                sum(r.context for r in batch))
-        low, high = SLOWDOWN_RANGE
-        seen = min(max(step_s / predicted, low), high)
-        w.slowdown += SLOWDOWN_SMOOTHING * (seen - w.slowdown)
+        w.slowdown = smoothed_slowdown(w.slowdown, step_s, predicted)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from tokenpool.schedulers.choices import candidates
-from tokenpool.schedulers.decode import SLOWDOWN_SMOOTHING, WeightedRoundRobinDecode
+from tokenpool.schedulers.decode import WeightedRoundRobinDecode
+from tokenpool.schedulers.decode_batches import SLOWDOWN_SMOOTHING
 from tokenpool.schedulers.types import Decode, Prefetch, RequestInfo, Switch
 
 from test_schedulers import SIM_CONFIG, WORKLOADS, cost

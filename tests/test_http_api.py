@@ -169,7 +169,8 @@ def test_pool_shows_every_worker_and_model(http):
     assert len(pool["workers"]) == 2
     for worker in pool["workers"]:
         assert {"id", "role", "device", "pid", "model", "state", "queued",
-                "running"} <= worker.keys()
+                "running", "decode_slowdown"} <= worker.keys()
+        assert worker["decode_slowdown"] > 0  # measured turn time over the profile's
         assert worker["state"] in ("idle", "busy", "dead") and worker["device"] == "cpu"
         assert isinstance(worker["pid"], int) and worker["role"] == "prefill+decode"
     assert sorted(m["id"] for m in pool["models"]) == sorted(FLEET_IDS)

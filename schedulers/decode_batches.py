@@ -1,0 +1,50 @@
+"""How a decode round is cut into batches, and how a worker's measured steps correct the
+cost model's (both pure: the decode policy calls them with its own state)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+# The cost model is fitted on an idle machine; a loaded one (the frontend and its clients
+# share the CPUs, a GPU shares its host) steps slower. Each measured turn moves a worker's
+# slowdown this far towards what it saw, within SLOWDOWN_RANGE so one stalled turn cannot
+# close the worker to new requests for long.
+SLOWDOWN_SMOOTHING = 0.2
+SLOWDOWN_RANGE = (0.5, 4.0)
+
+
+@dataclass(slots=True)
+class Batch:
+    """A batch of a round in the making: one model's requests, in FCFS order."""
+
+    model: str
+    requests: list  # DecodeRequest
+    tokens: int  # their context, summed
+    tbt_slo: float  # the tightest of theirs
+
+
+def fcfs_batches(requests: Iterable, kv_capacity_tokens: Callable[[str], int],
+                 max_batch_size: int) -> list[Batch]:
+    """FCFS per model, cut where the KV budget or the batch size would be exceeded."""
+    open_batch: dict[str, Batch] = {}
+    batches: list[Batch] = []
+    for r in requests:
+        model = r.model
+        batch = open_batch.get(model)
+        if batch is None or len(batch.requests) >= max_batch_size or \
+                batch.tokens + r.context > kv_capacity_tokens(model):
+            batch = open_batch[model] = Batch(model, [], 0, r.tbt_slo)
+            batches.append(batch)
+        batch.requests.append(r)
+        batch.tokens += r.context
+        if r.tbt_slo < batch.tbt_slo:
+            batch.tbt_slo = r.tbt_slo
+    return batches
+
+
+def smoothed_slowdown(current: float, measured_step_s: float, predicted_step_s: float) -> float:
+    """`current` moved towards one turn's measured/predicted step time, within the range."""
+    low, high = SLOWDOWN_RANGE
+    seen = min(max(measured_step_s / predicted_step_s, low), high)
+    return current + SLOWDOWN_SMOOTHING * (seen - current)
