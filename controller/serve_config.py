@@ -31,7 +31,8 @@ class SchedulerConfig:
     max_group_size: int = 8  # prefill groups (DESIGN §3.1)
     batch_prefill: bool = True  # a group's prompts in one forward pass
     # Admission: shed (429 / RESOURCE_EXHAUSTED) when the predicted TTFT exceeds this
-    # multiple of the TTFT SLO, or the decode rounds' alpha exceeds max_alpha.
+    # multiple of the TTFT SLO, or the decode rounds' alpha exceeds max_alpha (both at the
+    # step times the workers' turns have lately run, not the start-up profile's).
     shed_ttft_factor: float = 1.0
     max_alpha: float = 1.0
     max_waiting: int = 512  # requests queued for prefill across the pool

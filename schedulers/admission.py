@@ -77,7 +77,8 @@ def predicted_ttft(prefill, req: RequestInfo, queue=None, group=None) -> float:
 
 
 def predicted_alpha(decode, req: RequestInfo, slo: SLO, worker: int | None = None) -> float:
-    """The next-round alpha of `worker`, or of the best decode worker, were `req` placed on it."""
+    """The next-round alpha of `worker`, or of the best decode worker, were `req` placed on it,
+    with step times as that worker's turns have lately run."""
     if worker is not None and worker in decode.workers:
         return decode.alpha_with(worker, req, slo.tbt_s, measured=True)
     return min(decode.alpha_with(w, req, slo.tbt_s, measured=True) for w in decode.workers)
