@@ -29,6 +29,7 @@ from tokenpool.schedulers.choices import candidates
 from tokenpool.schedulers.types import (
     Decode, Job, Prefetch, RequestInfo, SwapIn, SwapOut, Switch)
 
+
 @dataclass(slots=True)
 class DecodeRequest:
     request_id: str
