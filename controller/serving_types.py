@@ -46,6 +46,15 @@ class TokenEvent:
                    out.finish_reason, out.logprobs, out.num_prompt_tokens,
                    out.num_output_tokens, None, emitted_at)
 
+    def followed_by(self, later: "TokenEvent") -> "TokenEvent":
+        """This event and the next of the same request as one: what a client reading late
+        gets in one chunk. `emitted_at` stays the earlier, the oldest token's."""
+        return TokenEvent(self.request_id, self.token_ids + later.token_ids,
+                          self.text + later.text, later.finished, later.finish_reason,
+                          self.logprobs + later.logprobs,
+                          later.num_prompt_tokens or self.num_prompt_tokens,
+                          later.num_output_tokens, later.error, self.emitted_at)
+
 
 @dataclass(frozen=True, slots=True)
 class JobInput:

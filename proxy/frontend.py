@@ -21,6 +21,7 @@ from tokenpool.errors import EmptyPromptError, InvalidRequestError, PromptTooLon
 from tokenpool.errors import InvalidSamplingError, UnknownModelError
 from tokenpool.models.prompts import encode_chat, encode_text
 from tokenpool.proxy.config import ProxyConfig
+from tokenpool.proxy.loop_mailbox import LoopMailbox
 from tokenpool.sampling import SamplingParams
 
 _IDS = itertools.count()
@@ -36,6 +37,7 @@ class Frontend:
         self.config = config
         self.observer = observer
         self._prefix = f"{os.getpid():x}"
+        self._mailboxes: dict[asyncio.AbstractEventLoop, LoopMailbox] = {}
 
     def card(self, model: str) -> ModelCard:
         card = self.catalog.get(model)
@@ -100,16 +102,16 @@ class Frontend:
     # -- streaming -----------------------------------------------------------------------------
 
     async def stream(self, req: ServeRequest) -> AsyncIterator[TokenEvent]:
-        """Submit `req` and yield its events until the finished one.
+        """Submit `req` and yield its events until the finished one (events that queued
+        while the caller was busy are merged into one).
 
         Raises OverloadedError / UnavailableError before the first event if the controller
         refuses it. A request that runs past `request_timeout_s` ends with a "timeout" event.
         """
-        loop = asyncio.get_running_loop()
+        mailbox = self._mailbox()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         try:
-            self.controller.submit(req, lambda ev: loop.call_soon_threadsafe(events.put_nowait,
-                                                                             ev))
+            self.controller.submit(req, lambda ev: mailbox.post(events, ev))
         except Exception as exc:
             self._rejected(req.model, type(exc).__name__)
             raise
@@ -118,6 +120,10 @@ class Frontend:
         try:
             while not finished:
                 event = await self._next(events, deadline, req)
+                # Events that queued up while the edge was busy go out as one, as vLLM's
+                # output collector merges them: one chunk to build, log and write, not n.
+                while not event.finished and not events.empty():
+                    event = event.followed_by(events.get_nowait())
                 finished = event.finished
                 if self.observer is not None:
                     self.observer.on_event(req, event, time.monotonic())
@@ -130,8 +136,18 @@ class Frontend:
                                                            finish_reason="cancelled"),
                                            time.monotonic())
 
+    def _mailbox(self) -> LoopMailbox:
+        loop = asyncio.get_running_loop()
+        box = self._mailboxes.get(loop)
+        if box is None:
+            self._mailboxes = {l: b for l, b in self._mailboxes.items() if not l.is_closed()}
+            box = self._mailboxes[loop] = LoopMailbox(loop)
+        return box
+
     async def _next(self, events: asyncio.Queue, deadline: float, req: ServeRequest
                     ) -> TokenEvent:
+        if not events.empty() and time.monotonic() < deadline:  # most tokens: no timer, no task
+            return events.get_nowait()
         try:
             return await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:

@@ -37,11 +37,22 @@ _REASONS = {"OverloadedError": "overloaded", "UnavailableError": "unavailable"}
 _ENDED_BY_CLIENT = "cancelled"
 
 
+@dataclass(frozen=True, slots=True)
+class _TokenSeries:
+    """A model's per-token series, labelled once: `labels()` per token costs a lock and a
+    dict lookup on the event loop's hottest path."""
+
+    ttft: object
+    itl: object
+    tokens: object
+
+
 @dataclass(slots=True)
 class _Live:
     """One request between its first and its finished event."""
 
     timeline: TokenTimeline
+    series: _TokenSeries
     last_token_at: float | None = None
 
 
@@ -55,6 +66,7 @@ class ServingMetrics:
         self.registry = CollectorRegistry()
         self._live: dict[str, _Live] = {}
         self._attainment: dict[str, tuple[float, int]] = {}  # model -> (sum, count)
+        self._series: dict[str, _TokenSeries] = {}
         self._lock = threading.Lock()  # on_event runs on the loop, scrapes in a thread
         self._make_edge_metrics()
         self.registry.register(PoolCollector(controller, kv_pages or {}))
@@ -96,24 +108,32 @@ class ServingMetrics:
             if live is None:
                 live = self._live[request.request_id] = self._start(request)
             if event.token_ids:
-                self._tokens(model, live, len(event.token_ids), request.arrival, now)
+                self._tokens(live, len(event.token_ids), request.arrival, now)
             if event.finished:
                 del self._live[request.request_id]
                 self._finish(model, live, event.finish_reason or "error", request.arrival, now)
 
     def _start(self, request) -> _Live:
-        self.prompt_tokens.labels(request.model).inc(len(request.prompt_ids))
-        return _Live(TokenTimeline(request.arrival, request.slo.ttft_s, request.slo.tbt_s))
+        model = request.model
+        self.prompt_tokens.labels(model).inc(len(request.prompt_ids))
+        series = self._series.get(model)
+        if series is None:
+            series = self._series[model] = _TokenSeries(
+                self.ttft.labels(model), self.itl.labels(model),
+                self.generation_tokens.labels(model))
+        return _Live(TokenTimeline(request.arrival, request.slo.ttft_s, request.slo.tbt_s),
+                     series)
 
-    def _tokens(self, model: str, live: _Live, n: int, arrival: float, now: float) -> None:
+    def _tokens(self, live: _Live, n: int, arrival: float, now: float) -> None:
+        series = live.series
         if live.last_token_at is None:
-            self.ttft.labels(model).observe(now - arrival)
+            series.ttft.observe(now - arrival)
         else:
-            self.itl.labels(model).observe(now - live.last_token_at)
+            series.itl.observe(now - live.last_token_at)
         live.last_token_at = now
         for _ in range(n):  # tokens of one event reach the client together
             live.timeline.emit(now)
-        self.generation_tokens.labels(model).inc(n)
+        series.tokens.inc(n)
 
     def _finish(self, model: str, live: _Live, reason: str, arrival: float, now: float) -> None:
         self.finished.labels(model, reason).inc()
