@@ -267,5 +267,8 @@ class ServingController:
             decode = getattr(self.scheduler, "decode", None)  # token-level policies
             for worker in snapshot["workers"] if decode is not None else ():
                 if worker["id"] in decode.workers:
-                    worker["decode_slowdown"] = round(decode.workers[worker["id"]].slowdown, 3)
+                    state = decode.workers[worker["id"]]
+                    worker["decode_slowdown"] = round(state.slowdown, 3)
+                    worker["decode_alpha"] = round(state.alpha, 3)
+                    worker["decode_requests"] = len(state.requests)
             return snapshot

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from tokenpool.schedulers.cost import CostModel
 from tokenpool.schedulers.decode_batches import fcfs_batches, smoothed_slowdown
-from tokenpool.schedulers.quota import Q_MAX_S, round_alpha, round_quotas
+from tokenpool.schedulers.quota import ALPHA_FLOOR, Q_MAX_S, round_alpha, round_quotas
 from tokenpool.schedulers.choices import candidates
 from tokenpool.schedulers.types import (
     Decode, Job, Prefetch, RequestInfo, SwapIn, SwapOut, Switch)
@@ -115,17 +115,18 @@ class WeightedRoundRobinDecode:
                 if workers[i].tokens.get(model, 0) + context <= capacity]
 
     def alpha_with(self, worker: int, req: RequestInfo, tbt_slo: float,
-                   measured: bool = False) -> float:
+                   measured: bool = False, floor: float = ALPHA_FLOOR) -> float:
         """The next-round alpha of `worker` with prefilled `req` added; 0 if it decodes not.
-        `measured`: with step times as the worker's turns have lately run, not as profiled."""
+        `measured`: with step times as the worker's turns have lately run, not as profiled.
+        `floor=0`: below the 0.5 floor too, to compare lightly loaded workers."""
         w = self.workers.get(worker)
         if w is None:
             return 0.0
         return self._alpha_with(w, req.model, req.prompt_len + 1, tbt_slo,
-                                w.slowdown if measured else 1.0)
+                                w.slowdown if measured else 1.0, floor)
 
     def _alpha_with(self, w: DecodeWorker, model: str, context: int, tbt_slo: float,
-                    slowdown: float = 1.0) -> float:
+                    slowdown: float = 1.0, floor: float = ALPHA_FLOOR) -> float:
         """The alpha of the worker's next round if it also held this request: one batch per
         model of its current requests. Not its last round's alpha, which is stale (an
         emptied worker keeps the alpha of its last busy round)."""
@@ -144,7 +145,7 @@ class WeightedRoundRobinDecode:
             models.append(model)
         # A lone model switches in once, not every round.
         switch = sum(map(self.cost.switch_time, models)) if len(models) > 1 else 0.0
-        return round_alpha(steps, slos, switch, self.q_max_s)
+        return round_alpha(steps, slos, switch, self.q_max_s, floor)
 
     def _add(self, w: DecodeWorker, r: DecodeRequest) -> None:
         w.requests[r.request_id] = r

@@ -48,13 +48,14 @@ def round_quotas(step_times: list[float], tbt_slos: list[float], switch_time: fl
 
 
 def round_alpha(step_times: list[float], tbt_slos: list[float], switch_time: float,
-                q_max: float = Q_MAX_S) -> float:
-    """The alpha alone of a round of these batches: what placement compares workers by."""
-    return _steps_per_slo_and_alpha(step_times, tbt_slos, switch_time, q_max)[2]
+                q_max: float = Q_MAX_S, floor: float = ALPHA_FLOOR) -> float:
+    """The alpha alone of a round of these batches. `floor=0` gives the formula's value
+    below the 0.5 floor: how loaded a lightly loaded worker is, which the floor hides."""
+    return _steps_per_slo_and_alpha(step_times, tbt_slos, switch_time, q_max, floor)[2]
 
 
 def _steps_per_slo_and_alpha(step_times: list[float], tbt_slos: list[float],
-                             switch_time: float, q_max: float):
+                             switch_time: float, q_max: float, floor: float = ALPHA_FLOOR):
     """(n_i, sum 1/n_i, alpha) for the formula in the module docstring."""
     if not step_times or len(step_times) != len(tbt_slos):
         raise ValueError("need one TBT SLO per batch, and at least one batch")
@@ -63,5 +64,5 @@ def _steps_per_slo_and_alpha(step_times: list[float], tbt_slos: list[float],
         raise ValueError("step times, SLOs, q_max must be finite and > 0; switch time >= 0")
     n = [slo / d for slo, d in zip(tbt_slos, step_times)]
     inv_sum = sum(1.0 / x for x in n)
-    alpha = max(switch_time / (min(n) * q_max) + inv_sum, ALPHA_FLOOR)
+    alpha = max(switch_time / (min(n) * q_max) + inv_sum, floor)
     return n, inv_sum, alpha

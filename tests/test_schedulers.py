@@ -265,3 +265,51 @@ def test_colocated_requests_go_where_their_model_already_decodes():
     s.add_request(req(0, "a"), 0.0)
     assert [g.model for g in s.prefill.queues[1].groups] == ["a"]
     assert not s.prefill.queues[0].groups
+
+
+def test_colocated_requests_of_a_new_model_go_to_the_lighter_worker():
+    from tokenpool.schedulers.token_level import TokenLevelScheduler
+
+    # Worker 0 decodes two models; worker 1 nothing. Both rounds sit at the 0.5 floor, which
+    # hid the difference: a new model went to worker 0, whose prefill queue was as empty.
+    s = TokenLevelScheduler([0, 1], [0, 1], cost(), lambda m: SLO(10, 0.1))
+    _decoding(s, 0, "a", 1)
+    _decoding(s, 0, "b", 1, first=2000)
+    s.add_request(req(0, "c"), 0.0)
+    assert [g.model for g in s.prefill.queues[1].groups] == ["c"]
+    assert not s.prefill.queues[0].groups
+
+
+def test_colocated_requests_stay_with_their_model_while_its_round_is_light():
+    from tokenpool.schedulers.token_level import TokenLevelScheduler
+
+    # Worker 1 is idle, so its round would be lighter still (0.11 against 0.16), but below
+    # the 0.5 floor the extra request costs worker 0 nothing and a batch of "a" on each
+    # worker would cost a step on both.
+    s = TokenLevelScheduler([0, 1], [0, 1], cost(), lambda m: SLO(10, 0.1))
+    _decoding(s, 0, "a", 5)
+    s.add_request(req(0, "a"), 0.0)
+    assert [g.model for g in s.prefill.queues[0].groups] == ["a"]
+    assert not s.prefill.queues[1].groups
+
+
+def test_colocated_placement_passes_over_a_worker_measured_too_slow_for_the_request():
+    from tokenpool.schedulers.admission import SLOAdmission
+    from tokenpool.schedulers.token_level import TokenLevelScheduler
+
+    # 30 requests of "a": 41 ms steps by the profile (alpha 0.41 at a 100 ms TBT), 123 ms
+    # as worker 0 has been running (slowdown 3): alpha 1.23. Placing by the profile put the
+    # request there, and admission, which asks for the measured alpha, shed it while
+    # worker 1 was idle.
+    slo = SLO(10, 0.1)
+    s = TokenLevelScheduler([0, 1], [0, 1], cost(), lambda m: slo)
+    _decoding(s, 0, "a", 30)
+    s.decode.workers[0].slowdown = 3.0
+    assert SLOAdmission().decide(s, req(0, "a"), slo, num_waiting=0).admit
+    s.add_request(req(0, "a"), 0.0)
+    assert [g.model for g in s.prefill.queues[1].groups] == ["a"]
+    _decoding(s, 1, "a", 30, first=2000)  # now no worker can take it: admission sheds
+    s.decode.workers[1].slowdown = 3.0
+    verdict = SLOAdmission().decide(s, req(1, "a"), slo, num_waiting=0)
+    assert not verdict.admit and "decode is overloaded" in verdict.reason
+
