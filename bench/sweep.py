@@ -42,13 +42,16 @@ class Server:
 
 
 @contextmanager
-def served(config: str, scheduler: str, log_path: Path | None = None):
+def served(config: str, scheduler: str, log_path: Path | None = None,
+           baseline_switch_overhead_s: float | None = None):
     """A `tokenpool serve` process of `config` under `scheduler`; yields its Server.
 
     It binds port 0 for both edges and says which ports it got in its `ready` line: choosing
     free ports here and passing them would race with whatever else binds ports meanwhile."""
     command = [sys.executable, "-m", "tokenpool.cli.main", "serve", "--config", str(config),
                "--scheduler", scheduler, "--http-port", "0", "--grpc-port", "0"]
+    if baseline_switch_overhead_s is not None:
+        command += ["--baseline-switch-overhead", repr(baseline_switch_overhead_s)]
     log = open(log_path, "w") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True,
                             start_new_session=True)
@@ -102,7 +105,8 @@ def run_point(config: str, fleet, scheduler: str, rate: float, duration_s: float
     log = log_dir / f"serve-{scheduler}-{rate:g}.log" if log_dir else None
     print(f"bench sweep: {scheduler} at {rate:g} req/s: {len(requests)} requests",
           file=sys.stderr, flush=True)
-    with served(config, scheduler, log) as server:
+    overhead = fleet.scheduler.baseline_switch_overhead_s
+    with served(config, scheduler, log, overhead) as server:
         url = server.url
         before = serve_bench.server_facts(url)
         warmup = serve_bench.warmup_requests(before["models"], 2 * len(before["models"]))
@@ -130,6 +134,7 @@ def sweep(config: str, fleet, schedulers: list[str], rates: list[float], duratio
         out[name] = {"max_rate_at_90": best, "points": points, "num_workers": workers,
                      "max_rate_at_90_met": max_at_90(points, "rate", "slo_met_fraction"),
                      "num_models": len(fleet.models),
+                     "baseline_switch_overhead_s": _overhead_of(fleet, name),
                      "max_rate_per_device": None if best is None else best / workers}
     if simulate:  # after the points: their servers left the fitted profile in the cache
         cost = sim_predict.fleet_cost(fleet)
@@ -141,6 +146,12 @@ def sweep(config: str, fleet, schedulers: list[str], rates: list[float], duratio
             out[name]["simulated_over_real"] = _ratio(predicted[name]["max_rate_at_90"],
                                                       out[name]["max_rate_at_90"])
     return out
+
+
+def _overhead_of(fleet, scheduler: str) -> float:
+    """What a switch of `scheduler` held its worker for, beyond the copy (Switch.hold_s)."""
+    baseline = scheduler in ("request-level", "request-level-plus")
+    return fleet.scheduler.baseline_switch_overhead_s if baseline else 0.0
 
 
 def _ratio(a, b):

@@ -4,6 +4,7 @@ rates, each on a fresh server)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -154,6 +155,11 @@ def _add_sweep(kinds) -> None:
     p.add_argument("--report", metavar="FILE.md", type=Path,
                    help="markdown report (default: docs/bench/sweep-<config name>.md)")
     p.add_argument("--logs", metavar="DIR", type=Path, help="keep each server's stderr here")
+    p.add_argument("--baseline-switch-overhead", metavar="S", type=_args.non_negative_float,
+                   help="seconds the request-level baselines hold a worker after each switch, "
+                        "on the servers and in the simulator: the paper's ServerlessLLM "
+                        "baseline re-initialises its engine (default: the config's "
+                        "scheduler.baseline_switch_overhead_s)")
     _args.add_json_out(p)
     p.add_argument("--plot", metavar="OUT.png", type=Path, help="attainment against rate")
     p.set_defaults(func=_run_sweep)
@@ -165,6 +171,9 @@ def _run_sweep(args) -> int:
     from tokenpool.schedulers.registry import SCHEDULERS
 
     fleet = load_fleet(args.config)
+    if args.baseline_switch_overhead is not None:
+        fleet = dataclasses.replace(fleet, scheduler=dataclasses.replace(
+            fleet.scheduler, baseline_switch_overhead_s=args.baseline_switch_overhead))
     if fleet.bench is None:
         raise _usage(f"{args.config}: no bench: block (workload, rates) to sweep")
     names = [n.strip() for n in args.schedulers.split(",") if n.strip()]

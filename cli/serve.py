@@ -44,6 +44,10 @@ def add_parser(commands) -> None:
     p.add_argument("--num-workers", type=_args.positive_int, help="override pool.num_workers")
     p.add_argument("--scheduler", help="override scheduler.name (token-level, request-level, "
                                        "request-level-plus, static)")
+    p.add_argument("--baseline-switch-overhead", metavar="S", type=_args.non_negative_float,
+                   help="override scheduler.baseline_switch_overhead_s: seconds a request-level "
+                        "baseline holds its worker after each switch, standing for the engine "
+                        "re-initialisation of a system without tokenpool's hot swap")
     p.set_defaults(func=run)
 
 
@@ -64,7 +68,8 @@ def apply_overrides(fleet, args):
         host=args.host, http_port=args.http_port, grpc_port=args.grpc_port))
     pool = dataclasses.replace(fleet.pool, **_given(backend=args.backend,
                                                     num_workers=args.num_workers))
-    scheduler = dataclasses.replace(fleet.scheduler, **_given(name=args.scheduler))
+    scheduler = dataclasses.replace(fleet.scheduler, **_given(
+        name=args.scheduler, baseline_switch_overhead_s=args.baseline_switch_overhead))
     return dataclasses.replace(fleet, proxy=proxy, pool=pool, scheduler=scheduler)
 
 

@@ -40,6 +40,11 @@ class SchedulerConfig:
     # to the worker, streaming its first step back, swapping KV. The policy plans every turn
     # with it (DESIGN §3.2's c0), so turns stay long enough to be worth their switch.
     switch_overhead_s: float = 0.0
+    # Seconds a request-level baseline holds its worker after every switch: the engine
+    # re-initialisation of the paper's ServerlessLLM baseline, which tokenpool's component
+    # reuse removes (the simulator's setting of the same name; docs/bench/serving.md). 0: the
+    # baselines switch as cheaply as tokenpool does.
+    baseline_switch_overhead_s: float = 0.0
 
     def __post_init__(self):
         if self.name not in SCHEDULERS:
@@ -48,7 +53,8 @@ class SchedulerConfig:
         if self.q_max_s <= 0 or self.max_group_size < 1 or self.max_waiting < 1:
             raise ConfigError("scheduler: q_max_s must be > 0, max_group_size and max_waiting "
                               ">= 1")
-        if self.switch_overhead_s < 0:
-            raise ConfigError("scheduler.switch_overhead_s must be >= 0")
+        if self.switch_overhead_s < 0 or self.baseline_switch_overhead_s < 0:
+            raise ConfigError("scheduler: switch_overhead_s and baseline_switch_overhead_s "
+                              "must be >= 0")
         if self.shed_ttft_factor <= 0 or self.max_alpha <= 0:
             raise ConfigError("scheduler: shed_ttft_factor and max_alpha must be > 0")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 
@@ -35,14 +34,12 @@ def model_load(workload: list[WorkloadRequest]) -> dict[str, float]:
 
 def run_one(config, workload: list[WorkloadRequest], scheduler_name: str, slo: SLO) -> dict:
     cost = config.cost_model({r.model for r in workload})
-    if scheduler_name != "token-level":
-        cost = dataclasses.replace(
-            cost, switch_overhead_s=config.scheduler.baseline_switch_overhead_s)
     roles = roles_of(config)
     scheduler = make_scheduler(scheduler_name, roles, cost, lambda _model: slo,
                                model_load=model_load(workload),
                                max_group_size=config.scheduler.max_group_size,
-                               q_max_s=config.scheduler.q_max_s)
+                               q_max_s=config.scheduler.q_max_s,
+                               baseline_reinit_s=config.scheduler.baseline_switch_overhead_s)
     outcome = simulate(workload, scheduler, len(roles.all), cost, lambda _model: slo)
     # Goodput per second of the workload's arrival window (at least a second).
     duration = max(1.0, max((r.arrival_s for r in workload), default=0.0))

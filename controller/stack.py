@@ -108,7 +108,8 @@ def scheduler_for(fleet, cost):
     return make_scheduler(s.name, roles, cost, fleet.slo_of,
                           model_load={m.id: 1.0 for m in fleet.models},
                           max_group_size=s.max_group_size, q_max_s=s.q_max_s,
-                          batch_prefill=s.batch_prefill)
+                          batch_prefill=s.batch_prefill,
+                          baseline_reinit_s=s.baseline_switch_overhead_s)
 
 
 def _admission(fleet) -> SLOAdmission:

@@ -130,7 +130,8 @@ class JobRunner:
         elif kind is Decode:
             yield from self._decode(unit, job)
         elif kind is Switch:
-            self._switch(unit.model, job)
+            if self._switch(unit.model, job) and unit.hold_s:
+                time.sleep(unit.hold_s)  # an emulated engine re-initialisation (baselines)
         elif kind is Prefetch:
             self.worker.prefetch(unit.model)
         elif kind is SwapOut:
@@ -156,12 +157,15 @@ class JobRunner:
         # Cancelled requests of a Prefill unit are never started (see _start); unknown ids
         # are not this worker's, so nothing is reported for them.
 
-    def _switch(self, model: str, job: _Job) -> None:
+    def _switch(self, model: str, job: _Job) -> bool:
+        """Switch to `model`; False if it was in already (not a switch, for the metrics
+        either)."""
         if self.worker.active == model:
-            return  # nothing moves: not a switch, for the metrics either
+            return False
         record = self.worker.switch(model)
         job.switches.append(SwitchEvent(record.model_id, record.seconds, record.bytes_copied,
                                         record.prefetched))
+        return True
 
     def _ensure_active(self, model: str, job: _Job) -> None:
         """A policy that believes the model loaded sends no Switch; after a restart (a fresh

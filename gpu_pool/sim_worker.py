@@ -60,7 +60,7 @@ class SimWorker:
                 t, result = self._prefill(unit, t)
                 results.append(result)
             elif kind is Switch:
-                t = self._switch(unit.model, t)
+                t = self._switch(unit.model, t) + unit.hold_s
             elif kind is Prefetch:
                 self.prefetched = (unit.model, t + self.cost.switch_time(unit.model))
             else:  # SwapIn, SwapOut

@@ -33,14 +33,18 @@ class Roles:
 
 def make_scheduler(name: str, roles: Roles, cost: CostModel, slo_of: Callable[[str], SLO], *,
                    model_load: dict[str, float] | None = None, max_group_size: int = 8,
-                   q_max_s: float = Q_MAX_S, batch_prefill: bool = False):
-    """`model_load`: each model's expected share of requests; `static` places by it."""
+                   q_max_s: float = Q_MAX_S, batch_prefill: bool = False,
+                   baseline_reinit_s: float = 0.0):
+    """`model_load`: each model's expected share of requests; `static` places by it.
+    `baseline_reinit_s`: what the request-level baselines hold a worker for after each
+    switch (an emulated engine re-initialisation; `Switch.hold_s`)."""
     if name == "token-level":
         return TokenLevelScheduler(list(roles.prefill), list(roles.decode), cost, slo_of,
                                    max_group_size, q_max_s, batch_prefill)
     if name in ("request-level", "request-level-plus"):
         scheduler = RequestLevelScheduler(roles.all, cost, slo_of,
-                                          shortest_first=name == "request-level-plus")
+                                          shortest_first=name == "request-level-plus",
+                                          reinit_s=baseline_reinit_s)
         scheduler.name = name
         return scheduler
     if name == "static":

@@ -5,6 +5,8 @@
   with continuous batching, until none is left.
 - `request-level-plus`: the same, but a free worker takes the model with the least waiting
   work (its waiting requests' prompt tokens: shortest remaining first, with the whole group).
+- Both may pay `reinit_s` on every switch (`Switch.hold_s`): ServerlessLLM's engine
+  re-initialisation, which the paper's baseline pays and tokenpool's switch does not.
 - `static`: every model pinned to its own worker(s), never switching. Models left without a
   worker are never served: the deployment pooling is measured against.
 
@@ -45,8 +47,9 @@ class RequestLevelScheduler:
 
     def __init__(self, workers: list[int], cost: CostModel, slo_of: Callable[[str], SLO],
                  shortest_first: bool = False, pinned: dict[str, list[int]] | None = None,
-                 slice_s: float = SLICE_S):
+                 slice_s: float = SLICE_S, reinit_s: float = 0.0):
         self.cost = cost
+        self.reinit_s = reinit_s  # held after every switch: Switch.hold_s
         self.slo_of = slo_of
         self.shortest_first = shortest_first
         self.slice_s = slice_s
@@ -85,7 +88,7 @@ class RequestLevelScheduler:
     def _next_job(self, w: ServingWorker) -> Job | None:
         units: list = []
         if not w.pending and not w.running and not w.pinned and self._take_model(w):
-            units.append(Switch(w.worker, w.model))
+            units.append(Switch(w.worker, w.model, self.reinit_s))
         if w.pending:
             units.append(self._prefill(w))
         elif w.running:

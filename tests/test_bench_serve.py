@@ -125,9 +125,11 @@ def test_bench_sweep_runs_fresh_servers_and_writes_its_report(trace, tmp_path):
     out, plot, report = tmp_path / "s.json", tmp_path / "s.png", tmp_path / "docs" / "s.md"
     assert main(["bench", "sweep", "--config", str(config), "--schedulers",
                  "token-level,request-level", "--json", str(out), "--plot", str(plot),
-                 "--report", str(report)]) == 0
+                 "--report", str(report), "--baseline-switch-overhead", "0.25"]) == 0
     result = json.loads(out.read_text())
     assert set(result) == {"token-level", "request-level"}
+    assert result["request-level"]["baseline_switch_overhead_s"] == 0.25
+    assert result["token-level"]["baseline_switch_overhead_s"] == 0.0
     for entry in result.values():
         (point,) = entry["points"]
         assert point["rate"] == 2 and point["failed"] == 0
@@ -142,4 +144,5 @@ def test_bench_sweep_runs_fresh_servers_and_writes_its_report(trace, tmp_path):
     text = report.read_text()
     assert "| token-level | 2 |" in text and "tokenpool bench sweep --config" in text
     assert "by goodput (90% of requests meet both)" in text and "The SLOs used are" in text
+    assert "baselines held their worker 0.25 s after every switch" in text
     assert plot.stat().st_size > 0

@@ -136,6 +136,12 @@ def test_generate_bad_input_exits_2(args, message):
     assert_usage_error(tokenpool("generate", *args), message)
 
 
+@pytest.mark.parametrize("value", ["-1", "inf", "soon"])
+def test_serve_bad_baseline_switch_overhead_exits_2(value):
+    assert_usage_error(tokenpool("serve", "--baseline-switch-overhead", value),
+                       "--baseline-switch-overhead")
+
+
 def test_generate_float16_on_cpu_exits_2(synth_fleet):
     result = tokenpool("generate", "--config", synth_fleet, "--model", SYNTH, "--prompt", "hi",
                        "--dtype", "float16")

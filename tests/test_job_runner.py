@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 import queue
+import time
 
 import pytest
 
@@ -201,6 +202,20 @@ def test_job_done_reports_switches_swaps_and_the_model_left_in(checkpoints):
     assert engines["m-a"].num_used_pages == engines["m-b"].num_used_pages == 2  # 21-23 tokens
     _, done = run_job(runner, cancelled=("r", "q"))
     assert done.kv_pages_used == 0 and len(done.results) == 2 and not done.switches
+
+
+def test_a_switch_holds_the_worker_for_its_hold_and_a_model_already_in_holds_nothing(
+        checkpoints):
+    """Switch.hold_s, the request-level baselines' emulated engine re-initialisation, is
+    paid on the worker after the copy, and only when weights moved."""
+    runner = JobRunner(make_worker(checkpoints), 0)
+    start = time.monotonic()
+    _, done = run_job(runner, Switch(0, "m-a", 0.3))
+    assert time.monotonic() - start >= 0.3
+    assert [s.model for s in done.switches] == ["m-a"]
+    start = time.monotonic()
+    _, done = run_job(runner, Switch(0, "m-a", 30.0))
+    assert time.monotonic() - start < 30.0 and not done.switches
 
 
 class _Listener:

@@ -12,7 +12,7 @@ from tokenpool.schedulers.decode import WeightedRoundRobinDecode
 from tokenpool.schedulers.prefill import GroupedFCFSPrefill
 from tokenpool.schedulers.registry import Roles, UnknownSchedulerError, make_scheduler
 from tokenpool.schedulers.request_level import RequestLevelScheduler, static_placement
-from tokenpool.schedulers.types import (SLO, Decode, DecodeDone, Prefetch, Prefill,
+from tokenpool.schedulers.types import (SLO, Decode, DecodeDone, Job, Prefetch, Prefill,
                                         PrefillDone, RequestInfo, SwapIn, SwapOut, Switch)
 
 WORKLOADS = Path(__file__).resolve().parents[2] / "shared" / "data" / "aegaeon" / "workloads"
@@ -313,3 +313,19 @@ def test_colocated_placement_passes_over_a_worker_measured_too_slow_for_the_requ
     verdict = SLOAdmission().decide(s, req(1, "a"), slo, num_waiting=0)
     assert not verdict.admit and "decode is overloaded" in verdict.reason
 
+
+def test_request_level_baselines_hold_the_worker_after_a_switch_and_token_level_never():
+    from tokenpool.gpu_pool.sim_worker import SimWorker
+
+    slo = lambda m: SLO(10, 0.1)  # noqa: E731
+    for name in ("request-level", "request-level-plus"):
+        s = make_scheduler(name, Roles((0,), (0,)), cost(), slo, baseline_reinit_s=2.5)
+        s.add_request(req(0, "a"), 0.0)
+        [job] = s.schedule({0}, 0.0)
+        assert Switch(0, "a", 2.5) in job.units
+        worker = SimWorker(0, cost(), {})
+        assert worker.run(Job(0, (Switch(0, "a", 2.5),)), 0.0)[0] == pytest.approx(1.0 + 2.5)
+    s = make_scheduler("token-level", Roles((0,), (0,)), cost(), slo, baseline_reinit_s=2.5)
+    s.add_request(req(0, "a"), 0.0)
+    [job] = s.schedule({0}, 0.0)
+    assert Switch(0, "a") in job.units  # hold_s 0: tokenpool's own switch

@@ -33,7 +33,7 @@ SECRET = "octarine-walrus-7731"  # in every prompt below: must appear in no log
 
 def _args(**given) -> argparse.Namespace:
     flags = dict(host=None, http_port=None, grpc_port=None, api_key=None, backend=None,
-                 num_workers=None, scheduler=None)
+                 num_workers=None, scheduler=None, baseline_switch_overhead=None)
     return argparse.Namespace(**{**flags, **given})
 
 
