@@ -72,7 +72,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     g.add_argument("--out-dir", metavar="DIR", type=Path, required=True,
                    help="writes DIR/synth-N-R-1.0-1.0.csv for every N and R")
     g.set_defaults(func=run_workload)
-    c = sub.add_parser("capacity", help="devices each scheduler needs for 90% attainment",
+    c = sub.add_parser("capacity", help="devices each scheduler needs for 90%% attainment",
                        description=CAPACITY_DESCRIPTION, formatter_class=_args.HelpFormatter)
     _common(c, required=True)
     c.add_argument("--workload", metavar="CSV", type=Path, default=None,
