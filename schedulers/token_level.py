@@ -40,26 +40,28 @@ class TokenLevelScheduler:
         return w.turn_s if w is not None and w.requests else 0.0
 
     def _decode_tiers(self, req: RequestInfo) -> list[set[int]]:
-        """Colocated workers to try for `req`, one a tier, best first: those whose next round
-        with `req` added still meets every TBT SLO, by least load of that round (its alpha
-        below the 0.5 floor too), workers already decoding or queueing the model first on a
-        tie. Where the model already decodes, one more request adds a fraction of a step;
-        elsewhere a new batch adds a step and a switch, so the model stays put unless the
-        other worker is lighter even with both.
+        """Colocated workers to try for `req`, one a tier, best first.
 
-        Step times are the measured ones, as admission's: by the profile alone, a worker
-        whose turns run slower than profiled took every request until admission shed them,
-        while the other worker sat idle (cpu-8models at 8 req/s: 393 against 96 requests in
-        simulation, 7% shed on the real engine). The floor hid it as well: both workers'
-        rounds stood at 0.5 while one of them held every model."""
+        Only workers whose next round with `req` still meets every TBT SLO at the step
+        times they have lately measured: admission asks the same, and a worker it would
+        shed on is no place for a request while another has room (cpu-8models at 8 req/s:
+        one worker held 40-70 requests, the other 0-3, and 7% were shed). Among those, the
+        lightest next round by the profile's step times, counting the alpha below its 0.5
+        floor, which hid a worker holding every model behind the same 0.5 as an idle one
+        (393 against 96 requests in simulation). A worker already decoding or queueing the
+        model comes first while that load stays under the floor: there one more request
+        adds a fraction of a step, elsewhere a new batch adds a step and a switch. Ranking
+        by the measured times instead starved a worker once measured slow: an idle
+        worker's measurement is never renewed."""
         decode, tbt, model = self.decode, self.slo_of(req.model).tbt_s, req.model
         queued = {q.worker for q, _ in self.prefill.open_groups.get(model, ())}
         holding = decode.holders.get(model, set()) | queued
         loads = []
         for w in self.prefill.queues:
-            load = decode.alpha_with(w, req, tbt, measured=True, floor=0.0)
-            if load <= 1.0:
-                loads.append((load > ALPHA_FLOOR or w not in holding, load, w))
+            if decode.alpha_with(w, req, tbt, measured=True) > 1.0:
+                continue
+            load = decode.alpha_with(w, req, tbt, floor=0.0)
+            loads.append((load > ALPHA_FLOOR or w not in holding, load, w))
         return [{w} for *_, w in sorted(loads)]
 
     def add_request(self, req: RequestInfo, now: float) -> None:

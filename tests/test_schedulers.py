@@ -267,6 +267,10 @@ def test_colocated_requests_go_where_their_model_already_decodes():
     assert not s.prefill.queues[0].groups
 
 
+def _queued_models(s) -> dict[int, list[str]]:
+    return {w: [g.model for g in q.groups] for w, q in s.prefill.queues.items()}
+
+
 def test_colocated_requests_of_a_new_model_go_to_the_lighter_worker():
     from tokenpool.schedulers.token_level import TokenLevelScheduler
 
@@ -276,8 +280,7 @@ def test_colocated_requests_of_a_new_model_go_to_the_lighter_worker():
     _decoding(s, 0, "a", 1)
     _decoding(s, 0, "b", 1, first=2000)
     s.add_request(req(0, "c"), 0.0)
-    assert [g.model for g in s.prefill.queues[1].groups] == ["c"]
-    assert not s.prefill.queues[0].groups
+    assert _queued_models(s) == {0: [], 1: ["c"]}
 
 
 def test_colocated_requests_stay_with_their_model_while_its_round_is_light():
@@ -289,8 +292,7 @@ def test_colocated_requests_stay_with_their_model_while_its_round_is_light():
     s = TokenLevelScheduler([0, 1], [0, 1], cost(), lambda m: SLO(10, 0.1))
     _decoding(s, 0, "a", 5)
     s.add_request(req(0, "a"), 0.0)
-    assert [g.model for g in s.prefill.queues[0].groups] == ["a"]
-    assert not s.prefill.queues[1].groups
+    assert _queued_models(s) == {0: ["a"], 1: []}
 
 
 def test_colocated_placement_passes_over_a_worker_measured_too_slow_for_the_request():
@@ -307,11 +309,24 @@ def test_colocated_placement_passes_over_a_worker_measured_too_slow_for_the_requ
     s.decode.workers[0].slowdown = 3.0
     assert SLOAdmission().decide(s, req(0, "a"), slo, num_waiting=0).admit
     s.add_request(req(0, "a"), 0.0)
-    assert [g.model for g in s.prefill.queues[1].groups] == ["a"]
+    assert _queued_models(s) == {0: [], 1: ["a"]}
     _decoding(s, 1, "a", 30, first=2000)  # now no worker can take it: admission sheds
     s.decode.workers[1].slowdown = 3.0
     verdict = SLOAdmission().decide(s, req(1, "a"), slo, num_waiting=0)
     assert not verdict.admit and "decode is overloaded" in verdict.reason
+
+
+def test_colocated_placement_ranks_by_the_profile_so_a_stale_measurement_starves_nobody():
+    from tokenpool.schedulers.token_level import TokenLevelScheduler
+
+    # Worker 0 was measured 3x slow long ago and has decoded nothing since; worker 1 decodes
+    # "b". By the measured times worker 0 would look the busier (0.33 against 0.27) and
+    # never be measured again; by the profile it is the lighter (0.11).
+    s = TokenLevelScheduler([0, 1], [0, 1], cost(), lambda m: SLO(10, 0.1))
+    s.decode.workers[0].slowdown = 3.0
+    _decoding(s, 1, "b", 1)
+    s.add_request(req(0, "c"), 0.0)
+    assert _queued_models(s) == {0: ["c"], 1: []}
 
 
 def test_request_level_baselines_hold_the_worker_after_a_switch_and_token_level_never():
