@@ -43,7 +43,8 @@ def server_facts(url: str, api_key: str | None = None) -> dict:
     return {"models": [m["id"] for m in models["data"]],
             "slo": {m["id"]: SLO(m["slo"]["ttft_s"], m["slo"]["tbt_s"]) for m in pool["models"]},
             "switches": sum(w["switches"] for w in pool["workers"]),
-            "workers": len(pool["workers"])}
+            "workers": len(pool["workers"]),
+            "decode_step_ratio": pool.get("decode_step_ratio")}
 
 
 def run(target: Target, requests: list[WorkloadRequest], slo_of, *, seed: int = 0,

@@ -30,8 +30,12 @@ def fleet_cost(fleet):
     return cost
 
 
-def simulate_point(fleet, cost, requests, duration_s: float) -> dict:
-    """One sweep point in simulation: attainment, goodput and switches."""
+def simulate_point(fleet, cost, requests, duration_s: float,
+                   step_ratio: float | None = None) -> dict:
+    """One sweep point in simulation: attainment, goodput and switches. `step_ratio`: run the
+    workers that much slower than `cost` (what the real point's workers measured)."""
+    if step_ratio:
+        cost = cost.slowed(step_ratio)
     scheduler = scheduler_for(fleet, cost)
     workers = len(pool_roles(fleet).all)
     outcome = simulate(requests, scheduler, workers, cost, fleet.slo_of)
@@ -45,10 +49,11 @@ def simulate_point(fleet, cost, requests, duration_s: float) -> dict:
 
 
 def predicted_sweep(fleet, cost, schedulers: list[str], rates: list[float],
-                    requests_at, duration_s: float) -> dict:
+                    requests_at, duration_s: float, step_ratio_at=None) -> dict:
     """{scheduler: {max_rate_at_90, points}} as the real sweep reports it, simulated.
 
-    `requests_at(rate)` gives the workload of one point (the real sweep's own).
+    `requests_at(rate)` gives the workload of one point (the real sweep's own);
+    `step_ratio_at(scheduler, rate)`, if given, how much slower than `cost` to run it.
     """
     import dataclasses
 
@@ -56,8 +61,9 @@ def predicted_sweep(fleet, cost, schedulers: list[str], rates: list[float],
     for name in schedulers:
         policy = dataclasses.replace(fleet, scheduler=dataclasses.replace(fleet.scheduler,
                                                                           name=name))
-        points = [{"rate": rate, **simulate_point(policy, cost, requests_at(rate), duration_s)}
-                  for rate in rates]
+        points = [{"rate": rate, **simulate_point(
+            policy, cost, requests_at(rate), duration_s,
+            step_ratio_at and step_ratio_at(name, rate))} for rate in rates]
         out[name] = {"max_rate_at_90": max_at_90(points, "rate"), "points": points}
     return out
 

@@ -114,7 +114,8 @@ def run_point(config: str, fleet, scheduler: str, rate: float, duration_s: float
                                  seed=fleet.bench.seed, warmup=warmup, progress=False)
         after = serve_bench.server_facts(url)
     point = {"rate": rate, **{k: result[k] for k in POINT_KEYS},
-             "switches": after["switches"] - before["switches"]}
+             "switches": after["switches"] - before["switches"],
+             "decode_step_ratio": after["decode_step_ratio"]}
     print(f"bench sweep: {scheduler} at {rate:g} req/s: attainment "
           f"{point['slo_attainment']:.3f}, goodput {point['request_goodput']:.2f} req/s",
           file=sys.stderr, flush=True)
@@ -124,8 +125,6 @@ def run_point(config: str, fleet, scheduler: str, rate: float, duration_s: float
 def sweep(config: str, fleet, schedulers: list[str], rates: list[float], duration_s: float,
           *, log_dir: Path | None = None, simulate: bool = True) -> dict:
     """{scheduler: {max_rate_at_90, points, ..., simulated}}."""
-    from tokenpool.bench import sim_predict
-
     workers = fleet.pool.num_workers
     out = {}
     for name in schedulers:
@@ -137,15 +136,28 @@ def sweep(config: str, fleet, schedulers: list[str], rates: list[float], duratio
                      "baseline_switch_overhead_s": _overhead_of(fleet, name),
                      "max_rate_per_device": None if best is None else best / workers}
     if simulate:  # after the points: their servers left the fitted profile in the cache
-        cost = sim_predict.fleet_cost(fleet)
+        _predict(fleet, out, rates, duration_s)
+    return out
+
+
+def _predict(fleet, out: dict, rates: list[float], duration_s: float) -> None:
+    """The simulator's prediction of every point twice: on the start-up profile, and on the
+    profile slowed to what that point's workers measured (its decode_step_ratio)."""
+    from tokenpool.bench import sim_predict
+
+    cost = sim_predict.fleet_cost(fleet)
+    schedulers = list(out)
+    measured = {(name, p["rate"]): p["decode_step_ratio"]
+                for name in schedulers for p in out[name]["points"]}
+    for key, step_ratio_at in (("simulated", None),
+                               ("simulated_measured_steps", lambda n, r: measured[n, r])):
         predicted = sim_predict.predicted_sweep(
             fleet, cost, schedulers, rates, lambda r: point_requests(fleet, r, duration_s),
-            duration_s)
+            duration_s, step_ratio_at)
         for name in schedulers:
-            out[name]["simulated"] = predicted[name]
-            out[name]["simulated_over_real"] = _ratio(predicted[name]["max_rate_at_90"],
-                                                      out[name]["max_rate_at_90"])
-    return out
+            out[name][key] = predicted[name]
+            out[name][f"{key}_over_real"] = _ratio(predicted[name]["max_rate_at_90"],
+                                                   out[name]["max_rate_at_90"])
 
 
 def _overhead_of(fleet, scheduler: str) -> float:

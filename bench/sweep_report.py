@@ -21,11 +21,13 @@ def plot(result: dict, path, title: str = "") -> None:
         rates = [p["rate"] for p in entry["points"]]
         line, = ax.plot(rates, [p["slo_attainment"] for p in entry["points"]], "o-",
                         label=f"{name} ({entry['num_models']} models)")
-        simulated = entry.get("simulated")
-        if simulated:
-            ax.plot([p["rate"] for p in simulated["points"]],
-                    [p["slo_attainment"] for p in simulated["points"]], "--",
-                    color=line.get_color(), alpha=0.6, label=f"{name}, simulated")
+        for key, style, what in (("simulated", "--", "simulated"),
+                                 ("simulated_measured_steps", ":", "simulated, measured steps")):
+            simulated = entry.get(key)
+            if simulated:
+                ax.plot([p["rate"] for p in simulated["points"]],
+                        [p["slo_attainment"] for p in simulated["points"]], style,
+                        color=line.get_color(), alpha=0.6, label=f"{name}, {what}")
     ax.axhline(0.9, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xlabel("arrival rate over the fleet (req/s)")
     ax.set_ylabel("SLO attainment")
@@ -59,14 +61,21 @@ def markdown(result: dict, *, title: str, command: str, config: str, slo: dict,
              "## Sustainable rate (highest rate with attainment >= 90%, and at every lower "
              "rate)", "",
              "| scheduler | models | workers | sustainable req/s | per worker | simulated | "
-             "simulated / real | by goodput (90% of requests meet both) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "simulated / real | simulated, measured steps | (/ real) | by goodput (90% of "
+             "requests meet both) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in result.items():
         sim = e.get("simulated", {}).get("max_rate_at_90")
+        measured = e.get("simulated_measured_steps", {}).get("max_rate_at_90")
         lines.append(f"| {name} | {e['num_models']} | {e['num_workers']} | "
                      f"{fmt(e['max_rate_at_90'], 2)} | {fmt(e['max_rate_per_device'], 2)} | "
                      f"{fmt(sim, 2)} | {fmt(e.get('simulated_over_real'), 2)} | "
-                     f"{fmt(e.get('max_rate_at_90_met'), 2)} |")
+                     f"{fmt(measured, 2)} | {fmt(e.get('simulated_measured_steps_over_real'), 2)}"
+                     f" | {fmt(e.get('max_rate_at_90_met'), 2)} |")
+    if any("simulated_measured_steps" in e for e in result.values()):
+        lines += ["", "Simulated: the same requests and policy objects on the start-up profile. "
+                  "Measured steps: on that profile slowed, point by point, to the decode step "
+                  "time the point's workers measured against it (`decode_step_ratio`)."]
     lines += _ratios(result)
     if plot_path:
         lines += ["", f"![attainment against rate]({plot_path})"]
@@ -74,15 +83,16 @@ def markdown(result: dict, *, title: str, command: str, config: str, slo: dict,
               "TBT is the client's inter-chunk gap (vLLM's ITL). Shed and failed requests "
               "count as misses.", "",
               "| scheduler | rate | attainment | goodput req/s | throughput req/s | tok/s | "
-              "TTFT p50 / p95 / p99 ms | TBT p50 / p95 / p99 ms | switches | shed |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "TTFT p50 / p95 / p99 ms | TBT p50 / p95 / p99 ms | switches | shed | "
+              "steps / profile |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in result.items():
         for p in e["points"]:
             lines.append(
                 f"| {name} | {p['rate']:g} | {fmt(p['slo_attainment'], 3)} | "
                 f"{fmt(p['request_goodput'], 2)} | {fmt(p['request_throughput'], 2)} | "
                 f"{fmt(p['output_throughput'], 0)} | {_trio(p, 'ttft')} | {_trio(p, 'itl')} | "
-                f"{p['switches']} | {p['shed']} |")
+                f"{p['switches']} | {p['shed']} | {fmt(p.get('decode_step_ratio'), 2)} |")
     return "\n".join(lines) + "\n"
 
 

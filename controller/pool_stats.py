@@ -45,6 +45,11 @@ class PoolStats:
     loop_errors: int = 0  # controller loop steps that raised (bugs; logged with a traceback)
     recomputed: int = 0  # requests started again after their worker died
     lost: int = 0  # requests ended with an error after losing their worker too often
+    # Decode turns' wall time, streaming included, and the cost model's prediction for the
+    # same steps, summed since start: how much slower than its start-up profile the pool has
+    # decoded under the load it had (what the simulator must be told to predict it).
+    decode_measured_s: float = 0.0
+    decode_predicted_s: float = 0.0
 
     def __post_init__(self):
         self.models = {m: ModelCounters() for m in self.slos}
@@ -91,6 +96,16 @@ class PoolStats:
         if done.kv_swap_bytes and done.model in self.models:
             self.models[done.model].kv_swap_bytes += done.kv_swap_bytes
 
+    def decode_timed(self, measured_s: float, predicted_s: float) -> None:
+        self.decode_measured_s += measured_s
+        self.decode_predicted_s += predicted_s
+
+    @property
+    def decode_step_ratio(self) -> float | None:
+        if self.decode_predicted_s <= 0.0:
+            return None
+        return self.decode_measured_s / self.decode_predicted_s
+
     def worker_lost(self, worker: int) -> None:
         w = self.workers[worker]
         w.busy, w.model, w.kv_pages_used = False, None, 0
@@ -119,4 +134,4 @@ class PoolStats:
         } for model, c in self.models.items()]
         return {"workers": workers, "models": models, "cancelled": self.cancelled,
                 "loop_errors": self.loop_errors, "recomputed": self.recomputed,
-                "lost": self.lost}
+                "lost": self.lost, "decode_step_ratio": self.decode_step_ratio}

@@ -49,6 +49,7 @@ class ServingController:
     def __init__(self, scheduler, pool, admission: SLOAdmission, roles, slos: dict):
         """`slos`: model id -> SLO, for every model the proxy may submit."""
         self.scheduler = scheduler
+        self.cost = None  # the policy's cost model: what decode turns are timed against
         self.pool = pool
         self.admission = admission
         self.prefill_only = set(roles.prefill) - set(roles.decode)
@@ -203,6 +204,7 @@ class ServingController:
         for rid in done.handoffs:  # its state now lives here, until a decode worker takes it
             self._requests[rid].worker = None
         self.stats.job_done(done)
+        self._time_decodes(done)
         for rid, message in getattr(done, "errors", {}).items():
             self._fail(rid, message)
         self.scheduler.update(done.results, now)
@@ -214,6 +216,13 @@ class ServingController:
                         self.stats.prefilled(self._requests[rid].request.model)
             for rid in result.finished:
                 self._forget(rid)
+
+    def _time_decodes(self, done: JobDone) -> None:
+        if self.cost is None:
+            return
+        for t in done.decode_timings:
+            predicted = self.cost.decode_step_time(t.model, t.batch, t.context) * t.steps
+            self.stats.decode_timed(t.seconds, predicted)
 
     def _forget(self, rid: str) -> None:
         tracked = self._requests.pop(rid, None)

@@ -95,6 +95,18 @@ class SwitchEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class DecodeTiming:
+    """One decode turn as it ran: its steps' wall time (streaming included) and their mean
+    batch size and context, for setting against the cost model's prediction."""
+
+    model: str
+    steps: int
+    seconds: float
+    batch: float
+    context: float
+
+
+@dataclass(frozen=True, slots=True)
 class JobDone:
     """The end of a job: the policy's results and what the worker did along the way."""
 
@@ -108,3 +120,4 @@ class JobDone:
     # id -> message: requests this job ended with an error (refused by the engine as invalid,
     # or a handoff it could not take). Each is also reported finished in `results`.
     errors: dict = field(default_factory=dict)
+    decode_timings: tuple[DecodeTiming, ...] = ()

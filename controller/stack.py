@@ -80,6 +80,7 @@ def build_stack(fleet, *, progress: bool = True, log=None) -> ServingStack:
     log(f"{fleet.pool.num_workers} {fleet.pool.backend} workers up and profiled in "
         f"{time.monotonic() - started:.1f} s")
     controller.scheduler = scheduler_for(fleet, cost)
+    controller.cost = cost
     controller.start_loop()
     cache.close()
     return ServingStack(fleet, controller, build_catalog(fleet, models, int(time.time())), cost)

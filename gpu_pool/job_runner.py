@@ -25,7 +25,8 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from tokenpool.controller.serving_types import JobDone, JobInput, StepOutputs, SwitchEvent
+from tokenpool.controller.serving_types import (DecodeTiming, JobDone, JobInput, StepOutputs,
+                                                SwitchEvent)
 from tokenpool.errors import InvalidRequestError
 from tokenpool.gpu_pool.engine import LLMEngine
 from tokenpool.gpu_pool.engine_config import RequestOutput
@@ -49,6 +50,7 @@ class _Job:
         self.errors: dict[str, str] = {}
         self.exported: dict[str, SequenceHandoff] = {}
         self.switches: list[SwitchEvent] = []
+        self.decode_timings: list[DecodeTiming] = []
 
     def end(self, request_id: str, model: str) -> None:
         self.ended.add(request_id)
@@ -116,7 +118,7 @@ class JobRunner:
         job.report_the_rest()
         yield JobDone(self.worker_id, tuple(job.results), job.exported, tuple(job.switches),
                       self._swap_bytes() - swapped_before, self._pages_used(),
-                      self.worker.active, job.errors)
+                      self.worker.active, job.errors, tuple(job.decode_timings))
 
     def close(self) -> None:
         self.worker.close()
@@ -223,21 +225,27 @@ class JobRunner:
                                "requests (a finish went unreported)")
         start = time.monotonic()
         end = start + unit.quota_s
-        steps = 0
+        steps, batch, context, pure = 0, 0, 0, True
         while wanted and engine.has_unfinished():
+            pure = pure and not engine.waiting  # a step that admits a prompt is part prefill
+            running = engine.running
+            size, tokens = len(running), sum(seq.num_tokens for seq in running)
             outputs = engine.step()
             if not outputs:
                 break  # nothing could be scheduled (no free pages); the turn is over
-            steps += 1
+            steps, batch, context = steps + 1, batch + size, context + tokens
             finished = job.note(outputs, unit.model)
             yield self._stream(outputs)
             mine = finished & wanted
             wanted -= finished
             if time.monotonic() >= end or (mine and unit.until_first_finish):
                 break
+        seconds = time.monotonic() - start
         job.results.append(DecodeDone(self.worker_id, unit.model, unit.request_ids, steps,
-                                      job.take_finished(unit.request_ids),
-                                      time.monotonic() - start))
+                                      job.take_finished(unit.request_ids), seconds))
+        if steps and pure:
+            job.decode_timings.append(DecodeTiming(unit.model, steps, seconds, batch / steps,
+                                                   context / steps))
 
     def _import(self, unit: SwapIn, job: _Job) -> None:
         """Take in the unit's requests that were prefilled on another worker."""

@@ -12,7 +12,7 @@ and a few multiplications.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # A decode step is never free: a batch whose fit extrapolates to ~0 (or below) would let a
 # simulated turn run unbounded steps in zero time.
@@ -60,6 +60,17 @@ class CostModel:
             raise ValueError(f"need h2d_bytes_per_s > 0 and kv_capacity_bytes >= 0, got "
                              f"{self.h2d_bytes_per_s}, {self.kv_capacity_bytes}")
 
+    def slowed(self, factor: float) -> "CostModel":
+        """The same devices computing `factor` times slower: every prefill and decode line
+        scaled, copies unchanged. A profile taken on an idle machine, set to what its
+        workers measured under load (`/pool`'s decode_step_ratio)."""
+        if not factor > 0:
+            raise ValueError(f"factor must be > 0, got {factor}")
+        models = {name: replace(m, prefill=_scaled(m.prefill, factor),
+                                decode=_scaled(m.decode, factor))
+                  for name, m in self.models.items()}
+        return replace(self, models=models)
+
     def prefill_time(self, model: str, prompt_lens: list[int]) -> float:
         """One forward pass over these prompts together (one prompt: a list of one)."""
         p = self.models[model].prefill
@@ -90,3 +101,7 @@ class CostModel:
     def kv_capacity_tokens(self, model: str) -> int:
         """Tokens of this model's KV that fit when it has the device's KV region to itself."""
         return self.kv_capacity_bytes // self.models[model].kv_bytes_per_token
+
+
+def _scaled(line: Linear3, factor: float) -> Linear3:
+    return Linear3(line.a * factor, line.b * factor, line.c * factor)

@@ -138,11 +138,15 @@ def test_bench_sweep_runs_fresh_servers_and_writes_its_report(trace, tmp_path):
         met = point["slo_met_fraction"] >= 0.9  # DESIGN §8's goodput criterion, beside it
         assert entry["max_rate_at_90_met"] == (2.0 if met else None)
         assert isinstance(point["shed_reasons"], dict)
-        # The simulator ran the same requests on the cost model the server fitted.
-        (predicted,) = entry["simulated"]["points"]
-        assert predicted["rate"] == 2 and 0 <= predicted["slo_attainment"] <= 1
+        # The simulator ran the same requests on the cost model the server fitted, and again
+        # with its steps as slow as the server measured them against that model.
+        assert point["decode_step_ratio"] > 0
+        for key in ("simulated", "simulated_measured_steps"):
+            (predicted,) = entry[key]["points"]
+            assert predicted["rate"] == 2 and 0 <= predicted["slo_attainment"] <= 1
     text = report.read_text()
     assert "| token-level | 2 |" in text and "tokenpool bench sweep --config" in text
     assert "by goodput (90% of requests meet both)" in text and "The SLOs used are" in text
     assert "baselines held their worker 0.25 s after every switch" in text
+    assert "simulated, measured steps" in text and "steps / profile" in text
     assert plot.stat().st_size > 0

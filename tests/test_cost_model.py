@@ -42,6 +42,17 @@ def test_cost_model_by_hand():
     assert cm.kv_capacity_tokens("m") == 10 * 2**20 // 1024
 
 
+def test_a_slowed_cost_model_scales_compute_and_keeps_copies():
+    c = hand_model()
+    slow = c.slowed(1.5)
+    assert slow.prefill_time("m", [10, 20]) == pytest.approx(1.5 * c.prefill_time("m", [10, 20]))
+    assert slow.decode_step_time("m", 4, 100) == pytest.approx(1.5 * c.decode_step_time("m", 4, 100))
+    assert slow.switch_time("m") == c.switch_time("m")
+    assert slow.kv_swap_time("m", 1024) == c.kv_swap_time("m", 1024)
+    with pytest.raises(ValueError):
+        c.slowed(0.0)
+
+
 def test_step_times_never_reach_zero():
     free = ModelCost(Linear3(-1.0, 0.0, 0.0), Linear3(-1.0, 0.0, 0.0), 0, 1)
     cm = CostModel({"m": free}, 1.0, 0)

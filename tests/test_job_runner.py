@@ -218,6 +218,20 @@ def test_a_switch_holds_the_worker_for_its_hold_and_a_model_already_in_holds_not
     assert time.monotonic() - start < 30.0 and not done.switches
 
 
+def test_a_decode_turn_reports_its_steps_with_their_mean_batch_and_context(checkpoints):
+    runner = JobRunner(make_worker(checkpoints), 0)
+    prompts = {"r": (tuple(PROMPT), GREEDY), "q": (tuple(PROMPT[:5]), GREEDY)}
+    _, done = run_job(runner, Prefill(0, "m-a", ("r", "q")), prompts=prompts)
+    assert not done.decode_timings  # a prefill is no decode turn
+    first = sum(s.num_tokens for s in runner.worker.engine("m-a").running)
+    _, done = run_job(runner, Decode(0, "m-a", ("r", "q"), FOREVER, until_first_finish=True))
+    (timing,) = done.decode_timings
+    (result,) = done.results
+    assert (timing.model, timing.steps, timing.seconds) == ("m-a", result.steps, result.seconds)
+    assert timing.batch == 2  # nobody finished before the last step
+    assert timing.context == first + 2 * (timing.steps - 1) / 2  # +2 tokens a step, averaged
+
+
 class _Listener:
     def __init__(self):
         self.items: queue.SimpleQueue = queue.SimpleQueue()

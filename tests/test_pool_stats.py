@@ -71,3 +71,13 @@ def test_exported_histogram_is_cumulative_and_scrapes_repeat():
         assert series['tokenpool:model_switch_seconds_count{model_name="a"}'] == 3
         assert abs(series['tokenpool:model_switch_seconds_sum{model_name="a"}'] - 7.0305) < 1e-9
         assert series['tokenpool:model_switch_seconds_count{model_name="b"}'] == 0
+
+
+def test_decode_step_ratio_is_measured_over_predicted_time_since_start():
+    stats = make_stats()
+    assert stats.decode_step_ratio is None and stats.snapshot([], {}, {})["decode_step_ratio"] is None
+    stats.decode_timed(0.30, 0.20)
+    stats.decode_timed(0.10, 0.20)
+    assert stats.decode_step_ratio == 1.0
+    stats.decode_timed(0.60, 0.0)  # a turn the model predicts as free still counts its time
+    assert stats.snapshot([], {}, {})["decode_step_ratio"] == 2.5
