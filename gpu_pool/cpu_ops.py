@@ -1,7 +1,8 @@
 """CPU fast paths: a fused paged decode-attention kernel, and GEMMs routed by shape.
 
-The kernel is C++ built on first use with torch's extension builder (cached afterwards). If
-no compiler is available the engine falls back to the portable torch path, with a warning.
+The kernel is C++, built by kernel_build.py on first use (`make install` does it ahead) and
+cached. If no compiler is available the engine falls back to the portable torch path, with a
+warning.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenpool.gpu_pool.device import cpu_has_fast_bf16
+from tokenpool.gpu_pool.kernel_build import build_extension
 
 log = logging.getLogger("tokenpool.gpu_pool")
 
@@ -33,16 +35,17 @@ TRANSPOSED_MAX_ROWS = 256
 UPCAST_MIN_ROWS = 8
 
 
+KERNEL_SOURCE = Path(__file__).with_name("csrc") / "paged_attention.cpp"
+KERNEL_CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math")
+KERNEL_LDFLAGS = ("-fopenmp",)
+
+
 @functools.cache
 def paged_attention_kernel():
     """The compiled extension module, or None when it cannot be built here."""
     try:
-        from torch.utils.cpp_extension import load
-
-        source = Path(__file__).with_name("csrc") / "paged_attention.cpp"
-        return load(name="tokenpool_paged_attention_v2", sources=[str(source)],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
+        return build_extension("tokenpool_paged_attention", KERNEL_SOURCE, KERNEL_CFLAGS,
+                               KERNEL_LDFLAGS)
     except Exception as exc:  # no compiler, no ninja, or a build error
         log.warning("paged attention kernel unavailable, using the torch path: %s", exc)
         return None

@@ -70,3 +70,23 @@ def test_engine_with_and_without_fused_kernels_agree(smollm2, engine):
     portable = make_engine(smollm2, fused_kernels=False)
     assert portable.runner.decode_kernel is None and engine.runner.decode_kernel is not None
     assert engine.generate(prompts, params) == portable.generate(prompts, params)
+
+
+@needs_kernel
+def test_a_builder_killed_mid_build_does_not_hang_later_loads():
+    """A killed builder leaves torch's lock file in the build directory; torch alone would
+    wait on it forever (every worker of the machine stuck starting). Loading must go on."""
+    import subprocess
+    import sys
+
+    from tokenpool.gpu_pool.cpu_ops import KERNEL_CFLAGS, KERNEL_LDFLAGS, KERNEL_SOURCE
+    from tokenpool.gpu_pool.kernel_build import TORCH_BATON, build_directory
+
+    baton = build_directory("tokenpool_paged_attention", KERNEL_SOURCE, KERNEL_CFLAGS,
+                            KERNEL_LDFLAGS) / TORCH_BATON
+    baton.touch()  # exactly what a builder killed between taking and dropping it leaves
+    code = ("from tokenpool.gpu_pool.cpu_ops import paged_attention_kernel as k; "
+            "assert k() is not None")
+    # A hang is the failure this guards against: the timeout turns it into one.
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert not baton.exists()

@@ -69,6 +69,7 @@ def _pages_when_idle(url: str, timeout_s: float = 120) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(SOAK_S + 600)  # the load, plus the server's start and shutdown
 def test_mixed_load_for_ten_minutes_leaves_memory_and_pages_flat():
     fleet = load_fleet(CONFIG)
     with served(str(CONFIG), "token-level") as server:
