@@ -14,6 +14,8 @@ checkpoint. Jobs queued meanwhile run once it is back. Tasks are never retried
 replan, not ours to replay on a fresh worker that holds none of its requests' KV. An actor
 that died between jobs may be back before the next one, with nothing it held: each job names
 the process it expects, and a new one refuses it, so that death is reported like any other.
+Every job ends exactly once: an actor that dies after a job's JobDone was handed on (its task
+still finishing) fails the next job, which the controller may have sent already.
 
 Ray is imported only when a pool starts, so installs that never use it import this fast.
 """
@@ -197,20 +199,29 @@ class _WorkerLink:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.stopping = threading.Event()
         self.lost: BaseException | None = None  # why the actor is not back, while it is not
+        self.lost_after_end: BaseException | None = None  # a death the next job must report
         self.thread = threading.Thread(target=self._serve, daemon=True,
                                        name=f"tokenpool-ray-worker-{worker_id}")
 
     def _serve(self) -> None:
         ray = _ray()
         while (job := self.inbox.get()) is not None:
+            if self.lost_after_end is not None:
+                # The actor died after its last job had ended: this job's requests were held
+                # there and are gone. Failing this job tells the controller once, for one job.
+                error, self.lost_after_end = self.lost_after_end, None
+                self.listener.on_failure(self.id, error)
+                continue
             if not self.info.alive and not self._await_restart(ray):
                 self.listener.on_failure(self.id, self.lost)
                 continue
             self._run(ray, job)
 
     def _run(self, ray, job: JobInput) -> None:
+        """Run one job; every job ends exactly once, as a JobDone or as an on_failure."""
+        ended = _Ended()
         try:
-            self._stream(ray, job)
+            self._stream(ray, job, ended)
             return
         except ray.exceptions.RayActorError as exc:  # the actor died
             error, killed = exc, False
@@ -223,19 +234,23 @@ class _WorkerLink:
             if killed:
                 ray.kill(self.actor, no_restart=False)
         self.info = dataclasses.replace(self.info, alive=False)
-        self.listener.on_failure(self.id, error)
+        if ended.done:
+            # Its JobDone is delivered and the controller may have sent the next job already:
+            # a failure now would be charged to that one, which has not even started.
+            self.lost_after_end = error
+        else:
+            self.listener.on_failure(self.id, error)
         self._await_restart(ray, new_process=killed)
 
-    def _stream(self, ray, job: JobInput) -> None:
-        ended = False
+    def _stream(self, ray, job: JobInput, ended: _Ended) -> None:
         for ref in self.actor.run.options(num_returns="streaming").remote(job, self.info.pid):
             item = ray.get(ref)
             if isinstance(item, StepOutputs):
                 self.listener.on_step(item)
             else:
+                ended.done = True
                 self.listener.on_done(item)
-                ended = True
-        if not ended:
+        if not ended.done:
             raise RuntimeError(f"worker {self.id}: job ended without a JobDone")
 
     def _await_restart(self, ray, new_process: bool = False) -> bool:
@@ -275,6 +290,12 @@ class _WorkerLink:
         self.info = dataclasses.replace(self.info, device=device, pid=pid, alive=True,
                                         restarts=restarts)
         self.lost = None
+
+
+class _Ended:
+    """Whether a job's JobDone has been handed on: a death after it is not the job's."""
+
+    done = False
 
 
 def _refused_as_restarted(exc: BaseException) -> bool:

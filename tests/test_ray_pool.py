@@ -44,6 +44,7 @@ class Recorder:
     def __init__(self):
         self.events: list[tuple[str, int, object, float]] = []  # (kind, worker, item, at)
         self.on_first_step = None  # called once from the pool's thread, for the kill test
+        self.on_first_done = None  # likewise, as the first JobDone is handed on
         self.forward = None  # a listener (a controller) that gets every event too
         self._changed = threading.Condition()
 
@@ -59,6 +60,9 @@ class Recorder:
         self._add("done", done.worker, done)
         if self.forward:
             self.forward.on_done(done)
+        hook, self.on_first_done = self.on_first_done, None
+        if hook:
+            hook(done)
 
     def on_failure(self, worker: int, error: BaseException) -> None:
         self._add("failure", worker, error)
@@ -73,6 +77,13 @@ class Recorder:
     def mark(self) -> int:
         with self._changed:
             return len(self.events)
+
+    def wait_for(self, since: int, predicate) -> list[tuple]:
+        """Events after `since`, once `predicate` holds for them."""
+        with self._changed:
+            assert self._changed.wait_for(lambda: predicate(self.events[since:]),
+                                          timeout=JOB_TIMEOUT_S), self.events[since:]
+            return self.events[since:]
 
     def wait_ends(self, since: int, workers: list[int]) -> list[tuple]:
         """Events after `since`, once each of `workers` has ended a job (done or failure)."""
@@ -238,6 +249,52 @@ def test_killed_actor_fails_its_job_then_restarts_and_serves(pool, reference):
     after = pool.workers()[victim]
     assert after.alive and after.restarts == before.restarts + 1 and after.pid != before.pid
     assert pool.workers()[0].restarts == 0
+
+
+def test_a_death_just_after_a_job_ends_fails_the_next_job_not_that_one(pool):
+    """Every job ends exactly once. An actor that dies after its JobDone was handed on, while
+    its task is still finishing, had its next job sent already (the controller dispatches on
+    the JobDone): the death is that job's, whose requests were to be on the dead actor. Told
+    as a second end of the finished job, the controller charged it to the next one, which
+    then ran on the restarted actor anyway: two ends for one job, and the policy and the
+    controller disagreeing about who holds what.
+
+    The worker body here lingers after its JobDone, so the kill always lands in that window;
+    with real workers it is a few milliseconds wide, and a loaded machine hit it."""
+    import ray
+
+    from tokenpool.gpu_pool.ray_pool import WorkerRestarted, _WorkerLink
+
+    class LingersAfterDone:
+        def describe(self):
+            return os.getpid(), "cpu"
+
+        def run(self, job_input, expected_pid):
+            if os.getpid() != expected_pid:
+                raise WorkerRestarted("restarted")
+            yield JobDone(job_input.job.worker, ())
+            time.sleep(3)  # the task is still running when the kill comes
+
+    actor = ray.remote(LingersAfterDone).options(
+        max_restarts=1, max_task_retries=0, num_cpus=0).remote()
+    recorder = Recorder()
+    link = _WorkerLink(7, "prefill+decode", actor, *ray.get(actor.describe.remote()),
+                       recorder, restart_timeout_s=JOB_TIMEOUT_S)
+    recorder.on_first_done = lambda done: ray.kill(actor, no_restart=False)
+    link.thread.start()
+    try:
+        for _ in range(3):
+            link.inbox.put(JobInput(Job(7, ())))
+        recorder.wait_for(0, lambda events: sum(kind != "step" for kind, *_ in events) >= 3)
+        link.inbox.put(None)  # the thread ends once every queued job has ended
+        link.thread.join(timeout=JOB_TIMEOUT_S)
+        ends = [kind for kind, *_ in recorder.events]
+        # The first job done; the second failed, never run; the third run on the new process.
+        assert ends == ["done", "failure", "done"], recorder.events
+        assert link.info.alive and link.info.restarts == 1
+    finally:
+        link.stopping.set()
+        ray.kill(actor, no_restart=True)
 
 
 def test_failed_job_restarts_its_worker_afresh(pool, reference):
