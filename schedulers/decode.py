@@ -13,8 +13,10 @@ the lowest alpha: with TBT SLOs tight, a decode worker fits only a few batches a
 what balances load is the number and weight of the models each worker serves.
 
 A real worker times its turns; each worker keeps a smoothed ratio of measured to predicted
-step time (`slowdown`). Rounds and placement plan by the profile; admission asks for the
-measured alpha (`alpha_with(..., measured=True)`).
+step time (`slowdown`). A worker's rounds are planned with it, admission asks for the measured
+alpha (`alpha_with(..., measured=True)`), and placement ranks workers by the profile's: an
+idle worker is never measured again, so ranking by measured steps would starve one once seen
+slow.
 """
 
 from __future__ import annotations
@@ -225,8 +227,11 @@ class WeightedRoundRobinDecode:
         models = list(dict.fromkeys(b.model for b in batches))
         switch = sum(self.cost.switch_time(m) for m in models) \
             if len(models) > 1 or w.model not in models else 0.0
-        step_time = self.cost.decode_step_time
-        steps = [step_time(b.model, len(b.requests), b.tokens) for b in batches]
+        # A turn decodes for its quota in seconds, so steps slower than the profile's give
+        # fewer tokens and gaps `slowdown` times the planned ones: plan with the steps as
+        # this worker's turns have lately run. A worker never measured plans by the profile.
+        step_time, slowdown = self.cost.decode_step_time, w.slowdown
+        steps = [step_time(b.model, len(b.requests), b.tokens) * slowdown for b in batches]
         quotas = round_quotas(steps, [b.tbt_slo for b in batches], switch, self.q_max_s)
         w.alpha = quotas.alpha
         w.turn_s = max(quotas.quotas)

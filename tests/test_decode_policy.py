@@ -94,9 +94,31 @@ def test_turns_slower_than_predicted_raise_the_measured_alpha_only():
     assert d.workers[1].slowdown == 1.0
     new = RequestInfo("r2", "b", 99, 0.0, 16)
     profiled = d.alpha_with(0, new, 0.1)
-    assert profiled == d.alpha_with(1, new, 0.1)  # rounds and placement: the profile's
+    assert profiled == d.alpha_with(1, new, 0.1)  # placement: the profile's
     assert d.alpha_with(0, new, 0.1, measured=True) > profiled
     assert d.alpha_with(1, new, 0.1, measured=True) == profiled
+
+
+def test_rounds_are_planned_with_the_measured_step_time():
+    """A turn decodes for its quota in seconds: on steps twice as slow as profiled, a round
+    planned by the profile yields half the tokens, and token gaps twice the planned ones."""
+    from tokenpool.schedulers.quota import round_quotas
+
+    c = cost()
+    d = WeightedRoundRobinDecode([0, 1], c, q_max_s=10.0)  # alpha at its floor, 0.5
+    for w in (0, 1):
+        d.place(f"a{w}", "a", 100, 0.1, local=w)
+        d.place(f"b{w}", "b", 100, 0.1, local=w)
+    d.workers[0].slowdown = 2.0  # as `decoded` leaves it after turns that ran 2x slow
+    steps = [c.decode_step_time(m, 1, 100) for m in ("a", "b")]
+    switch = c.switch_time("a") + c.switch_time("b")
+    slow, profiled = (round_quotas([s * k for s in steps], [0.1, 0.1], switch, 10.0)
+                      for k in (2.0, 1.0))
+    assert decode_units(d.next_job(0)).quota_s == pytest.approx(slow.quotas[0])
+    assert decode_units(d.next_job(1)).quota_s == pytest.approx(profiled.quotas[0])
+    assert slow.quotas[0] > profiled.quotas[0]  # the same tokens take longer
+    assert (d.workers[0].alpha, d.workers[1].alpha) == (pytest.approx(slow.alpha),
+                                                        pytest.approx(profiled.alpha))
 
 
 def test_slowdown_moves_gradually_and_within_its_range():
