@@ -87,13 +87,8 @@ class Recorder:
 
     def wait_ends(self, since: int, workers: list[int]) -> list[tuple]:
         """Events after `since`, once each of `workers` has ended a job (done or failure)."""
-        def ended():
-            ends = {w for kind, w, _, _ in self.events[since:] if kind != "step"}
-            return ends.issuperset(workers)
-
-        with self._changed:
-            assert self._changed.wait_for(ended, timeout=JOB_TIMEOUT_S), self.events[since:]
-            return self.events[since:]
+        return self.wait_for(since, lambda events: {
+            w for kind, w, _, _ in events if kind != "step"}.issuperset(workers))
 
 
 def generate_job(worker: int, model: str, params: SamplingParams) -> JobInput:
