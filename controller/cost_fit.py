@@ -21,13 +21,14 @@ import functools
 import itertools
 import json
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from tokenpool.schedulers.cost import Linear3, ModelCost
+from tokenpool.gpu_pool.profiling import (EngineProfilePlan, Point, WorkerProfile, engine_sizes,
+                                          sample_engine)
+from tokenpool.schedulers.cost import CostModel, Linear3, ModelCost
 
 # The GPU profiles ran vLLM with 4096 batched tokens. Larger batches were prefilled in
 # chunks: their "prefill" latency is a flat 4096-token chunk (~0.19 s for Llama-2-13B) and
@@ -35,9 +36,6 @@ from tokenpool.schedulers.cost import Linear3, ModelCost
 # overran the context). The artifact drops the same points (`ilen * bs <= max_model_len`).
 PROFILE_TOKEN_BUDGET = 4096
 _PROFILE_NAME = re.compile(r"^i(\d+)b(\d+)\.json$")
-
-Point = tuple[float, float, float]  # (x, y, seconds) for a line a + b*x + c*y
-
 
 @dataclass(frozen=True, slots=True)
 class FitQuality:
@@ -151,106 +149,19 @@ def _reduce(samples: list[Point]) -> list[Point]:
     return [(x, y, trimmed_mean(times)) for (x, y), times in groups.items()]
 
 
-@dataclass(frozen=True, slots=True)
-class EngineProfilePlan:
-    """What `profile_engine` runs; the defaults take a few seconds for a 135M model on CPU."""
-
-    prompt_lens: tuple[int, ...] = (16, 64, 256)
-    prefill_batches: tuple[int, ...] = (1, 4)
-    decode_batches: tuple[int, ...] = (1, 4, 16)
-    decode_prompt_lens: tuple[int, ...] = (16, 128)  # two, so batch and context separate
-    decode_steps: int = 4
-    repeats: int = 3
-
-
-def sample_engine(engine, plan: EngineProfilePlan = EngineProfilePlan()
-                  ) -> tuple[list[Point], list[Point]]:
-    """Time prefills and decode steps on an idle `LLMEngine`; returns raw samples."""
-    if engine.has_unfinished():
-        raise RuntimeError("profile an idle engine: it has requests in flight")
-    _run(engine, [8], max_tokens=2)  # warm-up: first-use kernel builds and allocations
-    budget = min(engine.config.max_num_batched_tokens, engine.max_model_len - 1)
-    prefill = []
-    for length, batch in itertools.product(plan.prompt_lens, plan.prefill_batches):
-        if length * batch > budget or batch > engine.config.max_num_seqs:
-            continue
-        for _ in range(plan.repeats):
-            seconds = _run(engine, [length] * batch, max_tokens=1)[0]
-            prefill.append((length * batch, batch * length * length, seconds))
-    decode = []
-    for length, batch in itertools.product(plan.decode_prompt_lens, plan.decode_batches):
-        if length * batch > budget or batch > engine.config.max_num_seqs:
-            continue
-        steps = _run(engine, [length] * batch, max_tokens=plan.decode_steps + 1)[1:]
-        context = batch * (length + (len(steps) + 1) // 2)  # mid-run: steps share one point
-        decode += [(batch, context, seconds) for seconds in steps]
-    return prefill, decode
-
-
-def _run(engine, prompt_lens: list[int], max_tokens: int) -> list[float]:
-    """Run prompts to completion, timing each engine step (the first is their prefill)."""
-    from tokenpool.sampling import SamplingParams
-
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    vocab = engine.model_config.vocab_size
-    for i, length in enumerate(prompt_lens):
-        engine.add_request([(7 * i + j) % (vocab - 1) + 1 for j in range(length)], params)
-    times = []
-    while engine.has_unfinished():
-        start = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - start)
-        if len(times) == 1 and engine.waiting:
-            raise RuntimeError(f"{len(prompt_lens)} prompts of {prompt_lens[0]} tokens do not "
-                               "fit one step of this engine: profile smaller batches")
-    return times
-
-
-def engine_sizes(engine) -> tuple[int, int]:
-    """(weight bytes as packed in a weight slot, KV bytes per token) of an engine's model."""
-    from tokenpool.gpu_pool.weights import packed_index
-
-    cfg = engine.model_config
-    itemsize = engine.dtype.itemsize
-    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * itemsize
-    return packed_index(cfg, engine.dtype).nbytes, kv_per_token
-
-
 def profile_engine(engine, plan: EngineProfilePlan = EngineProfilePlan()) -> ModelCost:
     """A short profile of a real engine, fitted into the cost model's ModelCost."""
     return fit_cpu_profile(*sample_engine(engine, plan)).model_cost(*engine_sizes(engine))
 
 
-def measure_copy_bytes_per_s(nbytes: int = 64 << 20, repeats: int = 5) -> float:
-    """A CPU worker's "host-to-device" bandwidth: one large memcpy, as a switch does."""
-    import torch
-
-    src = torch.empty(nbytes, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # touch the pages first: a first copy measures page faults
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - start)
-    return nbytes / trimmed_mean(times)
-
-
-def worker_cost_model(worker, plan: EngineProfilePlan = EngineProfilePlan()):
-    """A CostModel for a real worker: its engines profiled, switches at memcpy speed.
-
-    Models of one shape and dtype (aliases of one checkpoint, say) cost the same, so one
-    engine per shape is profiled and its fit shared. Leaves the last profiled model switched
-    in. Takes a few seconds per shape on CPU.
-    """
-    from tokenpool.schedulers.cost import CostModel
-
-    fits: dict[tuple, ModelCost] = {}
+def cost_model_of(profile: WorkerProfile) -> CostModel:
+    """The policy's CostModel from a worker's profile: each model's lines fitted, switches at
+    the worker's measured copy speed."""
+    fits: dict[int, ModelCost] = {}  # samples shared by models of one shape are fitted once
     costs = {}
-    for model_id, engine in worker.engines.items():
-        shape = (engine.model_config, engine.dtype)
-        if shape not in fits:
-            worker.switch(model_id)
-            fits[shape] = profile_engine(engine, plan)
-        costs[model_id] = fits[shape]
-    return CostModel(costs, measure_copy_bytes_per_s(), worker.memory.layout.kv.size)
+    for model_id, samples in profile.models.items():
+        if id(samples) not in fits:
+            fits[id(samples)] = fit_cpu_profile(samples.prefill, samples.decode).model_cost(
+                samples.weight_bytes, samples.kv_bytes_per_token)
+        costs[model_id] = fits[id(samples)]
+    return CostModel(costs, profile.copy_bytes_per_s, profile.kv_capacity_bytes)

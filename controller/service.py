@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from tokenpool.controller import recovery
 from tokenpool.controller.loop import WallClock
 from tokenpool.controller.pool_stats import PoolStats
-from tokenpool.controller.serving_types import (JobDone, JobInput, ServeRequest, StepOutputs,
-                                                TokenEvent)
+from tokenpool.controller.serving_types import ServeRequest, TokenEvent
+from tokenpool.gpu_pool.protocol import JobDone, JobInput, StepOutputs
 from tokenpool.errors import OverloadedError, UnavailableError
 from tokenpool.schedulers.admission import SLOAdmission
 from tokenpool.schedulers.types import Decode, Job, Prefill, PrefillDone, RequestInfo, SwapIn

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tokenpool.controller.catalog import ModelCard, build_catalog
-from tokenpool.controller.cost_fit import EngineProfilePlan
+from tokenpool.controller.cost_fit import cost_model_of
 from tokenpool.controller.profile_cache import (cache_path, load_profile, profile_key,
                                                 save_profile)
 from tokenpool.controller.service import ServingController
 from tokenpool.gpu_pool.fleet_weights import FleetModels, FleetWeights
+from tokenpool.gpu_pool.profiling import EngineProfilePlan
 from tokenpool.gpu_pool.worker_factory import make_runner, open_host_cache
 from tokenpool.schedulers.admission import SLOAdmission
 from tokenpool.schedulers.registry import Roles, make_scheduler
@@ -91,7 +92,7 @@ def _profile(fleet, models: FleetModels, pool):
     path = cache_path(fleet, profile_key(fleet, models, SERVE_PROFILE))
     cost = load_profile(path)
     if cost is None:
-        cost = pool.profile(SERVE_PROFILE)
+        cost = cost_model_of(pool.profile(SERVE_PROFILE))
         save_profile(path, cost)
     return cost
 

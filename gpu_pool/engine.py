@@ -18,7 +18,8 @@ from tokenpool.errors import EmptyPromptError, InvalidSamplingError, PromptTooLo
 from tokenpool.gpu_pool import kv_handoff
 from tokenpool.gpu_pool.cpu_ops import paged_attention_kernel
 from tokenpool.gpu_pool.device import dtype_name, resolve_device, resolve_dtype
-from tokenpool.gpu_pool.engine_config import EngineConfig, RequestOutput
+from tokenpool.gpu_pool.engine_config import EngineConfig
+from tokenpool.gpu_pool.protocol import RequestOutput
 from tokenpool.gpu_pool.kv_swap import KVSwapper
 from tokenpool.gpu_pool.llama import LlamaForward, LlamaWeights, RotaryTable
 from tokenpool.gpu_pool.model_runner import ModelRunner, StepBatch

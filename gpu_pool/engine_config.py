@@ -30,17 +30,3 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-
-@dataclass(frozen=True, slots=True)
-class RequestOutput:
-    """What one step produced for one request."""
-
-    request_id: str
-    new_token_ids: tuple[int, ...]
-    new_text: str
-    finished: bool
-    finish_reason: str | None  # "stop" | "length" | None while running
-    logprobs: tuple = ()  # TokenLogprobs per new token when asked for
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0

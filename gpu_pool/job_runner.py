@@ -25,12 +25,11 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from tokenpool.controller.serving_types import (DecodeTiming, JobDone, JobInput, StepOutputs,
-                                                SwitchEvent)
 from tokenpool.errors import InvalidRequestError
 from tokenpool.gpu_pool.engine import LLMEngine
-from tokenpool.gpu_pool.engine_config import RequestOutput
 from tokenpool.gpu_pool.kv_handoff import HandoffError, SequenceHandoff
+from tokenpool.gpu_pool.protocol import (DecodeTiming, JobDone, JobInput, RequestOutput,
+                                         StepOutputs, SwitchEvent)
 from tokenpool.gpu_pool.worker import Worker
 from tokenpool.sampling import SamplingParams
 from tokenpool.schedulers.types import (Decode, DecodeDone, Prefetch, Prefill, PrefillDone,

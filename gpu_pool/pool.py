@@ -17,8 +17,9 @@ import threading
 from dataclasses import dataclass
 from typing import Protocol
 
-from tokenpool.controller.serving_types import JobDone, JobInput, StepOutputs
+from tokenpool.gpu_pool.protocol import JobDone, JobInput, StepOutputs
 from tokenpool.gpu_pool.pool_config import PoolConfig
+from tokenpool.gpu_pool.profiling import WorkerProfile, profile_worker
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +49,9 @@ class WorkerPool(Protocol):
     def start(self, listener: PoolListener) -> None:
         """Build every worker; returns when all can take jobs."""
 
-    def profile(self, plan) -> object:
-        """A schedulers.cost.CostModel fitted to a short profile of a worker's engines
-        (controller.cost_fit.EngineProfilePlan); called once, before the first job."""
+    def profile(self, plan) -> WorkerProfile:
+        """A short profile of a worker's engines (`gpu_pool.profiling.EngineProfilePlan`);
+        called once, before the first job."""
 
     def run(self, worker: int, job: JobInput) -> None: ...
 
@@ -119,13 +120,11 @@ class LocalPool:
         return self._runners[worker]
 
     def profile(self, plan):
-        """The policy's CostModel, from a short profile of worker 0 (all workers are alike).
+        """A short profile of worker 0 (all workers are alike).
 
         Runs before any job: worker 0's thread is idle.
         """
-        from tokenpool.controller.cost_fit import worker_cost_model
-
-        return worker_cost_model(self._runners[0].worker, plan)
+        return profile_worker(self._runners[0].worker, plan)
 
     def run(self, worker: int, job: JobInput) -> None:
         self._inboxes[worker].put(job)

@@ -30,7 +30,7 @@ import queue
 import threading
 import time
 
-from tokenpool.controller.serving_types import JobInput, StepOutputs
+from tokenpool.gpu_pool.protocol import JobInput, StepOutputs
 from tokenpool.gpu_pool.pool import PoolListener, WorkerInfo
 from tokenpool.gpu_pool.pool_config import PoolConfig
 
@@ -68,9 +68,9 @@ class WorkerActor:
         return os.getpid(), str(device)
 
     def profile(self, plan):
-        from tokenpool.controller.cost_fit import worker_cost_model
+        from tokenpool.gpu_pool.profiling import profile_worker
 
-        return worker_cost_model(self.runner.worker, plan)
+        return profile_worker(self.runner.worker, plan)
 
     def run(self, job_input: JobInput, expected_pid: int):
         if os.getpid() != expected_pid:
@@ -116,7 +116,7 @@ class RayPool:
             link.thread.start()
 
     def profile(self, plan):
-        """The policy's CostModel, from a short profile of worker 0 (all workers are alike).
+        """A short profile of worker 0 (all workers are alike).
 
         Called before any job, so worker 0's actor is idle.
         """

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tokenpool.controller.serving_types import JobDone, JobInput, StepOutputs
-from tokenpool.gpu_pool.engine_config import RequestOutput
+from tokenpool.gpu_pool.protocol import JobDone, JobInput, StepOutputs
+from tokenpool.gpu_pool.protocol import RequestOutput
 from tokenpool.gpu_pool.job_runner import JobRunner
 from tokenpool.gpu_pool.worker import Worker
 from tokenpool.sampling import SamplingParams

@@ -53,11 +53,12 @@ def make_worker(checkpoints):
 @pytest.fixture(scope="module")
 def worker_costs(checkpoints):
     """The real worker's own cost model: a short profile of each engine (DESIGN §3.4)."""
-    from tokenpool.controller.cost_fit import EngineProfilePlan, worker_cost_model
+    from tokenpool.controller.cost_fit import cost_model_of
+    from tokenpool.gpu_pool.profiling import EngineProfilePlan, profile_worker
 
     plan = EngineProfilePlan(prompt_lens=(8, 32), prefill_batches=(1, 2),
                              decode_batches=(1, 4), decode_prompt_lens=(8, 32), repeats=2)
-    return worker_cost_model(make_worker(checkpoints), plan)
+    return cost_model_of(profile_worker(make_worker(checkpoints), plan))
 
 
 def test_the_profiled_costs_are_sane(worker_costs):

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from tokenpool.controller.cost_fit import (
-    PROFILE_TOKEN_BUDGET, EngineProfilePlan, engine_sizes, fit_cpu_profile, fit_gpu_profile,
-    fit_linear3, load_gpu_profile, measure_copy_bytes_per_s, profile_engine, sample_engine,
-    trimmed_mean)
+    PROFILE_TOKEN_BUDGET, fit_cpu_profile, fit_gpu_profile, fit_linear3, load_gpu_profile,
+    profile_engine, trimmed_mean)
+from tokenpool.gpu_pool.profiling import (EngineProfilePlan, engine_sizes,
+                                          measure_copy_bytes_per_s, sample_engine)
 from tokenpool.schedulers.cost import MIN_STEP_S, CostModel, Linear3, ModelCost
 
 PROFILES = Path(__file__).resolve().parents[2] / "shared" / "data" / "aegaeon" / "profiles"

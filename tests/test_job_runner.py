@@ -14,7 +14,7 @@ import time
 import pytest
 
 from test_kv_handoff import GREEDY, PROMPT, SEEDED, make_worker, standalone
-from tokenpool.controller.serving_types import JobDone, JobInput, StepOutputs
+from tokenpool.gpu_pool.protocol import JobDone, JobInput, StepOutputs
 from tokenpool.gpu_pool.job_runner import JobRunner
 from tokenpool.gpu_pool.pool import LocalPool
 from tokenpool.gpu_pool.pool_config import PoolConfig

@@ -9,7 +9,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, generate_latest
 
 from tokenpool.controller.pool_stats import SWITCH_BUCKETS, PoolStats
-from tokenpool.controller.serving_types import JobDone, SwitchEvent
+from tokenpool.gpu_pool.protocol import JobDone, SwitchEvent
 from tokenpool.proxy.metrics import PoolCollector
 from tokenpool.schedulers.types import SLO
 

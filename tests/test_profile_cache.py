@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from tokenpool.controller.cost_fit import EngineProfilePlan
+from tokenpool.gpu_pool.profiling import EngineProfilePlan
 from tokenpool.controller.profile_cache import load_profile, profile_key, save_profile
 from tokenpool.fleet import load_fleet
 from tokenpool.gpu_pool.fleet_weights import FleetModels

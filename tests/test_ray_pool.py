@@ -15,9 +15,10 @@ import uuid
 
 import pytest
 
-from tokenpool.controller.serving_types import JobDone, JobInput, StepOutputs
+from tokenpool.controller.cost_fit import cost_model_of
 from tokenpool.fleet import load_fleet
 from tokenpool.gpu_pool.fleet_weights import FleetModels, FleetWeights
+from tokenpool.gpu_pool.protocol import JobDone, JobInput, StepOutputs
 from tokenpool.gpu_pool.pool_config import PoolConfig
 from tokenpool.memory.host_cache import HostModelCache
 from tokenpool.models.checkpoint import load_checkpoint
@@ -185,11 +186,11 @@ def test_workers_are_actor_processes(pool):
 
 
 def test_profile_fits_a_cost_model_on_a_worker(pool, fleet):
-    from tokenpool.controller.cost_fit import EngineProfilePlan
+    from tokenpool.gpu_pool.profiling import EngineProfilePlan
 
     plan = EngineProfilePlan(prompt_lens=(8, 16), prefill_batches=(1, 2), decode_batches=(1, 2),
                              decode_prompt_lens=(8, 16), decode_steps=2, repeats=1)
-    cost = pool.profile(plan)
+    cost = cost_model_of(pool.profile(plan))
     assert set(cost.models) == {m.id for m in fleet.models}
     assert cost.switch_time("synth-a") > 0 and cost.kv_capacity_tokens("synth-b") > 0
 
@@ -321,7 +322,7 @@ def assert_serves_short(pool, worker: int, reference) -> None:
 
 def serving_controller(pool, fleet):
     """A serving controller over the module's pool, fitted to a quick profile of it."""
-    from tokenpool.controller.cost_fit import EngineProfilePlan
+    from tokenpool.gpu_pool.profiling import EngineProfilePlan
     from tokenpool.controller.service import ServingController
     from tokenpool.schedulers.admission import SLOAdmission
     from tokenpool.schedulers.registry import Roles, make_scheduler
@@ -332,7 +333,7 @@ def serving_controller(pool, fleet):
     roles, slo = Roles((0, 1), (0, 1)), SLO(600, 60)
     slos = {spec.id: slo for spec in fleet.models}
     controller = ServingController(None, pool, SLOAdmission(1000, 1000, 4096), roles, slos)
-    controller.scheduler = make_scheduler("token-level", roles, pool.profile(plan),
+    controller.scheduler = make_scheduler("token-level", roles, cost_model_of(pool.profile(plan)),
                                           lambda model: slo)
     return controller
 

@@ -14,7 +14,8 @@ from collections import defaultdict
 
 import pytest
 
-from tokenpool.controller.serving_types import ServeRequest, StepOutputs, TokenEvent
+from tokenpool.controller.serving_types import ServeRequest, TokenEvent
+from tokenpool.gpu_pool.protocol import StepOutputs
 from tokenpool.controller.stack import build_stack
 from tokenpool.fleet import load_fleet
 from tokenpool.models.checkpoint import load_checkpoint

@@ -16,7 +16,7 @@ pytest_plugins = ["serving_fixtures"]
 
 from serving_fixtures import FLEET_IDS, wait_until_idle  # noqa: E402
 from test_service import Client, assert_pages_free, crash_once, spy_jobs  # noqa: E402
-from tokenpool.controller.serving_types import JobInput, StepOutputs  # noqa: E402
+from tokenpool.gpu_pool.protocol import JobInput, StepOutputs  # noqa: E402
 from tokenpool.models.prompts import encode_text  # noqa: E402
 from tokenpool.sampling import SamplingParams  # noqa: E402
 from tokenpool.schedulers.types import Decode, Job, Prefill, Switch  # noqa: E402
