@@ -1,6 +1,6 @@
 """Request streams for `tokenpool bench serve|sweep`, mapped onto a fleet's model ids.
 
-The inputs are the simulator's (controller/workload.py): the Aegaeon artifact's CSVs, the
+The inputs are the simulator's (sim/workload.py): the Aegaeon artifact's CSVs, the
 Azure production trace, or Poisson arrivals at a chosen rate with lengths resampled from
 either. What this adds is what a real fleet needs:
 
@@ -22,7 +22,7 @@ from typing import Literal
 import numpy as np
 
 from tokenpool.config import load_yaml
-from tokenpool.controller.workload import (AEGAEON_COLUMNS, AZURE_COLUMNS, WorkloadRequest,
+from tokenpool.sim.workload import (AEGAEON_COLUMNS, AZURE_COLUMNS, WorkloadRequest,
                                            csv_header,
                                            load_aegaeon_csv, load_length_pairs,
                                            read_azure_trace, zipf_weights)

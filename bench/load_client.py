@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tokenpool.controller.workload import WorkloadRequest
+from tokenpool.sim.workload import WorkloadRequest
 
 PROMPT_ID_RANGE = (256, 16384)  # ordinary tokens of any fleet vocabulary we ship
 SHED_STATUSES = (429, 503)

@@ -59,7 +59,7 @@ def run(fleet_path, num_requests: int = 32, json_out=None, *, concurrency: int =
 
 def report(delays_s: list[float], **facts) -> dict:
     from tokenpool.bench.report import cpu_info
-    from tokenpool.controller.metrics import percentile
+    from tokenpool.sim.timelines import percentile
 
     ms = [d * 1e3 for d in delays_s]
 

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 
 from tokenpool.bench import serve_report
 from tokenpool.bench.load_client import GRPCClient, HTTPClient, run_open_loop
-from tokenpool.controller.workload import WorkloadRequest
+from tokenpool.sim.workload import WorkloadRequest
 from tokenpool.schedulers.types import SLO
 
 

@@ -3,7 +3,7 @@
 Every number is measured on the client. TTFT runs from a request's scheduled arrival (the
 open-loop client sends it then) to its first token; TPOT is a request's (last - first) /
 (tokens - 1); ITL is the gap between successive chunks, as vLLM measures it. SLO attainment
-is DESIGN §8's, from the same token times (controller/metrics.py). A request the server shed
+is DESIGN §8's, from the same token times (sim/timelines.py). A request the server shed
 or failed counts as a miss in attainment and goodput: it was not served.
 """
 
@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 from tokenpool.bench.load_client import RequestRecord
-from tokenpool.controller.metrics import TokenTimeline, meets_slos, percentile
+from tokenpool.sim.timelines import TokenTimeline, meets_slos, percentile
 from tokenpool.schedulers.types import SLO
 
 

@@ -8,8 +8,8 @@ has been held against a real system.
 
 from __future__ import annotations
 
-from tokenpool.controller.metrics import max_at_90, summarize
-from tokenpool.controller.simulator import simulate
+from tokenpool.sim.timelines import max_at_90, summarize
+from tokenpool.sim.simulator import simulate
 from tokenpool.controller.stack import pool_roles, scheduler_for
 
 
@@ -83,7 +83,7 @@ def step_ratio(fleet, cost) -> dict:
     from pathlib import Path
 
     from tokenpool.controller.cost_fit import fit_gpu_profile
-    from tokenpool.controller.sim_config import load_sim_config
+    from tokenpool.sim.config import load_sim_config
 
     sim = Path(__file__).resolve().parents[1] / "configs" / "sim" / "aegaeon-h800.yaml"
     profile_dir = load_sim_config(sim).device.profile_dir

@@ -5,7 +5,7 @@ when the fleet uses Ray), waits for its `ready` line, drives the fleet's `bench:
 the rate with the open-loop client of `bench serve` (this process), and stops the server. A
 fresh server per point keeps one point's queues, caches and switches out of the next.
 
-Each scheduler's sustainable rate is `max_at_90` of its points (controller/metrics.py): the
+Each scheduler's sustainable rate is `max_at_90` of its points (sim/timelines.py): the
 highest rate whose SLO attainment, and every lower rate's, is at least 90%. Beside it,
 `max_rate_at_90_met` is the same with DESIGN §8's goodput criterion: at least 90% of the
 requests meet both their TTFT and their mean-TPOT SLO. The simulator's
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tokenpool.bench import serve_bench
 from tokenpool.bench.bench_workload import poisson_requests, trace_requests
-from tokenpool.controller.metrics import max_at_90
+from tokenpool.sim.timelines import max_at_90
 
 READY_TIMEOUT_S = 600.0  # the first start packs the host cache and profiles the engines
 POINT_KEYS = ("slo_attainment", "slo_met_fraction", "request_goodput", "request_throughput",

@@ -128,7 +128,7 @@ def run_workload(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from tokenpool.controller.workload import (load_length_pairs, poisson_workload,
+    from tokenpool.sim.workload import (load_length_pairs, poisson_workload,
                                                write_aegaeon_csv)
     from tokenpool.errors import ConfigError
 
@@ -156,7 +156,7 @@ def _positive(text: str) -> float:
 
 
 def _setup(args):
-    from tokenpool.controller.sim_config import load_sim_config
+    from tokenpool.sim.config import load_sim_config
     from tokenpool.errors import ConfigError
     from tokenpool.schedulers.types import SLO
 
@@ -172,8 +172,8 @@ def _setup(args):
 
 def run_single(args: argparse.Namespace) -> int:
     from tokenpool.bench.report import write_json
-    from tokenpool.controller import sim_run
-    from tokenpool.controller.workload import load_aegaeon_csv
+    from tokenpool.sim import run as sim_run
+    from tokenpool.sim.workload import load_aegaeon_csv
     from tokenpool.errors import ConfigError
     from tokenpool.schedulers.registry import SCHEDULERS
 
@@ -196,8 +196,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     import glob
 
     from tokenpool.bench.report import write_json
-    from tokenpool.controller import sim_run
-    from tokenpool.controller.workload import load_aegaeon_csv
+    from tokenpool.sim import run as sim_run
+    from tokenpool.sim.workload import load_aegaeon_csv
     from tokenpool.errors import ConfigError
 
     paths = sorted(Path(p) for p in glob.glob(args.workloads))
@@ -215,7 +215,7 @@ def run_sweep(args: argparse.Namespace) -> int:
                          f"max_rate_at_90={out[name]['max_rate_at_90']}\n")
     write_json(args.json, out)
     if args.plot:
-        from tokenpool.controller.sim_plot import plot_sweep
+        from tokenpool.sim.plot import plot_sweep
 
         plot_sweep(out, args.plot, f"TTFT {slo.ttft_s:g} s, TBT {slo.tbt_s * 1e3:g} ms")
     return 0
@@ -223,8 +223,8 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 def run_capacity(args: argparse.Namespace) -> int:
     from tokenpool.bench.report import write_json
-    from tokenpool.controller import sim_run
-    from tokenpool.controller.workload import load_aegaeon_csv
+    from tokenpool.sim import run as sim_run
+    from tokenpool.sim.workload import load_aegaeon_csv
     from tokenpool.errors import ConfigError
 
     config, slo = _setup(args)

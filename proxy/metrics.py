@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from tokenpool.controller.metrics import TokenTimeline
+from tokenpool.sim.timelines import TokenTimeline
 from tokenpool.controller.pool_stats import SWITCH_BUCKETS
 
 PREFIX = "tokenpool:"

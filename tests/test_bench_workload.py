@@ -11,7 +11,7 @@ from tokenpool.bench.bench_workload import (BenchWorkload, LengthScale, load_mod
                                             poisson_requests, trace_requests)
 from tokenpool.bench.load_client import RequestRecord
 from tokenpool.bench.serve_report import bench_report, timeline
-from tokenpool.controller.workload import WorkloadRequest, load_aegaeon_csv
+from tokenpool.sim.workload import WorkloadRequest, load_aegaeon_csv
 from tokenpool.errors import ConfigError
 from tokenpool.schedulers.types import SLO
 

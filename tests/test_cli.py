@@ -326,7 +326,7 @@ def test_simulate_bad_input_exits_2(tmp_path, args, message):
 
 
 def test_simulate_workload_writes_artifact_csvs(tmp_path):
-    from tokenpool.controller.workload import load_aegaeon_csv
+    from tokenpool.sim.workload import load_aegaeon_csv
 
     result = tokenpool("simulate", "workload", "--models", "12,20", "--rates", "0.5",
                        "--duration", 60, "--lengths",

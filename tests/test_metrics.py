@@ -1,4 +1,4 @@
-"""Token timelines, run summaries and sweep read-outs (controller/metrics.py, DESIGN §8).
+"""Token timelines, run summaries and sweep read-outs (sim/timelines.py, DESIGN §8).
 
 Hand-computed cases spell out the deadline arithmetic; a hypothesis test checks the O(1)
 closed form of `emit_evenly` against emitting the same tokens one by one.
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenpool.controller.metrics import (TokenTimeline, max_at_90, meets_slos, percentile,
+from tokenpool.sim.timelines import (TokenTimeline, max_at_90, meets_slos, percentile,
                                           summarize, sustainable_rate, weighted_percentile)
 
 approx = pytest.approx

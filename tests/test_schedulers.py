@@ -143,9 +143,9 @@ def test_unknown_scheduler_is_named():
 # -- the simulator -----------------------------------------------------------------------------
 
 def simulate_file(name: str, scheduler: str) -> dict:
-    from tokenpool.controller import sim_run
-    from tokenpool.controller.sim_config import load_sim_config
-    from tokenpool.controller.workload import load_aegaeon_csv
+    from tokenpool.sim import run as sim_run
+    from tokenpool.sim.config import load_sim_config
+    from tokenpool.sim.workload import load_aegaeon_csv
 
     config = load_sim_config(SIM_CONFIG)
     return sim_run.run_one(config, load_aegaeon_csv(WORKLOADS / name), scheduler,
@@ -174,14 +174,14 @@ def test_token_level_holds_80_models_where_request_level_does_not():
 # -- the simulated worker ----------------------------------------------------------------------
 
 def sim_worker(requests: dict):
-    from tokenpool.gpu_pool.sim_worker import SimWorker
+    from tokenpool.sim.worker import SimWorker
 
     return SimWorker(0, cost(), requests)
 
 
 def sim_request(i: int, output_len: int, prompt: int = 100):
-    from tokenpool.controller.metrics import TokenTimeline
-    from tokenpool.gpu_pool.sim_worker import SimRequest
+    from tokenpool.sim.timelines import TokenTimeline
+    from tokenpool.sim.worker import SimRequest
 
     return SimRequest(f"r{i}", "a", prompt, output_len, TokenTimeline(0.0, 10.0, 0.1))
 
@@ -330,7 +330,7 @@ def test_colocated_placement_ranks_by_the_profile_so_a_stale_measurement_starves
 
 
 def test_request_level_baselines_hold_the_worker_after_a_switch_and_token_level_never():
-    from tokenpool.gpu_pool.sim_worker import SimWorker
+    from tokenpool.sim.worker import SimWorker
 
     slo = lambda m: SLO(10, 0.1)  # noqa: E731
     for name in ("request-level", "request-level-plus"):

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from tokenpool.controller.cost_fit import fit_gpu_profile
-from tokenpool.controller.sim_config import load_sim_config
-from tokenpool.controller.workload import AegaeonWorkload, MarketWorkload
+from tokenpool.sim.config import load_sim_config
+from tokenpool.sim.workload import AegaeonWorkload, MarketWorkload
 from tokenpool.errors import ConfigError, UnknownModelError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tokenpool.controller.sim_config import load_sim_config
-from tokenpool.controller.workload import (
+from tokenpool.sim.config import load_sim_config
+from tokenpool.sim.workload import (
     MarketWorkload, load_aegaeon_csv, load_azure_trace, load_length_pairs, market_rates,
     market_workload, model_names, parse_clock, zipf_weights)
 

@@ -13,9 +13,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from tokenpool.controller import loop
-from tokenpool.controller.metrics import TokenTimeline
-from tokenpool.controller.workload import WorkloadRequest
-from tokenpool.gpu_pool.sim_worker import SimRequest, SimWorker
+from tokenpool.sim.timelines import TokenTimeline
+from tokenpool.sim.workload import WorkloadRequest
+from tokenpool.sim.worker import SimRequest, SimWorker
 from tokenpool.schedulers.cost import CostModel
 from tokenpool.schedulers.types import Job, RequestInfo
 

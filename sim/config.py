@@ -19,7 +19,7 @@ from typing import Iterable, Literal
 
 from tokenpool.config import build, load_yaml, parse_size
 from tokenpool.controller.cost_fit import fit_gpu_profile
-from tokenpool.controller.workload import WorkloadSpec, build_workload
+from tokenpool.sim.workload import WorkloadSpec, build_workload
 from tokenpool.errors import ConfigError, UnknownModelError
 from tokenpool.schedulers.cost import CostModel
 from tokenpool.schedulers.types import SLO

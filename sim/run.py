@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tokenpool.controller.metrics import max_at_90, summarize
-from tokenpool.controller.simulator import simulate
-from tokenpool.controller.workload import WorkloadRequest
+from tokenpool.sim.timelines import max_at_90, summarize
+from tokenpool.sim.simulator import simulate
+from tokenpool.sim.workload import WorkloadRequest
 from tokenpool.schedulers.registry import Roles, make_scheduler
 from tokenpool.schedulers.types import SLO
 
