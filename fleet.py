@@ -10,10 +10,11 @@ from tokenpool.bench.bench_workload import BenchConfig
 from tokenpool.config import build, load_yaml
 from tokenpool.errors import ConfigError, UnknownModelError
 from tokenpool.gpu_pool.engine import EngineConfig
-from tokenpool.controller.serve_config import SchedulerConfig, SLOConfig
+from tokenpool.controller.serve_config import SLOConfig
 from tokenpool.gpu_pool.pool_config import PoolConfig
 from tokenpool.memory.config import MemoryConfig
 from tokenpool.proxy.config import ProxyConfig
+from tokenpool.schedulers.config import SchedulerConfig
 from tokenpool.schedulers.types import SLO
 
 

@@ -92,10 +92,10 @@ class _served:
 
         from tokenpool.proxy.frontend import Frontend
         from tokenpool.proxy.http_app import create_app
-        from tokenpool.proxy.metrics import ServingMetrics, kv_pages_of
+        from tokenpool.proxy.metrics import ServingMetrics
 
         fleet, controller = self.stack.fleet, self.stack.controller
-        metrics = ServingMetrics(controller, kv_pages_of(fleet))
+        metrics = ServingMetrics(controller, self.stack.catalog)
         frontend = Frontend(controller, self.stack.catalog, fleet.proxy, metrics)
         app = create_app(frontend, controller, fleet.proxy, metrics, expose_timing=True)
         self._socket = socket.socket()

@@ -161,7 +161,8 @@ def _predict(fleet, out: dict, rates: list[float], duration_s: float) -> None:
 
 
 def _overhead_of(fleet, scheduler: str) -> float:
-    """What a switch of `scheduler` held its worker for, beyond the copy (Switch.hold_s)."""
+    """What a switch of `scheduler` held its worker for, beyond the copy
+    (`Switch.baseline_switch_overhead_s`)."""
     baseline = scheduler in ("request-level", "request-level-plus")
     return fleet.scheduler.baseline_switch_overhead_s if baseline else 0.0
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokenpool.memory.block_manager import BLOCK_SIZE
 from tokenpool.schedulers.types import SLO
 
 
@@ -12,7 +11,8 @@ from tokenpool.schedulers.types import SLO
 class ModelCard:
     id: str
     tokenizer: object  # models.Tokenizer
-    max_model_len: int  # prompt plus generated tokens
+    max_model_len: int  # prompt plus generated tokens, as its engines take them
+    kv_pages: int  # KV pages of its shape one worker holds (its engines' capacity)
     vocab_size: int
     eos_token_ids: tuple[int, ...]
     slo: SLO
@@ -20,14 +20,14 @@ class ModelCard:
 
 
 def build_catalog(fleet, models, created: int) -> dict[str, ModelCard]:
-    """One card per fleet model; `models` is the fleet's gpu_pool.fleet_weights.FleetModels."""
+    """One card per fleet model; `models` is the fleet's gpu_pool.fleet_weights.FleetModels,
+    which lays out a worker's memory as its workers do."""
+    pages = models.kv_pages()
     cards = {}
     for spec in fleet.models:
-        layout = models.layouts[spec.id]
-        config = layout.config
-        kv_tokens = fleet.engine.kv_cache_bytes // layout.page_shape.page_bytes * BLOCK_SIZE
-        limit = min(fleet.engine.max_model_len or config.max_position_embeddings,
-                    config.max_position_embeddings, kv_tokens)
-        cards[spec.id] = ModelCard(spec.id, models.tokenizers[spec.id], limit, config.vocab_size,
-                                   tuple(config.eos_token_ids), fleet.slo_of(spec.id), created)
+        config = models.layouts[spec.id].config
+        cards[spec.id] = ModelCard(
+            spec.id, models.tokenizers[spec.id], models.max_model_len(spec.id),
+            pages[spec.id], config.vocab_size, tuple(config.eos_token_ids),
+            fleet.slo_of(spec.id), created)
     return cards

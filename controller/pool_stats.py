@@ -6,10 +6,87 @@ from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
 
+from tokenpool.schedulers.types import SLO
+
 # Upper bounds (s) of the switch-duration histogram: a GPU switch takes ms, a CPU one tens
 # of ms, a cold read from disk seconds. Counted here rather than kept per switch, so the
 # record stays the same size however long the server runs and however rarely it is scraped.
 SWITCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerView:
+    id: int
+    role: str
+    device: str
+    pid: int
+    model: str | None
+    state: str  # "idle" | "busy" | "dead"
+    queued: int  # requests placed here, not prefilled yet
+    running: int  # requests decoding here
+    kv_pages_used: int
+    switches: int
+    failures: int
+    restarts: int
+    policy: object = None  # the policy's view of it (schedulers WorkerPolicyState), if any
+
+
+@dataclass(frozen=True, slots=True)
+class ModelView:
+    id: str
+    waiting: int
+    running: int
+    slo: SLO
+    switches: int
+    switch_seconds: float
+    switch_counts: tuple[int, ...]  # per SWITCH_BUCKETS bound
+    kv_swap_bytes: int
+    rejected: int
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSnapshot:
+    """The pool as the controller last published it: what `GET /pool`, `/health` and
+    `/metrics` read, without waiting on the controller."""
+
+    workers: tuple[WorkerView, ...]
+    models: tuple[ModelView, ...]
+    cancelled: int
+    loop_errors: int
+    recomputed: int
+    lost: int
+    decode_step_ratio: float | None
+
+    @property
+    def num_held(self) -> int:
+        return sum(m.waiting + m.running for m in self.models)
+
+    def as_json(self) -> dict:
+        """`GET /pool`'s body (DESIGN §6)."""
+        return {"workers": [_worker_json(w) for w in self.workers],
+                "models": [_model_json(m) for m in self.models],
+                "cancelled": self.cancelled, "loop_errors": self.loop_errors,
+                "recomputed": self.recomputed, "lost": self.lost,
+                "decode_step_ratio": self.decode_step_ratio}
+
+
+def _worker_json(w: WorkerView) -> dict:
+    body = {"id": w.id, "role": w.role, "device": w.device, "pid": w.pid, "model": w.model,
+            "state": w.state, "queued": w.queued, "running": w.running,
+            "kv_pages_used": w.kv_pages_used, "switches": w.switches, "failures": w.failures,
+            "restarts": w.restarts}
+    if w.policy is not None:
+        body.update(decode_slowdown=round(w.policy.decode_slowdown, 3),
+                    decode_alpha=round(w.policy.decode_alpha, 3),
+                    decode_requests=w.policy.decode_requests)
+    return body
+
+
+def _model_json(m: ModelView) -> dict:
+    return {"id": m.id, "waiting": m.waiting, "running": m.running,
+            "slo": {"ttft_s": m.slo.ttft_s, "tbt_s": m.slo.tbt_s}, "switches": m.switches,
+            "switch_seconds": m.switch_seconds, "switch_counts": list(m.switch_counts),
+            "kv_swap_bytes": m.kv_swap_bytes, "rejected": m.rejected}
 
 
 @dataclass(slots=True)
@@ -111,27 +188,26 @@ class PoolStats:
         w.busy, w.model, w.kv_pages_used = False, None, 0
         w.failures += 1
 
-    def snapshot(self, infos, jobs: dict, requests: dict) -> dict:
+    def snapshot(self, infos, jobs: dict, requests, worker_state) -> PoolSnapshot:
+        """`requests`: the core's Tracked requests; `worker_state(worker)`: the policy's view
+        of a worker (None for policies without one)."""
         queued, running = Counter(), Counter()
-        for tracked in requests.values():
+        for tracked in requests:
             if tracked.worker is not None:
                 (running if tracked.decoding else queued)[tracked.worker] += 1
-        workers = [{
-            "id": info.id, "role": info.role, "device": info.device, "pid": info.pid,
-            "model": self.workers[info.id].model,
-            "state": "dead" if not info.alive else "busy" if info.id in jobs else "idle",
-            "queued": queued[info.id], "running": running[info.id],
-            "kv_pages_used": self.workers[info.id].kv_pages_used,
-            "switches": self.workers[info.id].switches,
-            "failures": self.workers[info.id].failures, "restarts": info.restarts,
-        } for info in infos]
-        models = [{
-            "id": model, "waiting": c.waiting, "running": c.running,
-            "slo": {"ttft_s": self.slos[model].ttft_s, "tbt_s": self.slos[model].tbt_s},
-            "switches": c.switches, "switch_seconds": c.switch_seconds,
-            "switch_counts": list(c.switch_counts),
-            "kv_swap_bytes": c.kv_swap_bytes, "rejected": c.rejected,
-        } for model, c in self.models.items()]
-        return {"workers": workers, "models": models, "cancelled": self.cancelled,
-                "loop_errors": self.loop_errors, "recomputed": self.recomputed,
-                "lost": self.lost, "decode_step_ratio": self.decode_step_ratio}
+        workers = tuple(self._worker_view(info, info.id in jobs, queued[info.id],
+                                          running[info.id], worker_state(info.id))
+                        for info in infos)
+        models = tuple(ModelView(model, c.waiting, c.running, self.slos[model], c.switches,
+                                 c.switch_seconds, tuple(c.switch_counts), c.kv_swap_bytes,
+                                 c.rejected)
+                       for model, c in self.models.items())
+        return PoolSnapshot(workers, models, self.cancelled, self.loop_errors,
+                            self.recomputed, self.lost, self.decode_step_ratio)
+
+    def _worker_view(self, info, busy: bool, queued: int, running: int, policy) -> WorkerView:
+        w = self.workers[info.id]
+        state = "dead" if not info.alive else "busy" if busy else "idle"
+        return WorkerView(info.id, info.role, info.device, info.pid, w.model, state, queued,
+                          running, w.kv_pages_used, w.switches, w.failures, info.restarts,
+                          policy)

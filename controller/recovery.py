@@ -29,7 +29,7 @@ def finished_results(worker: int, job: Job | None, lost: list[str], requests: di
                   for rid in unit.request_ids}
     results = []
     for rid in lost:
-        model = requests[rid].request.model
+        model = requests[rid].arrival.info.model
         if rid in prefilling:
             results.append(PrefillDone(worker, model, (rid,), (rid,)))
         else:
@@ -37,18 +37,13 @@ def finished_results(worker: int, job: Job | None, lost: list[str], requests: di
     return results
 
 
-def can_retry(tracked) -> bool:
-    """Still wanted by its client (not cancelled, no final event yet) and not lost too often."""
-    return tracked.sink is not None and tracked.retries < MAX_RETRIES
-
-
 def retry_info(tracked) -> RequestInfo:
     """The request as the policy sees its next try: the tokens streamed so far are prompt."""
-    req, done = tracked.request, len(tracked.emitted)
-    return RequestInfo(req.request_id, req.model, len(req.prompt_ids) + done, tracked.admitted,
-                       req.params.max_tokens - done)
+    info, done = tracked.arrival.info, len(tracked.resumed)
+    return RequestInfo(info.request_id, info.model, info.prompt_len + done, tracked.admitted,
+                       info.max_tokens - done)
 
 
-def give_up_message(worker: int, error: BaseException) -> str:
+def give_up_message(worker: int, error: str) -> str:
     return (f"worker {worker} failed ({error}); the request was lost with a worker "
             f"{MAX_RETRIES + 1} times and is not retried again")

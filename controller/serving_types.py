@@ -31,19 +31,26 @@ class TokenEvent:
     token_ids: tuple[int, ...] = ()
     text: str = ""
     finished: bool = False
-    # "stop" | "length" from the engine; "cancelled" after a cancel; "error" with `error` set.
+    # "stop" | "length" from the engine; "cancelled" after a cancel; "error" with `error` set;
+    # "rejected" when admission shed the request (its first and only event).
     finish_reason: str | None = None
     logprobs: tuple = ()
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     error: str | None = None
     emitted_at: float = 0.0  # time.monotonic() when the worker produced the tokens
+    retry_after_s: float = 0.0  # with "rejected": when trying again may succeed
 
     @classmethod
     def of(cls, out: RequestOutput, emitted_at: float) -> "TokenEvent":
         return cls(out.request_id, out.new_token_ids, out.new_text, out.finished,
                    out.finish_reason, out.logprobs, out.num_prompt_tokens,
                    out.num_output_tokens, None, emitted_at)
+
+    @classmethod
+    def rejected(cls, request_id: str, reason: str, retry_after_s: float) -> "TokenEvent":
+        return cls(request_id, finished=True, finish_reason="rejected", error=reason,
+                   retry_after_s=retry_after_s)
 
     def followed_by(self, later: "TokenEvent") -> "TokenEvent":
         """This event and the next of the same request as one: what a client reading late

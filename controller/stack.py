@@ -2,12 +2,12 @@
 
 Start-up order: read every model's header (the fleet check), pack the fleet into the node's
 host cache (once per node; later starts of the same fleet find it there), start the workers,
-profile one engine per model shape for the cost model, then start the controller's loop.
+profile one engine per model shape for the cost model, then start the controller's loop over
+a core whose policy runs on that cost model.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import sys
 import time
@@ -18,12 +18,14 @@ from tokenpool.controller.catalog import ModelCard, build_catalog
 from tokenpool.controller.cost_fit import cost_model_of
 from tokenpool.controller.profile_cache import (cache_path, load_profile, profile_key,
                                                 save_profile)
+from tokenpool.controller.core import ControllerCore, CoreConfig
+from tokenpool.controller.pool_stats import PoolStats
 from tokenpool.controller.service import ServingController
 from tokenpool.gpu_pool.fleet_weights import FleetModels, FleetWeights
 from tokenpool.gpu_pool.profiling import EngineProfilePlan
 from tokenpool.gpu_pool.worker_factory import make_runner, open_host_cache
 from tokenpool.schedulers.admission import SLOAdmission
-from tokenpool.schedulers.registry import Roles, make_scheduler
+from tokenpool.schedulers.registry import Roles, scheduler_from_config
 
 # Short enough for start-up, long enough for a fit within ~10% on a small CPU model.
 SERVE_PROFILE = EngineProfilePlan(prompt_lens=(16, 128), prefill_batches=(1, 4),
@@ -72,19 +74,25 @@ def build_stack(fleet, *, progress: bool = True, log=None) -> ServingStack:
     packed = FleetWeights(models, cache).populate(progress=progress)
     log(f"host cache {namespace}: {len(models.layouts)} models ({len(packed)} packed now)")
     pool = make_pool(fleet, namespace, models)
-    roles = pool_roles(fleet)
-    slos = {spec.id: fleet.slo_of(spec.id) for spec in fleet.models}
-    controller = ServingController(None, pool, _admission(fleet), roles, slos)
+    controller = ServingController(pool)
     started = time.monotonic()
     pool.start(controller)
     cost = _profile(fleet, models, pool)
     log(f"{fleet.pool.num_workers} {fleet.pool.backend} workers up and profiled in "
         f"{time.monotonic() - started:.1f} s")
-    controller.scheduler = scheduler_for(fleet, cost)
-    controller.cost = cost
-    controller.start_loop()
+    controller.start(make_core(fleet, cost))
     cache.close()
     return ServingStack(fleet, controller, build_catalog(fleet, models, int(time.time())), cost)
+
+
+def make_core(fleet, cost) -> ControllerCore:
+    """The controller core that serves `fleet` with the policy run on `cost`."""
+    s = fleet.scheduler
+    roles = pool_roles(fleet)
+    config = CoreConfig(fleet.pool.num_workers, frozenset(roles.prefill) - set(roles.decode),
+                        SLOAdmission(s.shed_ttft_factor, s.max_alpha, s.max_waiting))
+    stats = PoolStats(fleet.pool.num_workers, {m.id: fleet.slo_of(m.id) for m in fleet.models})
+    return ControllerCore(scheduler_for(fleet, cost), config, stats, cost)
 
 
 def _profile(fleet, models: FleetModels, pool):
@@ -103,17 +111,5 @@ def pool_roles(fleet) -> Roles:
 
 def scheduler_for(fleet, cost):
     """The fleet's policy over its pool; the simulator's predictions build the same one."""
-    s = fleet.scheduler
-    roles = pool_roles(fleet)
-    if s.switch_overhead_s:
-        cost = dataclasses.replace(cost, switch_overhead_s=s.switch_overhead_s)
-    return make_scheduler(s.name, roles, cost, fleet.slo_of,
-                          model_load={m.id: 1.0 for m in fleet.models},
-                          max_group_size=s.max_group_size, q_max_s=s.q_max_s,
-                          batch_prefill=s.batch_prefill,
-                          baseline_reinit_s=s.baseline_switch_overhead_s)
-
-
-def _admission(fleet) -> SLOAdmission:
-    s = fleet.scheduler
-    return SLOAdmission(s.shed_ttft_factor, s.max_alpha, s.max_waiting)
+    return scheduler_from_config(fleet.scheduler, pool_roles(fleet), cost, fleet.slo_of,
+                                 model_load={m.id: 1.0 for m in fleet.models})

@@ -1,16 +1,16 @@
 """A continuous-batching engine for one model on one device.
 
-`step()` is three calls, as in nano-vllm and vLLM v1: schedule a batch (new prompts and
-running decodes together), run it, and postprocess the sampled tokens. Sequences join and
-leave between steps. When pages run short, the newest running sequence is preempted: its KV
-pages are swapped out to host slabs when there is room there (and swapped back in before new
-prompts are admitted), else it is recomputed later from its prompt plus its tokens so far.
+`step()` is three calls, as in nano-vllm and vLLM v1: the scheduler (engine_scheduler.py)
+picks a batch of new prompts and running decodes, the model runner runs it, and postprocess
+appends the sampled tokens and ends finished requests. Sequences join and leave between
+steps. `step(request_ids)` runs only the requests named (see EngineScheduler for how pages
+are found for them); the engine makes the KV copies the scheduler books.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections import deque
+from collections.abc import Collection
 
 import torch
 
@@ -19,11 +19,12 @@ from tokenpool.gpu_pool import kv_handoff
 from tokenpool.gpu_pool.cpu_ops import paged_attention_kernel
 from tokenpool.gpu_pool.device import dtype_name, resolve_device, resolve_dtype
 from tokenpool.gpu_pool.engine_config import EngineConfig
+from tokenpool.gpu_pool.engine_scheduler import EngineScheduler, StepBatch, SwapOp
 from tokenpool.gpu_pool.protocol import RequestOutput
 from tokenpool.gpu_pool.kv_swap import KVSwapper
 from tokenpool.gpu_pool.llama import LlamaForward, LlamaWeights, RotaryTable
-from tokenpool.gpu_pool.model_runner import ModelRunner, StepBatch
-from tokenpool.gpu_pool.sequence import Sequence, SeqStatus
+from tokenpool.gpu_pool.model_runner import ModelRunner
+from tokenpool.gpu_pool.sequence import Sequence
 from tokenpool.gpu_pool.weights import bind_llama, is_tied, pack_llama
 from tokenpool.gpu_pool.worker_memory import EngineMemory, ModelLayout, WorkerMemory
 from tokenpool.memory.block_manager import BLOCK_SIZE, BlockManager
@@ -54,9 +55,12 @@ class LLMEngine:
         if memory is None:
             memory, own_weights = self._private_memory(weights)
         self.memory = memory
-        self.blocks = BlockManager(memory.pages)
-        self.swapper = None if memory.swap_kv is None else KVSwapper(
-            memory.kv, self.blocks, memory.swap_kv, BlockManager(memory.swap_pages))
+        blocks = BlockManager(memory.pages)
+        host_blocks = None if memory.swap_kv is None else BlockManager(memory.swap_pages)
+        self.scheduler = EngineScheduler(blocks, host_blocks, config.max_num_seqs,
+                                         config.max_num_batched_tokens)
+        self.swapper = None if host_blocks is None else KVSwapper(
+            memory.kv, blocks, memory.swap_kv, host_blocks)
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings, memory.pages.capacity * BLOCK_SIZE)
         rope = RotaryTable(mc.head_dim, mc.rope_theta, self.max_model_len, self.dtype,
@@ -66,10 +70,6 @@ class LLMEngine:
         self.forward = LlamaForward(mc, rope, memory.scratch)
         self.forward.weights = own_weights
         self.runner = ModelRunner(self.forward, memory.kv, self.device, kernel)
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
-        self.swapped: deque[Sequence] = deque()
-        self.num_preemptions = 0
         self._ids = itertools.count()
         self._rng = torch.Generator().manual_seed(config.seed)
 
@@ -99,6 +99,27 @@ class LLMEngine:
     def dtype_name(self) -> str:
         return dtype_name(self.dtype)
 
+    # The scheduler's state, read by tests and profiling.
+    @property
+    def blocks(self) -> BlockManager:
+        return self.scheduler.blocks
+
+    @property
+    def waiting(self):
+        return self.scheduler.waiting
+
+    @property
+    def running(self) -> list[Sequence]:
+        return self.scheduler.running
+
+    @property
+    def swapped(self):
+        return self.scheduler.swapped
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
+
     # -- requests -------------------------------------------------------------------------
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(),
@@ -106,34 +127,28 @@ class LLMEngine:
         """Queue a request; raises a typed InvalidRequestError and changes nothing if bad."""
         self._validate(prompt_ids, params)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        seq = Sequence(request_id, list(prompt_ids), params, self._generator(params),
-                       self._detokenizer(params))
-        self.waiting.append(seq)
+        self.scheduler.add(Sequence(request_id, list(prompt_ids), params,
+                                    self._generator(params), self._detokenizer(params)))
         return request_id
 
     def abort(self, request_id: str) -> bool:
-        seq = self._take(request_id)
+        """End the request at once, freeing its pages; False if this engine does not hold it."""
+        seq = self.scheduler.take(request_id)
         if seq is not None:
-            self._finish(seq)
+            self.scheduler.finish(seq)
         return seq is not None
 
-    def _take(self, request_id: str) -> Sequence | None:
-        """Remove the request from whichever queue holds it."""
-        for queue in (self.waiting, self.running, self.swapped):
-            for seq in queue:
-                if seq.seq_id == request_id:
-                    queue.remove(seq)
-                    return seq
-        return None
+    def holds(self, request_id: str) -> bool:
+        return self.scheduler.get(request_id) is not None
 
     def export_sequence(self, request_id: str) -> kv_handoff.SequenceHandoff:
         """Hand the request to another engine of this model (prefill here, decode there):
         its KV is copied to one host array, its pages freed, and it leaves this engine."""
-        seq = self._take(request_id)
+        seq = self.scheduler.take(request_id)
         if seq is None:
             raise KeyError(f"request {request_id!r} is not in this engine")
         handoff = kv_handoff.export_from(self, seq)
-        self._finish(seq)
+        self.scheduler.finish(seq)
         return handoff
 
     def import_sequence(self, handoff: kv_handoff.SequenceHandoff) -> None:
@@ -142,7 +157,7 @@ class LLMEngine:
         kv_handoff.import_into(self, handoff)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self.swapped)
+        return self.scheduler.has_unfinished()
 
     @property
     def num_used_pages(self) -> int:
@@ -181,97 +196,30 @@ class LLMEngine:
 
     # -- the step ---------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
-        batch = self._schedule()
+    def step(self, request_ids: Collection[str] | None = None) -> list[RequestOutput]:
+        """One step of the named requests (None: of all); an output per request stepped.
+
+        Requests named but not held here are ignored; named ones that cannot run now (no
+        pages or batch slot) get no output."""
+        batch = self.scheduler.schedule(request_ids)
+        self._copy(batch.swaps)
         if not batch:
             return []
         tokens, logprobs = self.runner.run(batch)
         return self._postprocess(batch, tokens, logprobs)
 
-    def _schedule(self) -> StepBatch:
-        self._swap_in_ready()
-        decodes = self._reserve_decodes()
-        # Swapped-out sequences come back before new prompts start, so none starves.
-        prefills = [] if self.swapped else self._admit_prefills(len(decodes))
-        self.running = decodes + prefills
-        tables = {s.seq_id: self.blocks.block_table(s.seq_id) for s in self.running}
-        return StepBatch(tuple(prefills), tuple(decodes), tables)
-
-    def _reserve_decodes(self) -> list[Sequence]:
-        """Give every running sequence a slot for one more token, preempting the newest."""
-        pending = list(self.running)
-        kept: list[Sequence] = []
-        while pending:
-            seq = pending.pop(0)
-            while not self.blocks.can_grow(seq.seq_id, seq.num_tokens) and pending:
-                self._preempt(pending.pop())
-            if self.blocks.can_grow(seq.seq_id, seq.num_tokens):
-                self.blocks.grow(seq.seq_id, seq.num_tokens)
-                kept.append(seq)
-            else:
-                self._preempt(seq)
-        return kept
-
-    def _admit_prefills(self, num_running: int) -> list[Sequence]:
-        budget = self.config.max_num_batched_tokens - num_running
-        admitted: list[Sequence] = []
-        while self.waiting and num_running + len(admitted) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            # A prompt longer than the budget still runs, alone, so nothing waits forever.
-            if seq.num_tokens > budget and (admitted or num_running):
-                break
-            if not self.blocks.can_grow(seq.seq_id, seq.num_tokens):
-                break
-            self.waiting.popleft()
-            self.blocks.grow(seq.seq_id, seq.num_tokens)
-            seq.status = SeqStatus.RUNNING
-            admitted.append(seq)
-            budget -= seq.num_tokens
-        return admitted
-
-    def _preempt(self, seq: Sequence) -> None:
-        """Swap the sequence's KV out to the host if there is room, else recompute it later."""
-        self.num_preemptions += 1
-        seq.num_preemptions += 1
-        if self.swapper is not None and self.swapper.can_swap_out(seq.seq_id):
-            self._swap_out(seq)
-            return
-        self.blocks.free(seq.seq_id)
-        seq.status = SeqStatus.WAITING
-        self.waiting.appendleft(seq)
-
-    def _swap_out(self, seq: Sequence) -> int:
-        moved = self.swapper.swap_out(seq.seq_id)
-        seq.status = SeqStatus.SWAPPED
-        self.swapped.appendleft(seq)
-        return moved
-
-    def _swap_in_ready(self) -> None:
-        """Bring swapped sequences back, oldest first, while pages (and one to grow) allow."""
-        while self.swapped and len(self.running) < self.config.max_num_seqs:
-            seq = self.swapped[0]
-            if not self.swapper.can_swap_in(seq.seq_id, headroom=1):
-                break
-            self.swapped.popleft()
-            self.swapper.swap_in(seq.seq_id)
-            seq.status = SeqStatus.RUNNING
-            self.running.append(seq)
-
     def swap_out(self, request_ids: list[str] | None = None) -> int:
         """Move running requests' KV to host slabs (all of them by default); bytes moved.
 
         Used at the end of a model's turn when another batch needs the device pages. The
-        requests resume, swapped back in, on a later step of this engine.
+        requests resume, swapped back in, on a later step that runs them.
         """
         if self.swapper is None:
             return 0
-        wanted = None if request_ids is None else set(request_ids)
-        moved = 0
-        for seq in list(self.running):
-            if (wanted is None or seq.seq_id in wanted) and self.swapper.can_swap_out(seq.seq_id):
-                self.running.remove(seq)
-                moved += self._swap_out(seq)
-        return moved
+        return self._copy(self.scheduler.swap_out(request_ids))
+
+    def _copy(self, swaps: tuple[SwapOp, ...] | list[SwapOp]) -> int:
+        return sum(self.swapper.copy(op) for op in swaps)
 
     def _postprocess(self, batch: StepBatch, tokens: list[int], logprobs: list):
         outputs = []
@@ -279,8 +227,7 @@ class LLMEngine:
             seq.output_ids.append(token)
             text, reason = self._check_finish(seq, token)
             if reason is not None:
-                self.running.remove(seq)
-                self._finish(seq)
+                self.scheduler.finish(seq)
             outputs.append(RequestOutput(
                 seq.seq_id, (token,), text, reason is not None, reason,
                 (lp,) if lp is not None else (), len(seq.prompt_ids), len(seq.output_ids)))
@@ -302,12 +249,6 @@ class LLMEngine:
     @staticmethod
     def _flush(seq: Sequence) -> str:
         return seq.detokenizer.finish() if seq.detokenizer is not None else ""
-
-    def _finish(self, seq: Sequence) -> None:
-        self.blocks.free(seq.seq_id)
-        if self.swapper is not None:
-            self.swapper.drop(seq.seq_id)
-        seq.status = SeqStatus.FINISHED
 
     def next_token_logits(self, prompt_ids: list[int]) -> torch.Tensor:
         """Logits after `prompt_ids`, through the same paged prefill path as serving."""

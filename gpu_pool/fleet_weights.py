@@ -18,8 +18,9 @@ from tqdm import tqdm
 from tokenpool.errors import ConfigError
 from tokenpool.gpu_pool.device import resolve_device, resolve_dtype
 from tokenpool.gpu_pool.weights import pack_llama
-from tokenpool.gpu_pool.worker_memory import ModelLayout
-from tokenpool.memory.arena import ArenaTooSmallError, plan_worker_arena
+from tokenpool.gpu_pool.worker_memory import (ModelLayout, kv_pages, max_model_len,
+                                              plan_arena)
+from tokenpool.memory.arena import ArenaLayout, ArenaTooSmallError
 from tokenpool.memory.host_cache import HostModelCache
 from tokenpool.memory.packing import PackIndex
 from tokenpool.models.checkpoint import load_checkpoint, read_model_info
@@ -52,15 +53,30 @@ class FleetModels:
             self.layouts[spec.id] = ModelLayout.of(spec.id, config, dtype)
             self.tokenizers[spec.id] = tokenizer
 
+    def arena(self) -> ArenaLayout:
+        """One worker's arena, laid out as the worker lays it out (`gpu_pool.worker`)."""
+        fleet = self.fleet
+        return plan_arena(list(self.layouts.values()), fleet.memory,
+                          fleet.engine.kv_cache_bytes, fleet.memory.num_slots)
+
+    def kv_pages(self) -> dict[str, int]:
+        """Model id -> the KV pages of its shape one worker holds (its engine's capacity)."""
+        arena = self.arena()
+        return {m: kv_pages(arena, layout.page_shape) for m, layout in self.layouts.items()}
+
+    def max_model_len(self, model_id: str) -> int:
+        """The context (prompt plus output) a worker's engine of `model_id` takes."""
+        layout = self.layouts[model_id]
+        return max_model_len(layout.config, self.fleet.engine.max_model_len,
+                             kv_pages(self.arena(), layout.page_shape))
+
     def check_fits(self) -> None:
         """Refuse a fleet whose models cannot fit a worker's arena, naming model and sizes."""
         mem = self.fleet.memory
         if not Path(mem.host_cache_dir).is_dir():
             raise ConfigError(f"memory.host_cache_dir: {mem.host_cache_dir} is not a directory")
         try:
-            plan_worker_arena([m.footprint for m in self.layouts.values()], mem.arena_bytes,
-                              self.fleet.engine.kv_cache_bytes, mem.slab_bytes,
-                              2 if mem.prefetch else 1)
+            self.arena()
         except ArenaTooSmallError as exc:
             raise ConfigError(f"memory: {exc}") from exc
         for m in self.layouts.values():

@@ -1,20 +1,20 @@
 """Runs one job's WorkUnits on a Worker, streaming each engine step's outputs as it goes.
 
 `run` is a generator: a `StepOutputs` per engine step, then one `JobDone`. The same runner
-serves a worker thread (`LocalPool`), a Ray actor, and the synchronous `WorkerExecutor`.
+serves a worker thread (`LocalPool`) and a Ray actor.
 
-Units: Switch and Prefetch go to the worker; Prefill adds the prompts and steps until each has
-its first token; Decode steps for `quota_s` of wall time (or until a request of the unit
-finishes, when asked); SwapOut moves KV to host slabs, and the engine swaps it back in by
-itself on a later step; SwapIn imports the requests that arrive as handoffs (the others are
-already swapped out here, so nothing is to do).
+Units: Switch and Prefetch go to the worker; Prefill adds the prompts and steps them (and
+nothing else) until each has its first token; Decode steps exactly its requests for `quota_s`
+of wall time (or until one of them finishes, when asked); SwapOut moves KV to host slabs, and
+the next step naming a request swaps it back in; SwapIn imports the requests that arrive as
+handoffs (the others are already swapped out here, so nothing is to do).
 
-Every request that ends during the job (finished, cancelled, or refused with an error) is
-reported finished exactly once: in the result of the first unit from the one where it ended
-on that names it, else in a zero-step DecodeDone at the end of the results. An engine step
-serves all of a model's running requests, so a unit may finish another unit's requests; the
-policy must still hear of them, or it would wait for a request the engine no longer holds.
-Reporting them no earlier than that means no result after the finish names them again.
+A request ends only in a unit that names it, so each unit reports its own: its result lists
+as finished those of its requests that ended in it or earlier in the job. Cancelled requests
+(`JobInput.cancelled`, sent with every job until the controller hears of the finish) are
+aborted when the job starts, freeing their pages at once, and count as ended: the unit that
+names one reports it, in this job or a later one. A request the engine refuses is reported
+by the unit naming it: the Prefill for a prompt, the Decode after a SwapIn that failed.
 """
 
 from __future__ import annotations
@@ -37,47 +37,31 @@ from tokenpool.schedulers.types import (Decode, DecodeDone, Prefetch, Prefill, P
 
 
 class _Job:
-    """What one job has done so far, and which of its requests ended."""
+    """What one job has done so far, and which requests have ended."""
 
     def __init__(self, inp: JobInput, worker_id: int):
         self.input = inp
         self.worker_id = worker_id
         self.cancelled = set(inp.cancelled)
+        self.ended = set(inp.cancelled)  # cancelled, failed or finished: reported when named
         self.results: list = []
-        self.unreported: dict[str, str] = {}  # ended, not yet in a result: id -> model
-        self.ended: set[str] = set()  # every request that ended in this job
         self.errors: dict[str, str] = {}
         self.exported: dict[str, SequenceHandoff] = {}
         self.switches: list[SwitchEvent] = []
         self.decode_timings: list[DecodeTiming] = []
 
-    def end(self, request_id: str, model: str) -> None:
-        self.ended.add(request_id)
-        self.unreported[request_id] = model
-
-    def fail(self, request_id: str, model: str, message: str) -> None:
+    def fail(self, request_id: str, message: str) -> None:
         self.errors[request_id] = message
-        self.end(request_id, model)
+        self.ended.add(request_id)
 
-    def note(self, outputs: list[RequestOutput], model: str) -> set[str]:
+    def note(self, outputs: list[RequestOutput]) -> set[str]:
         """Record a step's finishes; returns the ids that finished."""
         finished = {out.request_id for out in outputs if out.finished}
-        for request_id in finished:
-            self.end(request_id, model)
+        self.ended |= finished
         return finished
 
-    def take_finished(self, request_ids: tuple[str, ...]) -> tuple[str, ...]:
-        """Those of `request_ids` that ended and are not yet reported; now they are."""
-        taken = tuple(r for r in request_ids if r in self.unreported)
-        for request_id in taken:
-            del self.unreported[request_id]
-        return taken
-
-    def report_the_rest(self) -> None:
-        for request_id, model in self.unreported.items():
-            self.results.append(DecodeDone(self.worker_id, model, (request_id,), 0,
-                                           (request_id,)))
-        self.unreported.clear()
+    def finished(self, request_ids: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(r for r in request_ids if r in self.ended)
 
 
 def recompute_handoff(engine: LLMEngine, request_id: str, prompt_ids, params: SamplingParams,
@@ -114,7 +98,6 @@ class JobRunner:
         self._cancel(job)
         for unit in inp.job.units:
             yield from self._run_unit(unit, job)
-        job.report_the_rest()
         yield JobDone(self.worker_id, tuple(job.results), job.exported, tuple(job.switches),
                       self._swap_bytes() - swapped_before, self._pages_used(),
                       self.worker.active, job.errors, tuple(job.decode_timings))
@@ -131,8 +114,9 @@ class JobRunner:
         elif kind is Decode:
             yield from self._decode(unit, job)
         elif kind is Switch:
-            if self._switch(unit.model, job) and unit.hold_s:
-                time.sleep(unit.hold_s)  # an emulated engine re-initialisation (baselines)
+            if self._switch(unit.model, job) and unit.baseline_switch_overhead_s:
+                # An emulated engine re-initialisation (request-level baselines).
+                time.sleep(unit.baseline_switch_overhead_s)
         elif kind is Prefetch:
             self.worker.prefetch(unit.model)
         elif kind is SwapOut:
@@ -145,18 +129,12 @@ class JobRunner:
     # -- units ------------------------------------------------------------------------------
 
     def _cancel(self, job: _Job) -> None:
-        """Abort cancelled requests before anything runs, so their pages are free at once."""
+        """Abort cancelled requests before anything runs, so their pages are free at once.
+        Ids this worker does not hold are ignored; all are reported by the units naming them."""
         for request_id in job.input.cancelled:
-            for model, engine in self.worker.engines.items():
+            for engine in self.worker.engines.values():
                 if engine.abort(request_id):
-                    job.end(request_id, model)
                     break
-            else:
-                handoff = job.input.handoffs.get(request_id)
-                if handoff is not None:  # never imported; the policy still counts it
-                    job.end(request_id, handoff.model)
-        # Cancelled requests of a Prefill unit are never started (see _start); unknown ids
-        # are not this worker's, so nothing is reported for them.
 
     def _switch(self, model: str, job: _Job) -> bool:
         """Switch to `model`; False if it was in already (not a switch, for the metrics
@@ -177,30 +155,30 @@ class JobRunner:
     def _prefill(self, unit: Prefill, job: _Job) -> Iterator[StepOutputs]:
         self._ensure_active(unit.model, job)
         engine = self.worker.engine(unit.model)
-        started = [r for r in unit.request_ids if self._start(engine, r, unit.model, job)]
-        waiting = set(started)
-        while waiting and engine.has_unfinished():
-            outputs = engine.step()
+        started = [r for r in unit.request_ids if self._start(engine, r, job)]
+        waiting = started
+        while waiting:
+            outputs = engine.step(waiting)  # only prompts still without a first token
             if not outputs:
-                break  # no pages to start them now: they start on a later step of the engine
-            job.note(outputs, unit.model)
-            waiting.difference_update(out.request_id for out in outputs)
+                break  # no room to start them now: the next unit naming them does
+            job.note(outputs)
             yield self._stream(outputs)
+            stepped = {out.request_id for out in outputs}
+            waiting = [r for r in waiting if r not in stepped]
         job.results.append(PrefillDone(self.worker_id, unit.model, unit.request_ids,
-                                       job.take_finished(unit.request_ids)))
+                                       job.finished(unit.request_ids)))
         if job.input.export_after_prefill:
             for request_id in started:
                 if request_id not in job.ended:
                     job.exported[request_id] = engine.export_sequence(request_id)
 
-    def _start(self, engine: LLMEngine, request_id: str, model: str, job: _Job) -> bool:
+    def _start(self, engine: LLMEngine, request_id: str, job: _Job) -> bool:
         """Add one prompt to the engine; False (and the request ended) if it cannot run."""
         if request_id in job.cancelled:
-            job.end(request_id, model)
             return False
         prompt = job.input.prompts.get(request_id)
         if prompt is None:
-            job.fail(request_id, model, f"no prompt was sent for request {request_id!r}")
+            job.fail(request_id, f"no prompt was sent for request {request_id!r}")
             return False
         prompt_ids, params = prompt
         emitted = job.input.resumed.get(request_id)
@@ -211,52 +189,53 @@ class JobRunner:
             else:
                 engine.add_request(list(prompt_ids), params, request_id)
         except (InvalidRequestError, HandoffError) as exc:  # this request is bad, not the job
-            job.fail(request_id, model, str(exc))
+            job.fail(request_id, str(exc))
             return False
         return True
 
     def _decode(self, unit: Decode, job: _Job) -> Iterator[StepOutputs]:
         self._ensure_active(unit.model, job)
         engine = self.worker.engine(unit.model)
-        wanted = {r for r in unit.request_ids if r not in job.ended}
-        if wanted and not engine.has_unfinished():
-            raise RuntimeError(f"decode of {sorted(wanted)}: model {unit.model!r} holds no "
-                               "requests (a finish went unreported)")
+        wanted = [r for r in unit.request_ids if r not in job.ended]
+        lost = [r for r in wanted if not engine.holds(r)]
+        if lost:
+            raise RuntimeError(f"decode of {lost}: model {unit.model!r} does not hold them "
+                               "(a finish went unreported)")
         start = time.monotonic()
         end = start + unit.quota_s
         steps, batch, context, pure = 0, 0, 0, True
-        while wanted and engine.has_unfinished():
-            pure = pure and not engine.waiting  # a step that admits a prompt is part prefill
-            running = engine.running
-            size, tokens = len(running), sum(seq.num_tokens for seq in running)
-            outputs = engine.step()
+        while wanted:
+            # A step that admits a prompt (a request preempted to recompute) is part prefill.
+            pure = pure and not any(s.seq_id in wanted for s in engine.waiting)
+            outputs = engine.step(wanted)
             if not outputs:
-                break  # nothing could be scheduled (no free pages); the turn is over
-            steps, batch, context = steps + 1, batch + size, context + tokens
-            finished = job.note(outputs, unit.model)
+                break  # none of them could be scheduled (no free pages); the turn is over
+            steps, batch = steps + 1, batch + len(outputs)
+            context += sum(o.num_prompt_tokens + o.num_output_tokens - 1 for o in outputs)
+            finished = job.note(outputs)
             yield self._stream(outputs)
-            mine = finished & wanted
-            wanted -= finished
-            if time.monotonic() >= end or (mine and unit.until_first_finish):
+            wanted = [r for r in wanted if r not in finished]
+            if time.monotonic() >= end or (finished and unit.until_first_finish):
                 break
         seconds = time.monotonic() - start
         job.results.append(DecodeDone(self.worker_id, unit.model, unit.request_ids, steps,
-                                      job.take_finished(unit.request_ids), seconds))
+                                      job.finished(unit.request_ids), seconds))
         if steps and pure:
             job.decode_timings.append(DecodeTiming(unit.model, steps, seconds, batch / steps,
                                                    context / steps))
 
     def _import(self, unit: SwapIn, job: _Job) -> None:
-        """Take in the unit's requests that were prefilled on another worker."""
+        """Take in the unit's requests that were prefilled on another worker; one that fails
+        is reported by the Decode naming it, which follows in the same job."""
         engine = self.worker.engine(unit.model)
         for request_id in unit.request_ids:
             handoff = job.input.handoffs.get(request_id)
             if handoff is None or request_id in job.ended:
-                continue  # swapped out on this worker: the engine swaps it in by itself
+                continue  # swapped out on this worker: the step naming it swaps it in
             try:
                 engine.import_sequence(handoff)
             except HandoffError as exc:
-                job.fail(request_id, unit.model, str(exc))
+                job.fail(request_id, str(exc))
 
     # -- what the job reports ---------------------------------------------------------------
 

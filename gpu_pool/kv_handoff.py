@@ -5,9 +5,10 @@ queue): plain values plus the KV of the sequence's pages as one contiguous uint8
 `[num_pages, page_bytes]`. One array, not per-page objects, so it pickles (protocol 5,
 out-of-band) as a single buffer and a Ray reader maps it without copying.
 
-The engine side (`LLMEngine.export_sequence` / `import_sequence`) keeps its queues; this module
-does the copies and the checks. Pages are page-major (gpu_pool/kv_cache.py), so a page is one
-run of bytes on both sides and consecutive pages of a slab move in one copy.
+The engine side (`LLMEngine.export_sequence` / `import_sequence`) and its scheduler keep the
+queues; this module does the copies and the checks. Pages are page-major
+(gpu_pool/kv_cache.py), so a page is one run of bytes on both sides and consecutive pages of
+a slab move in one copy.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class SequenceHandoff:
 def export_from(engine: "LLMEngine", seq: Sequence) -> SequenceHandoff:
     """`seq`'s handoff, from wherever its KV is: device pages, host swap pages, or none
     (a preempted request waiting to be recomputed)."""
-    kv, blocks = engine.memory.kv, engine.blocks
+    kv, blocks = engine.memory.kv, engine.scheduler.blocks
     swapper = engine.swapper
     if not blocks.has(seq.seq_id):
         swapped = swapper is not None and swapper.host_blocks.has(seq.seq_id)
@@ -73,22 +74,20 @@ def import_into(engine: "LLMEngine", handoff: SequenceHandoff) -> None:
     recomputed from its tokens like a preempted one. No request is refused for lack of room.
     """
     check_compatible(handoff, engine.model_id, engine.memory.kv.shape, engine.dtype_name)
-    if any(s.seq_id == handoff.request_id
-           for s in (*engine.waiting, *engine.running, *engine.swapped)):
+    scheduler = engine.scheduler
+    if scheduler.get(handoff.request_id) is not None:
         raise HandoffError(f"request {handoff.request_id!r} is already in this engine")
     seq = restore_sequence(handoff, engine._detokenizer(handoff.params))
     swapper = engine.swapper
     has_kv = handoff.num_pages > 0
-    if has_kv and len(engine.running) < engine.config.max_num_seqs and \
-            copy_in(handoff, engine.memory.kv, engine.blocks):
-        seq.status = SeqStatus.RUNNING
-        engine.running.append(seq)
+    if has_kv and len(scheduler.running) < scheduler.max_num_seqs and \
+            copy_in(handoff, engine.memory.kv, scheduler.blocks):
+        scheduler.place(seq, SeqStatus.RUNNING)
     elif has_kv and swapper is not None and \
             copy_in(handoff, swapper.host_kv, swapper.host_blocks):
-        seq.status = SeqStatus.SWAPPED
-        engine.swapped.append(seq)
+        scheduler.place(seq, SeqStatus.SWAPPED)
     else:
-        engine.waiting.appendleft(seq)
+        scheduler.place(seq, SeqStatus.WAITING)
 
 
 def export_sequence(seq: Sequence, model: str, dtype: str, kv: PagedKVCache,

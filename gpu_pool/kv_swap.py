@@ -10,56 +10,45 @@ from __future__ import annotations
 
 import torch
 
+from tokenpool.gpu_pool.engine_scheduler import SwapOp, move_pages
 from tokenpool.gpu_pool.kv_cache import PagedKVCache
 from tokenpool.memory.block_manager import BlockManager
 
 
 class KVSwapper:
+    """Makes the copies the engine scheduler decides on (`copy`), and whole swaps at once
+    (`swap_out`, `swap_in`) for callers outside a step."""
+
     def __init__(self, device_kv: PagedKVCache, device_blocks: BlockManager,
                  host_kv: PagedKVCache, host_blocks: BlockManager):
         self.device_kv, self.device_blocks = device_kv, device_blocks
         self.host_kv, self.host_blocks = host_kv, host_blocks
         self.bytes_moved = 0
 
-    def can_swap_out(self, seq_id: str) -> bool:
-        pages = len(self.device_blocks.block_table(seq_id))
-        return pages <= self.host_blocks.num_free
-
-    def can_swap_in(self, seq_id: str, headroom: int = 0) -> bool:
-        """Whether its pages, plus `headroom` more, are free on the device."""
-        return len(self.host_blocks.block_table(seq_id)) + headroom <= \
-            self.device_blocks.num_free
-
     def swap_out(self, seq_id: str) -> int:
         """Copy the sequence's pages to host slabs and free them on the device; bytes moved."""
-        return self._move(seq_id, self.device_blocks, self.device_kv,
-                          self.host_blocks, self.host_kv)
+        return self.copy(move_pages(seq_id, self.device_blocks, self.host_blocks, True))
 
     def swap_in(self, seq_id: str) -> int:
-        return self._move(seq_id, self.host_blocks, self.host_kv,
-                          self.device_blocks, self.device_kv)
+        return self.copy(move_pages(seq_id, self.host_blocks, self.device_blocks, False))
 
-    def drop(self, seq_id: str) -> None:
-        """Forget a swapped-out sequence (finished or aborted while on the host)."""
-        self.host_blocks.free(seq_id)
-
-    def _move(self, seq_id, src_blocks, src_kv, dst_blocks, dst_kv) -> int:
-        src = list(src_blocks.block_table(seq_id))
-        dst = dst_blocks.grow(seq_id, len(src) * src_blocks.block_size)
-        for s, d, n in _runs(src, dst, src_kv.pages_per_slab, dst_kv.pages_per_slab):
+    def copy(self, op: SwapOp) -> int:
+        """Copy the pages of a move already booked; bytes moved."""
+        src_kv, dst_kv = (self.device_kv, self.host_kv) if op.out else \
+            (self.host_kv, self.device_kv)
+        for s, d, n in _runs(op.src, op.dst, src_kv.pages_per_slab, dst_kv.pages_per_slab):
             # Asynchronous to or from pinned host memory on CUDA; synchronised below so the
             # source pages can be reused as soon as this returns.
             dst_kv.page_bytes_view(d, n).copy_(src_kv.page_bytes_view(s, n), non_blocking=True)
         for kv in (src_kv, dst_kv):
             if kv.region.is_cuda:
                 torch.cuda.current_stream(kv.region.device).synchronize()
-        src_blocks.free(seq_id)
-        moved = len(src) * src_kv.shape.page_bytes
+        moved = len(op.src) * src_kv.shape.page_bytes
         self.bytes_moved += moved
         return moved
 
 
-def _runs(src: list[int], dst: list[int], src_per_slab: int, dst_per_slab: int):
+def _runs(src, dst, src_per_slab: int, dst_per_slab: int):
     """(src start, dst start, length): runs consecutive on both sides, never crossing a slab."""
     runs: list[tuple[int, int, int]] = []
     for s, d in zip(src, dst):

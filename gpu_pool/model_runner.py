@@ -2,31 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from tokenpool.gpu_pool.attention import AttentionMetadata
+from tokenpool.gpu_pool.engine_scheduler import StepBatch
 from tokenpool.gpu_pool.kv_cache import PagedKVCache
 from tokenpool.gpu_pool.llama import LlamaForward
 from tokenpool.gpu_pool.sampler import SampleRow, sample
-from tokenpool.gpu_pool.sequence import Sequence
-
-
-@dataclass(frozen=True, slots=True)
-class StepBatch:
-    """Sequences to run this step: prefills first (whole token lists), then one-token decodes."""
-
-    prefills: tuple[Sequence, ...]
-    decodes: tuple[Sequence, ...]
-    block_tables: dict[str, list[int]]
-
-    @property
-    def sequences(self) -> tuple[Sequence, ...]:
-        return self.prefills + self.decodes
-
-    def __bool__(self) -> bool:
-        return bool(self.prefills or self.decodes)
 
 
 class ModelRunner:

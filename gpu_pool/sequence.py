@@ -1,13 +1,15 @@
-"""One request's state inside an engine."""
+"""One request's state inside an engine. No torch at run time: the scheduler reads it too."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from tokenpool.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
 
 
 class SeqStatus(enum.Enum):

@@ -37,9 +37,8 @@ class Worker:
                  memory_config: MemoryConfig = MemoryConfig(),
                  tokenizers: dict | None = None):
         self.device = resolve_device(engine_config.device)
-        num_slots = 2 if memory_config.prefetch else 1
         self.memory = WorkerMemory(models, self.device, memory_config,
-                                   engine_config.kv_cache_bytes, num_slots)
+                                   engine_config.kv_cache_bytes, memory_config.num_slots)
         self.slots = WeightSlots(self.memory, WeightCopier(self.device), host_bytes)
         tokenizers = tokenizers or {}
         self.engines = {

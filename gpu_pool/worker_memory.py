@@ -15,10 +15,10 @@ import torch
 from tokenpool.gpu_pool.cpu_ops import upcast_scratch
 from tokenpool.gpu_pool.kv_cache import PagedKVCache
 from tokenpool.gpu_pool.weights import largest_tensor_numel, packed_index
-from tokenpool.memory.arena import ModelFootprint, plan_worker_arena
+from tokenpool.memory.arena import ArenaLayout, ModelFootprint, plan_worker_arena
 from tokenpool.memory.config import MemoryConfig
 from tokenpool.memory.packing import PackIndex
-from tokenpool.memory.slabs import PageShape, ShapePages, SlabPool
+from tokenpool.memory.slabs import BLOCK_SIZE, PageShape, ShapePages, SlabPool
 from tokenpool.models.config import ModelConfig
 
 
@@ -47,6 +47,26 @@ class ModelLayout:
         return ModelFootprint(self.model_id, self.index.nbytes, self.page_shape.page_bytes)
 
 
+def plan_arena(models: list[ModelLayout], config: MemoryConfig, kv_cache_bytes: int,
+               num_slots: int) -> ArenaLayout:
+    """A worker's arena for `models`, as `WorkerMemory` allocates it."""
+    return plan_worker_arena([m.footprint for m in models], config.arena_bytes, kv_cache_bytes,
+                             config.slab_bytes, num_slots)
+
+
+def kv_pages(arena: ArenaLayout, shape: PageShape) -> int:
+    """Pages of `shape` the arena's KV slabs hold when every slab holds that shape: what an
+    engine's `memory.pages.capacity` is. A slab's tail too small for a page holds none."""
+    return SlabPool(arena.num_slabs, arena.slab_bytes).capacity(shape)
+
+
+def max_model_len(config: ModelConfig, limit: int | None, num_pages: int) -> int:
+    """The longest sequence (prompt plus output) an engine takes: `limit` (the engine's
+    max_model_len; None: the model's), the model's positions, and its `num_pages` of KV."""
+    positions = config.max_position_embeddings
+    return min(limit or positions, positions, num_pages * BLOCK_SIZE)
+
+
 @dataclass(frozen=True, slots=True)
 class EngineMemory:
     """What one model's engine uses of its worker's memory."""
@@ -63,8 +83,7 @@ class WorkerMemory:
                  kv_cache_bytes: int, num_slots: int):
         self.device = device
         self.models = {m.model_id: m for m in models}
-        self.layout = plan_worker_arena([m.footprint for m in models], config.arena_bytes,
-                                        kv_cache_bytes, config.slab_bytes, num_slots)
+        self.layout = plan_arena(models, config, kv_cache_bytes, num_slots)
         slab = self.layout.slab_bytes
         # Zeroed once so every page is resident: the first switch must not page-fault.
         self.arena = torch.zeros(self.layout.total_bytes, dtype=torch.uint8, device=device)

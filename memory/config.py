@@ -22,6 +22,11 @@ class MemoryConfig:
     swap_bytes: int = 1 << 30  # host KV swap space per worker (preempted / swapped batches)
     prefetch: bool = True  # a second weight slot, filled in the background with the next model
 
+    @property
+    def num_slots(self) -> int:
+        """Weight slots in a worker's arena: the active model's, and the prefetch one."""
+        return 2 if self.prefetch else 1
+
     def __post_init__(self):
         for name in ("slab_bytes", "host_cache_bytes"):
             if getattr(self, name) < 1:

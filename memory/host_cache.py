@@ -30,23 +30,19 @@ Pure stdlib by design (see tests/test_architecture.py): numpy and torch wrap the
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import mmap
 import os
 import re
-from dataclasses import dataclass
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
+from tokenpool.memory.host_files import (Fill, MappedModel, flocked, map_flags, unlink,
+                                         write_file)
 from tokenpool.memory.packing import PackIndex
 
-Fill = Callable[[memoryview], None]  # writes a model's packed bytes into the buffer it gets
 Loader = Callable[[str], "tuple[PackIndex, Fill]"]  # reads a model from disk on a miss
 
-# Map every page at mmap() time, so the first switch does not take one fault per 4 KiB.
-_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 _NAMESPACE = re.compile(r"[A-Za-z0-9_]+")  # no '-': it separates namespace from model
 
 
@@ -58,29 +54,6 @@ def safe_name(model_id: str) -> str:
     """A file-name form of `model_id`; the hash keeps ids that differ only in symbols apart."""
     readable = re.sub(r"[^A-Za-z0-9._]+", "_", model_id)[:80]
     return f"{readable}-{hashlib.sha1(model_id.encode()).hexdigest()[:10]}"
-
-
-@dataclass(slots=True)
-class _Mapping:
-    index: PackIndex
-    mm: mmap.mmap | None  # None for an empty model: mmap cannot map zero bytes
-    identity: tuple[int, int]  # (st_dev, st_ino) of the file mapped, to spot a replaced one
-
-    def view(self) -> memoryview:
-        if self.mm is None:
-            return memoryview(b"")
-        # The mapping is PROT_READ; a read-only view makes writes an error, not a SIGSEGV.
-        return memoryview(self.mm).toreadonly()
-
-    def try_close(self) -> bool:
-        """Unmap unless views are still exported; those keep the mmap alive until released."""
-        if self.mm is None:
-            return True
-        try:
-            self.mm.close()
-        except BufferError:
-            return False
-        return True
 
 
 class HostModelCache:
@@ -95,7 +68,7 @@ class HostModelCache:
         self.root = root
         self.loader = loader
         self._prefix = f"tokenpool-{namespace}-"
-        self._open: dict[str, _Mapping] = {}  # this process's mappings
+        self._open: dict[str, MappedModel] = {}  # this process's mappings
 
     # -- paths ------------------------------------------------------------------------------
 
@@ -156,14 +129,14 @@ class HostModelCache:
         self._touch(model_id)
         return mapping.index, mapping.view()
 
-    def _still_published(self, model_id: str, mapping: _Mapping) -> bool:
+    def _still_published(self, model_id: str, mapping: MappedModel) -> bool:
         try:
             st = os.stat(self._path(model_id, ".bin"))
         except FileNotFoundError:
             return False
         return (st.st_dev, st.st_ino) == mapping.identity
 
-    def _map(self, model_id: str) -> _Mapping | None:
+    def _map(self, model_id: str) -> MappedModel | None:
         """Map the published files of `model_id`, or None when they are not there."""
         try:
             with open(self._path(model_id, ".json")) as f:
@@ -173,11 +146,11 @@ class HostModelCache:
             return None
         try:
             st = os.fstat(fd)
-            mm = (mmap.mmap(fd, index.nbytes, flags=_MAP_FLAGS, prot=mmap.PROT_READ)
+            mm = (mmap.mmap(fd, index.nbytes, flags=map_flags(), prot=mmap.PROT_READ)
                   if index.nbytes else None)
         finally:
             os.close(fd)  # the mapping keeps the file's pages; the descriptor is not needed
-        mapping = _Mapping(index, mm, (st.st_dev, st.st_ino))
+        mapping = MappedModel(index, mm, (st.st_dev, st.st_ino))
         self._open[model_id] = mapping
         return mapping
 
@@ -190,7 +163,7 @@ class HostModelCache:
 
     def _tick(self) -> int:
         """The next value of the node-wide LRU counter."""
-        with _flocked(self._side_file(".clock")) as fd:
+        with flocked(self._side_file(".clock")) as fd:
             raw = os.pread(fd, 8, 0)
             stamp = int.from_bytes(raw, "little") + 1 if len(raw) == 8 else 1
             os.pwrite(fd, stamp.to_bytes(8, "little"), 0)
@@ -201,12 +174,12 @@ class HostModelCache:
     def put(self, model_id: str, index: PackIndex, fill: Fill) -> None:
         """Publish a model: evict LRU entries to fit, write it via `fill`, rename into place."""
         self._check_fits(model_id, index.nbytes)
-        with _flocked(self._side_file(".lock")):
+        with flocked(self._side_file(".lock")):
             self._publish(model_id, index, fill)
 
     def _load_once(self, model_id: str) -> None:
         """Load through the loader unless another process published it while we waited."""
-        with _flocked(self._side_file(".lock")):
+        with flocked(self._side_file(".lock")):
             if self.contains(model_id):
                 return
             index, fill = self.loader(model_id)
@@ -224,10 +197,10 @@ class HostModelCache:
         self._make_room(model_id, index.nbytes)
         tmp = self._path(model_id, f".bin.tmp{os.getpid()}")
         try:
-            _write_file(tmp, index.nbytes, fill, model_id)
+            write_file(tmp, index.nbytes, fill, model_id)
             os.replace(tmp, self._path(model_id, ".bin"))
         except BaseException:
-            _unlink(tmp)
+            unlink(tmp)
             raise
         tmp = self._path(model_id, f".json.tmp{os.getpid()}")
         try:
@@ -237,8 +210,8 @@ class HostModelCache:
             os.utime(tmp, ns=(stamp, stamp))
             os.replace(tmp, self._path(model_id, ".json"))  # the entry is complete from here
         except BaseException:
-            _unlink(tmp)
-            _unlink(self._path(model_id, ".bin"))  # unindexed bytes would escape the budget
+            unlink(tmp)
+            unlink(self._path(model_id, ".bin"))  # unindexed bytes would escape the budget
             raise
 
     def _make_room(self, model_id: str, nbytes: int) -> None:
@@ -254,8 +227,8 @@ class HostModelCache:
 
     def evict(self, model_id: str) -> bool:
         """Unlink a model's files (the index first: it marks the entry complete)."""
-        was_resident = _unlink(self._path(model_id, ".json"))
-        _unlink(self._path(model_id, ".bin"))
+        was_resident = unlink(self._path(model_id, ".json"))
+        unlink(self._path(model_id, ".bin"))
         self._forget(model_id)
         return was_resident
 
@@ -278,51 +251,4 @@ class HostModelCache:
         for entry in os.scandir(self.root):
             if entry.name.startswith(self._prefix) or entry.name in (
                     f"tokenpool-{self.namespace}.lock", f"tokenpool-{self.namespace}.clock"):
-                _unlink(entry.path)
-
-
-@contextmanager
-def _flocked(path: str) -> Iterator[int]:
-    """An exclusive flock on `path` for the `with` block; yields the descriptor."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield fd
-    finally:
-        os.close(fd)  # releases the flock
-
-
-def _write_file(path: str, nbytes: int, fill: Fill, model_id: str) -> None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        if nbytes == 0:
-            fill(memoryview(bytearray()))
-            return
-        # Reserve the pages now: on a full tmpfs this fails with ENOSPC, where a sparse file
-        # would SIGBUS the writer halfway through fill.
-        os.posix_fallocate(fd, 0, nbytes)
-        mm = mmap.mmap(fd, nbytes, flags=_MAP_FLAGS)  # one populate beats a fault a page
-    finally:
-        os.close(fd)
-    view = memoryview(mm)
-    try:
-        fill(view)
-    finally:
-        _unmap_after_fill(mm, view, model_id)
-
-
-def _unmap_after_fill(mm: mmap.mmap, view: memoryview, model_id: str) -> None:
-    try:
-        view.release()
-        mm.close()
-    except BufferError:
-        raise RuntimeError(f"fill for model {model_id!r} kept a reference to its buffer; "
-                           f"it must drop every view before returning") from None
-
-
-def _unlink(path: str) -> bool:
-    try:
-        os.unlink(path)
-        return True
-    except FileNotFoundError:
-        return False
+                unlink(entry.path)

@@ -17,7 +17,8 @@ from collections.abc import AsyncIterator
 
 from tokenpool.controller.catalog import ModelCard
 from tokenpool.controller.serving_types import ServeRequest, TokenEvent
-from tokenpool.errors import EmptyPromptError, InvalidRequestError, PromptTooLongError
+from tokenpool.errors import (EmptyPromptError, InvalidRequestError, OverloadedError,
+                             PromptTooLongError)
 from tokenpool.errors import InvalidSamplingError, UnknownModelError
 from tokenpool.models.prompts import encode_chat, encode_text
 from tokenpool.proxy.config import ProxyConfig
@@ -106,7 +107,8 @@ class Frontend:
         while the caller was busy are merged into one).
 
         Raises OverloadedError / UnavailableError before the first event if the controller
-        refuses it. A request that runs past `request_timeout_s` ends with a "timeout" event.
+        refuses it (admission answers with the request's first event, a "rejected" one). A
+        request that runs past `request_timeout_s` ends with a "timeout" event.
         """
         mailbox = self._mailbox()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
@@ -120,6 +122,10 @@ class Frontend:
         try:
             while not finished:
                 event = await self._next(events, deadline, req)
+                if event.finish_reason == "rejected":
+                    finished = True
+                    self._rejected(req.model, "OverloadedError")
+                    raise OverloadedError(event.error, event.retry_after_s)
                 # Events that queued up while the edge was busy go out as one, as vLLM's
                 # output collector merges them: one chunk to build, log and write, not n.
                 while not event.finished and not events.empty():

@@ -246,7 +246,7 @@ def _add_info_routes(app: FastAPI, frontend: Frontend, controller,
                      metrics: ServingMetrics) -> None:
     @app.get("/health")
     def health():
-        alive = [w for w in controller.snapshot()["workers"] if w["state"] != "dead"]
+        alive = [w for w in controller.snapshot().workers if w.state != "dead"]
         if not alive:
             return HTTPError(503, "no live worker", "server_error", None,
                              "unavailable").response()
@@ -264,7 +264,7 @@ def _add_info_routes(app: FastAPI, frontend: Frontend, controller,
 
     @app.get("/pool")
     def pool():
-        return controller.snapshot()
+        return controller.snapshot().as_json()
 
     @app.get("/metrics")
     def prometheus():

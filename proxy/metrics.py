@@ -21,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from tokenpool.sim.timelines import TokenTimeline
+from tokenpool.controller.catalog import ModelCard
 from tokenpool.controller.pool_stats import SWITCH_BUCKETS
 
 PREFIX = "tokenpool:"
@@ -59,9 +60,10 @@ class _Live:
 class ServingMetrics:
     """The `/metrics` registry, and `Frontend`'s observer."""
 
-    def __init__(self, controller, kv_pages: Mapping[str, int] | None = None):
-        """`kv_pages`: model id -> KV pages one worker holds for that model's page shape
-        (`kv_pages_of(fleet)`); without it `kv_cache_usage_perc` is not exported."""
+    def __init__(self, controller, catalog: Mapping[str, ModelCard] | None = None):
+        """`catalog`: the served models' cards, whose `kv_pages` (KV pages one worker holds
+        of the model's page shape) `kv_cache_usage_perc` is a share of; without it that
+        gauge is not exported."""
         self.controller = controller
         self.registry = CollectorRegistry()
         self._live: dict[str, _Live] = {}
@@ -69,7 +71,8 @@ class ServingMetrics:
         self._series: dict[str, _TokenSeries] = {}
         self._lock = threading.Lock()  # on_event runs on the loop, scrapes in a thread
         self._make_edge_metrics()
-        self.registry.register(PoolCollector(controller, kv_pages or {}))
+        kv_pages = {model: card.kv_pages for model, card in (catalog or {}).items()}
+        self.registry.register(PoolCollector(controller, kv_pages))
 
     def _make_edge_metrics(self) -> None:
         def hist(name, doc, buckets):
@@ -163,27 +166,27 @@ class PoolCollector(Collector):
         self.kv_pages = dict(kv_pages)
 
     def collect(self):
-        snapshot = self.controller.snapshot()
-        yield self._switch_seconds(snapshot["models"])
-        yield from self._model_series(snapshot["models"])
-        yield self._kv_usage(snapshot["workers"])
+        snapshot = self.controller.snapshot()  # a PoolSnapshot: published, not locked
+        yield self._switch_seconds(snapshot.models)
+        yield from self._model_series(snapshot.models)
+        yield self._kv_usage(snapshot.workers)
 
     @staticmethod
-    def _switch_seconds(models: list[dict]) -> HistogramMetricFamily:
+    def _switch_seconds(models) -> HistogramMetricFamily:
         histogram = HistogramMetricFamily(PREFIX + "model_switch_seconds", "Seconds a worker "
                                           "spent switching to the model (weights copied into "
                                           "its arena).", labels=[MODEL])
         for m in models:
             cumulative, buckets = 0, []
-            for bound, count in zip(SWITCH_BUCKETS, m["switch_counts"]):
+            for bound, count in zip(SWITCH_BUCKETS, m.switch_counts):
                 cumulative += count
                 buckets.append((str(bound), cumulative))
-            buckets.append(("+Inf", m["switches"]))
-            histogram.add_metric([m["id"]], buckets, m["switch_seconds"])
+            buckets.append(("+Inf", m.switches))
+            histogram.add_metric([m.id], buckets, m.switch_seconds)
         return histogram
 
     @staticmethod
-    def _model_series(models: list[dict]):
+    def _model_series(models):
         running = GaugeMetricFamily(PREFIX + "num_requests_running",
                                     "Requests decoding.", labels=[MODEL])
         waiting = GaugeMetricFamily(PREFIX + "num_requests_waiting",
@@ -194,30 +197,20 @@ class PoolCollector(Collector):
         swapped = CounterMetricFamily(PREFIX + "kv_swap_bytes", "KV bytes swapped out to "
                                       "and in from host memory.", labels=[MODEL])
         for m in models:
-            running.add_metric([m["id"]], m["running"])
-            waiting.add_metric([m["id"]], m["waiting"])
-            switches.add_metric([m["id"]], m["switches"])
-            swapped.add_metric([m["id"]], m["kv_swap_bytes"])
+            running.add_metric([m.id], m.running)
+            waiting.add_metric([m.id], m.waiting)
+            switches.add_metric([m.id], m.switches)
+            swapped.add_metric([m.id], m.kv_swap_bytes)
         return running, waiting, switches, swapped
 
-    def _kv_usage(self, workers: list[dict]) -> GaugeMetricFamily:
+    def _kv_usage(self, workers) -> GaugeMetricFamily:
         """Per worker, labelled with the model it has loaded: its KV pages in use over what
         that model's page shape fits (pages of other models still held there count too)."""
         usage = GaugeMetricFamily(PREFIX + "kv_cache_usage_perc", "Fraction of a worker's "
                                   "KV cache in use (1 = full).", labels=[MODEL, "worker"])
         for w in workers:
-            total = self.kv_pages.get(w["model"])
+            total = self.kv_pages.get(w.model)
             if total:  # a worker with no model loaded has no model_name to report under
-                usage.add_metric([w["model"], str(w["id"])],
-                                 min(1.0, w.get("kv_pages_used", 0) / total))
+                usage.add_metric([w.model, str(w.id)], min(1.0, w.kv_pages_used / total))
         return usage
 
-
-def kv_pages_of(fleet) -> dict[str, int]:
-    """Model id -> KV pages of its shape in one worker's KV cache (`engine.kv_cache_bytes`,
-    as the model catalog counts them). Reads model headers only."""
-    from tokenpool.gpu_pool.fleet_weights import FleetModels
-
-    models = FleetModels(fleet)
-    return {model: fleet.engine.kv_cache_bytes // layout.page_shape.page_bytes
-            for model, layout in models.layouts.items()}

@@ -28,11 +28,11 @@ class EdgeServers:
     """uvicorn (OpenAI HTTP) and grpc.aio (tokenpool.v1) over one Frontend."""
 
     def __init__(self, stack, config: ProxyConfig):
-        from tokenpool.proxy.metrics import ServingMetrics, kv_pages_of
+        from tokenpool.proxy.metrics import ServingMetrics
 
         self.stack = stack
         self.config = config
-        self.metrics = ServingMetrics(stack.controller, kv_pages_of(stack.fleet))
+        self.metrics = ServingMetrics(stack.controller, stack.catalog)
         self.frontend = Frontend(stack.controller, stack.catalog, config, self.metrics)
         self._uvicorn = None
         self._grpc = None

@@ -49,8 +49,9 @@ class CostModel:
     models: dict[str, ModelCost]  # every model name a caller may ask about, aliases included
     h2d_bytes_per_s: float  # effective host-to-device bandwidth (efficiency already applied)
     kv_capacity_bytes: int  # one device's KV region, shared by whichever models it serves
-    # Fixed seconds added to every switch: what a system without Aegaeon's engine reuse pays
-    # to re-initialise its engine (used for request-level baselines; 0 for tokenpool).
+    # Fixed seconds added to every switch beyond the weight copy (`scheduler.switch_overhead_s`:
+    # job dispatch, KV swaps), planned by every policy. Not the baselines' engine
+    # re-initialisation: that is `Switch.baseline_switch_overhead_s`.
     switch_overhead_s: float = 0.0
 
     def __post_init__(self):

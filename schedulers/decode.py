@@ -22,45 +22,14 @@ slow.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
 
 from tokenpool.schedulers.cost import CostModel
-from tokenpool.schedulers.decode_batches import fcfs_batches, smoothed_slowdown
+from tokenpool.schedulers.decode_batches import (
+    DecodeRequest, DecodeWorker, Turn, fcfs_batches, smoothed_slowdown)
 from tokenpool.schedulers.quota import ALPHA_FLOOR, Q_MAX_S, round_alpha, round_quotas
 from tokenpool.schedulers.choices import candidates
 from tokenpool.schedulers.types import (
     Decode, Job, Prefetch, RequestInfo, SwapIn, SwapOut, Switch)
-
-
-@dataclass(slots=True)
-class DecodeRequest:
-    request_id: str
-    model: str
-    context: int  # prompt plus tokens so far
-    tbt_slo: float
-    resident: bool = True  # its KV is on the worker, not swapped out
-
-
-@dataclass(frozen=True, slots=True)
-class Turn:
-    model: str
-    request_ids: tuple[str, ...]
-    quota_s: float
-
-
-@dataclass(slots=True)
-class DecodeWorker:
-    worker: int
-    requests: dict[str, DecodeRequest] = field(default_factory=dict)  # insertion = FCFS
-    turns: list[Turn] = field(default_factory=list)  # what is left of the current round
-    model: str | None = None
-    alpha: float = 0.0  # of the last round: > 1 means overloaded
-    turn_s: float = 0.0  # the last round's longest quota: one turn, not preempted
-    tokens: dict[str, int] = field(default_factory=dict)  # KV tokens held per model
-    counts: dict[str, int] = field(default_factory=dict)  # requests held per model
-    tbt: dict[str, float] = field(default_factory=dict)  # per model: its requests' tightest
-    kv_bytes: int = 0  # KV bytes of all its requests, kept up to date (checked every turn)
-    slowdown: float = 1.0  # measured over predicted step time, smoothed over its turns
 
 
 class WeightedRoundRobinDecode:
@@ -126,6 +95,21 @@ class WeightedRoundRobinDecode:
             return 0.0
         return self._alpha_with(w, req.model, req.prompt_len + 1, tbt_slo,
                                 w.slowdown if measured else 1.0, floor)
+
+    def predicted_alpha(self, req: RequestInfo, tbt_slo: float,
+                        worker: int | None = None) -> float:
+        """Admission's alpha for `req`: the next round's of `worker` (colocated roles: where
+        it would prefill, and so decode), else of the best decode worker, with step times as
+        each worker's turns have lately run."""
+        if worker is not None and worker in self.workers:
+            return self.alpha_with(worker, req, tbt_slo, measured=True)
+        return min(self.alpha_with(w, req, tbt_slo, measured=True) for w in self.workers)
+
+    def slowdown(self, worker: int) -> float:
+        """How much slower than the cost model `worker` has been stepping: measured on its
+        decode turns; 1 for a worker that does not decode (prefill-only)."""
+        w = self.workers.get(worker)
+        return 1.0 if w is None else w.slowdown
 
     def _alpha_with(self, w: DecodeWorker, model: str, context: int, tbt_slo: float,
                     slowdown: float = 1.0, floor: float = ALPHA_FLOOR) -> float:
@@ -209,8 +193,9 @@ class WeightedRoundRobinDecode:
 
     @staticmethod
     def _live(w: DecodeWorker, turn: Turn) -> Turn:
-        """The turn without requests that ended outside it since the round began (on a
-        colocated worker a prefill job steps the model's running requests too)."""
+        """The turn without requests that ended outside it since the round began: a unit
+        runs only its own requests, but requests lost with a dead worker are reported
+        finished at once, whatever turn they were to decode in."""
         requests = w.requests
         if all(r in requests for r in turn.request_ids):
             return turn

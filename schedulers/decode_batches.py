@@ -1,10 +1,10 @@
-"""How a decode round is cut into batches, and how a worker's measured steps correct the
-cost model's (both pure: the decode policy calls them with its own state)."""
+"""A decode worker's state, how a round is cut into batches, and how a worker's measured
+steps correct the cost model's (pure: the decode policy calls them with its own state)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # The cost model is fitted on an idle machine; a loaded one (the frontend and its clients
 # share the CPUs, a GPU shares its host) steps slower. Each measured turn moves a worker's
@@ -15,11 +15,42 @@ SLOWDOWN_RANGE = (0.5, 4.0)
 
 
 @dataclass(slots=True)
+class DecodeRequest:
+    request_id: str
+    model: str
+    context: int  # prompt plus tokens so far
+    tbt_slo: float
+    resident: bool = True  # its KV is on the worker, not swapped out
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    model: str
+    request_ids: tuple[str, ...]
+    quota_s: float
+
+
+@dataclass(slots=True)
+class DecodeWorker:
+    worker: int
+    requests: dict[str, DecodeRequest] = field(default_factory=dict)  # insertion = FCFS
+    turns: list[Turn] = field(default_factory=list)  # what is left of the current round
+    model: str | None = None
+    alpha: float = 0.0  # of the last round: > 1 means overloaded
+    turn_s: float = 0.0  # the last round's longest quota: one turn, not preempted
+    tokens: dict[str, int] = field(default_factory=dict)  # KV tokens held per model
+    counts: dict[str, int] = field(default_factory=dict)  # requests held per model
+    tbt: dict[str, float] = field(default_factory=dict)  # per model: its requests' tightest
+    kv_bytes: int = 0  # KV bytes of all its requests, kept up to date (checked every turn)
+    slowdown: float = 1.0  # measured over predicted step time, smoothed over its turns
+
+
+@dataclass(slots=True)
 class Batch:
     """A batch of a round in the making: one model's requests, in FCFS order."""
 
     model: str
-    requests: list  # DecodeRequest
+    requests: list[DecodeRequest]
     tokens: int  # their context, summed
     tbt_slo: float  # the tightest of theirs
 

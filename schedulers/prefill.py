@@ -115,6 +115,16 @@ class GroupedFCFSPrefill:
         switch = self.cost.switch_time(model) if model != queue.last_model else 0.0
         return queue.work + switch
 
+    def predicted_ttft(self, req: RequestInfo, queue: PrefillQueue | None = None,
+                       group: Group | None = None) -> float:
+        """Seconds until `req`'s first token where placement would put it, by the profile:
+        `queue` and the open `group` it joins (None: a new group), from `target(req)`."""
+        if queue is None:
+            queue, group = self.target(req)
+        own = self.cost.prefill_time(req.model, [req.prompt_len])
+        ahead = queue.work if group is not None else self._cost_of_new_group(queue, req.model)
+        return ahead + self.busy_elsewhere(queue.worker) + own
+
     def next_job(self, worker: int) -> Job | None:
         queue = self.queues[worker]
         if not queue.groups:

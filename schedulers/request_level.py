@@ -5,8 +5,9 @@
   with continuous batching, until none is left.
 - `request-level-plus`: the same, but a free worker takes the model with the least waiting
   work (its waiting requests' prompt tokens: shortest remaining first, with the whole group).
-- Both may pay `reinit_s` on every switch (`Switch.hold_s`): ServerlessLLM's engine
-  re-initialisation, which the paper's baseline pays and tokenpool's switch does not.
+- Both may pay `baseline_switch_overhead_s` on every switch (`Switch`'s field of that name):
+  ServerlessLLM's engine re-initialisation, which the paper's baseline pays and tokenpool's
+  switch does not.
 - `static`: every model pinned to its own worker(s), never switching. Models left without a
   worker are never served: the deployment pooling is measured against.
 
@@ -43,13 +44,13 @@ class ServingWorker:
 
 
 class RequestLevelScheduler:
-    name = "request-level"
-
     def __init__(self, workers: list[int], cost: CostModel, slo_of: Callable[[str], SLO],
                  shortest_first: bool = False, pinned: dict[str, list[int]] | None = None,
-                 slice_s: float = SLICE_S, reinit_s: float = 0.0):
+                 slice_s: float = SLICE_S, baseline_switch_overhead_s: float = 0.0,
+                 name: str = "request-level"):
+        self.name = name
         self.cost = cost
-        self.reinit_s = reinit_s  # held after every switch: Switch.hold_s
+        self.baseline_switch_overhead_s = baseline_switch_overhead_s  # held after each switch
         self.slo_of = slo_of
         self.shortest_first = shortest_first
         self.slice_s = slice_s
@@ -88,7 +89,7 @@ class RequestLevelScheduler:
     def _next_job(self, w: ServingWorker) -> Job | None:
         units: list = []
         if not w.pending and not w.running and not w.pinned and self._take_model(w):
-            units.append(Switch(w.worker, w.model, self.reinit_s))
+            units.append(Switch(w.worker, w.model, self.baseline_switch_overhead_s))
         if w.pending:
             units.append(self._prefill(w))
         elif w.running:
@@ -149,6 +150,13 @@ class RequestLevelScheduler:
 
     def num_unfinished(self) -> int:
         return self.num_unfinished_requests
+
+    def estimate(self, req: RequestInfo, slo: SLO) -> None:
+        """None: the baselines predict nothing; admission bounds their queue only."""
+        return None
+
+    def worker_state(self, worker: int) -> None:
+        return None
 
 
 def static_placement(models: dict[str, float], workers: list[int]) -> dict[str, list[int]]:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from tokenpool.schedulers.cost import CostModel
 from tokenpool.schedulers.decode import WeightedRoundRobinDecode
 from tokenpool.schedulers.prefill import GroupedFCFSPrefill
+from tokenpool.schedulers.protocol import Estimate, WorkerPolicyState
 from tokenpool.schedulers.quota import ALPHA_FLOOR, Q_MAX_S
 from tokenpool.schedulers.types import SLO, DecodeDone, Job, PrefillDone, RequestInfo
 
@@ -23,36 +24,28 @@ class TokenLevelScheduler:
                  q_max_s: float = Q_MAX_S, batch_prefill: bool = False):
         self.slo_of = slo_of
         self.decode = WeightedRoundRobinDecode(decode_workers, cost, q_max_s)
-        colocated = set(prefill_workers) & set(decode_workers)
+        self.colocated = bool(set(prefill_workers) & set(decode_workers))
         self.prefill = GroupedFCFSPrefill(
             prefill_workers, cost, max_group_size, batch_prefill,
-            busy_elsewhere=self._decode_backlog if colocated else None,
-            decode_tiers=self._decode_tiers if colocated else None)
+            busy_elsewhere=self._decode_backlog if self.colocated else None,
+            decode_tiers=self._decode_tiers if self.colocated else None)
         self.requests: dict[str, RequestInfo] = {}
 
     def _decode_backlog(self, worker: int) -> float:
         """The longest a colocated worker's decoding keeps a new prefill waiting: one turn,
         its last round's longest, since the worker takes prefill work first between jobs.
-        Not the whole round: counting that, admission shed 28% of the requests at 14 req/s on
-        cpu-8models for a predicted TTFT over the 4.3 s SLO, while the p99 TTFT of the
-        requests it served was 1.5 s."""
+        Not the whole round, which over-predicts TTFT and sheds requests that would have met
+        it (docs/bench/serving.md, "Why the policies are cut as they are")."""
         w = self.decode.workers.get(worker)
         return w.turn_s if w is not None and w.requests else 0.0
 
     def _decode_tiers(self, req: RequestInfo) -> list[set[int]]:
-        """Colocated workers to try for `req`, one a tier, best first.
-
-        Only workers whose next round with `req` still meets every TBT SLO at the step
-        times they have lately measured: admission asks the same, and a worker it would
-        shed on is no place for a request while another has room (cpu-8models at 8 req/s:
-        one worker held 40-70 requests, the other 0-3, and 7% were shed). Among those, the
-        lightest next round by the profile's step times, counting the alpha below its 0.5
-        floor, which hid a worker holding every model behind the same 0.5 as an idle one
-        (393 against 96 requests in simulation). A worker already decoding or queueing the
-        model comes first while that load stays under the floor: there one more request
-        adds a fraction of a step, elsewhere a new batch adds a step and a switch. Ranking
-        by the measured times instead starved a worker once measured slow: an idle
-        worker's measurement is never renewed."""
+        """Colocated workers to try for `req`, one a tier, best first: those whose next round
+        with it meets every TBT SLO at their measured step times (a worker admission would
+        shed on is no place for it while another has room), lightest next round first by the
+        profile's step times with the 0.5 floor left out, a worker already holding the model
+        first while under that floor. Why each choice: docs/bench/serving.md, "Why the
+        policies are cut as they are"."""
         decode, tbt, model = self.decode, self.slo_of(req.model).tbt_s, req.model
         queued = {q.worker for q, _ in self.prefill.open_groups.get(model, ())}
         holding = decode.holders.get(model, set()) | queued
@@ -110,3 +103,16 @@ class TokenLevelScheduler:
 
     def num_unfinished(self) -> int:
         return len(self.requests)
+
+    def estimate(self, req: RequestInfo, slo: SLO) -> Estimate:
+        """`req`'s TTFT on the prefill worker placement picks, scaled by how much slower
+        than the profile that worker has lately stepped, and the next-round alpha of the
+        decode worker it would go to (colocated: the same worker; else the best one)."""
+        queue, group = self.prefill.target(req)
+        ttft = self.prefill.predicted_ttft(req, queue, group) * self.decode.slowdown(queue.worker)
+        on = queue.worker if self.colocated else None
+        return Estimate(ttft, self.decode.predicted_alpha(req, slo.tbt_s, on))
+
+    def worker_state(self, worker: int) -> WorkerPolicyState | None:
+        w = self.decode.workers.get(worker)
+        return None if w is None else WorkerPolicyState(w.slowdown, w.alpha, len(w.requests))

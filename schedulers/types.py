@@ -31,13 +31,13 @@ class RequestInfo:
 class Switch:
     """Load `model`'s weights (a pointer swap if `Prefetch` already brought them).
 
-    `hold_s`: seconds the worker then stays held, standing for an engine re-initialisation
-    that a request-level system pays on every switch and tokenpool's component reuse removes
-    (`scheduler.baseline_switch_overhead_s`). 0 for tokenpool's own policies."""
+    `baseline_switch_overhead_s`: seconds the worker then stays held (after a copy), standing
+    for the engine re-initialisation that a request-level system pays on every switch and
+    tokenpool's component reuse removes. 0 for tokenpool's own policies."""
 
     worker: int
     model: str
-    hold_s: float = 0.0
+    baseline_switch_overhead_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

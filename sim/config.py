@@ -15,13 +15,15 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Iterable
 
 from tokenpool.config import build, load_yaml, parse_size
 from tokenpool.controller.cost_fit import fit_gpu_profile
 from tokenpool.sim.workload import WorkloadSpec, build_workload
 from tokenpool.errors import ConfigError, UnknownModelError
+from tokenpool.schedulers.config import SchedulerConfig
 from tokenpool.schedulers.cost import CostModel
+from tokenpool.schedulers.quota import Q_MAX_S
 from tokenpool.schedulers.types import SLO
 
 WEIGHT_SLOTS = 2  # the active model and the one being prefetched
@@ -159,22 +161,10 @@ def _residue_range(key: str, modulo: int) -> range:
     return range(low, high + 1)
 
 
-@dataclass(frozen=True, slots=True)
-class SchedulerConfig:
-    name: Literal["token-level", "request-level", "request-level-plus", "static"] = \
-        "token-level"
-    max_group_size: int = 8  # prefill: requests per same-model group
-    q_max_s: float = 4.0  # decode: the longest time quota of one turn
-    # Seconds the request-level baselines add to every switch: the engine re-initialisation
-    # a system without Aegaeon's component reuse pays (docs/sim.md). 0: the same switch cost
-    # as tokenpool's.
-    baseline_switch_overhead_s: float = 0.0
-
-    def __post_init__(self):
-        if self.baseline_switch_overhead_s < 0:
-            raise ValueError("baseline_switch_overhead_s must be >= 0")
-        if self.max_group_size < 1 or self.q_max_s <= 0:
-            raise ValueError("max_group_size must be >= 1 and q_max_s positive")
+# Where the simulator's scheduler defaults differ from serving's: DESIGN §3.2's 4 s Q_max
+# (serving defaults to 1 s turns) and one prefill per request, as Aegaeon runs them. A
+# `scheduler:` block in the YAML overrides them key by key.
+SIM_SCHEDULER_DEFAULTS = {"q_max_s": Q_MAX_S, "batch_prefill": False}
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +173,8 @@ class SimConfig:
     device: DeviceConfig
     slo: SLO
     models: dict[str, RealModelConfig]  # keyed by the profiles' folder names
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    scheduler: SchedulerConfig = field(
+        default_factory=lambda: SchedulerConfig(**SIM_SCHEDULER_DEFAULTS))
     aliases: AliasConfig | None = None
     workload: WorkloadSpec | None = None  # the default workload; a CLI may bring another
 
@@ -241,7 +232,11 @@ def load_sim_config(path: str | Path) -> SimConfig:
     base = path.resolve().parent
     workload = data.get("workload")
     # The workload is built by its `kind`, not by trying each union member in turn.
-    config = build(SimConfig, {k: v for k, v in data.items() if k != "workload"})
+    data = {k: v for k, v in data.items() if k != "workload"}
+    scheduler = data.get("scheduler", {})
+    if isinstance(scheduler, dict):  # the simulator's defaults, then the file's keys
+        data["scheduler"] = {**SIM_SCHEDULER_DEFAULTS, **scheduler}
+    config = build(SimConfig, data)
     profile_dir = (base / config.device.profile_dir).resolve()
     device = dataclasses.replace(config.device, profile_dir=str(profile_dir))
     _check_profiles(device, config.models)

@@ -8,7 +8,7 @@ from pathlib import Path
 from tokenpool.sim.timelines import max_at_90, summarize
 from tokenpool.sim.simulator import simulate
 from tokenpool.sim.workload import WorkloadRequest
-from tokenpool.schedulers.registry import Roles, make_scheduler
+from tokenpool.schedulers.registry import Roles, scheduler_from_config
 from tokenpool.schedulers.types import SLO
 
 _SYNTH_NAME = re.compile(r"synth-(\d+)-([\d.]+)-")
@@ -35,11 +35,8 @@ def model_load(workload: list[WorkloadRequest]) -> dict[str, float]:
 def run_one(config, workload: list[WorkloadRequest], scheduler_name: str, slo: SLO) -> dict:
     cost = config.cost_model({r.model for r in workload})
     roles = roles_of(config)
-    scheduler = make_scheduler(scheduler_name, roles, cost, lambda _model: slo,
-                               model_load=model_load(workload),
-                               max_group_size=config.scheduler.max_group_size,
-                               q_max_s=config.scheduler.q_max_s,
-                               baseline_reinit_s=config.scheduler.baseline_switch_overhead_s)
+    scheduler = scheduler_from_config(config.scheduler, roles, cost, lambda _model: slo,
+                                      name=scheduler_name, model_load=model_load(workload))
     outcome = simulate(workload, scheduler, len(roles.all), cost, lambda _model: slo)
     # Goodput per second of the workload's arrival window (at least a second).
     duration = max(1.0, max((r.arrival_s for r in workload), default=0.0))

@@ -1,7 +1,7 @@
-"""The discrete-event simulator: the controller's loop on a virtual clock.
+"""The discrete-event simulator: the controller core on a virtual clock.
 
-Events are request arrivals and job completions. `controller.loop.run` hands them to the
-scheduler exactly as it does with real workers; here each job goes to a simulated worker,
+Events are request arrivals and job completions. The core takes them exactly as it does from
+real workers (admission, dispatch, finishing); here each job goes to a simulated worker,
 which computes from the cost model when it ends and what came of it.
 """
 
@@ -12,13 +12,15 @@ import heapq
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from tokenpool.controller import loop
-from tokenpool.sim.timelines import TokenTimeline
-from tokenpool.sim.workload import WorkloadRequest
-from tokenpool.sim.worker import SimRequest, SimWorker
+from tokenpool.controller.core import ControllerCore, CoreConfig
+from tokenpool.controller.core_types import Arrival
+from tokenpool.controller.pool_stats import PoolStats
+from tokenpool.gpu_pool.protocol import JobDone
 from tokenpool.schedulers.cost import CostModel
-from tokenpool.schedulers.types import Job, RequestInfo
-
+from tokenpool.schedulers.types import RequestInfo
+from tokenpool.sim.timelines import TokenTimeline
+from tokenpool.sim.worker import SimRequest, SimWorker
+from tokenpool.sim.workload import WorkloadRequest
 
 MAX_TOKENS = 4096  # the cap a simulated client asks for; workloads carry no max_tokens
 
@@ -30,53 +32,64 @@ class SimOutcome:
     end_time: float
 
 
-class SimExecutor:
-    """Runs jobs on simulated workers; completions wait in a heap until the clock gets there."""
+class _Simulation:
+    """Arrivals and simulated jobs, in time order, through one core."""
 
-    def __init__(self, workers: list[SimWorker]):
+    def __init__(self, workload: list[WorkloadRequest], core: ControllerCore,
+                 workers: list[SimWorker], slo_of):
+        self.workload = workload
+        self.core = core
         self.workers = workers
-        self._done: list[tuple[float, int, list]] = []  # (end time, worker, results)
+        self.slo_of = slo_of
+        self.requests: dict[str, SimRequest] = {}
+        self.timelines: list[TokenTimeline] = []
+        self._running: list[tuple[float, int, list]] = []  # (end time, worker, results)
 
-    def start(self, job: Job, now: float) -> None:
-        end, results = self.workers[job.worker].run(job, now)
-        heapq.heappush(self._done, (end, job.worker, results))
+    def run(self) -> float:
+        """Serve the whole workload (sorted by arrival); returns the end time."""
+        workload, running, step = self.workload, self._running, self.core.step
+        n, i, now = len(workload), 0, 0.0
+        while i < n or running:
+            arrivals = []
+            while i < n and workload[i].arrival_s <= now:
+                arrivals.append(self._arrive(workload[i]))
+                i += 1
+            done = []
+            while running and running[0][0] <= now:
+                _, worker, results = heapq.heappop(running)
+                done.append(JobDone(worker, results))
+            for job in step(now, arrivals, (), done).jobs:
+                end, results = self.workers[job.job.worker].run(job.job, now)
+                heapq.heappush(running, (end, job.job.worker, results))
+            # On to the next event: an arrival or a job's end, whichever comes first.
+            ends = running[0][0] if running else None
+            if i < n and (ends is None or workload[i].arrival_s < ends):
+                now = max(now, workload[i].arrival_s)
+            elif ends is not None:
+                now = max(now, ends)
+        return now
 
-    def next_done(self) -> float | None:
-        return self._done[0][0] if self._done else None
-
-    def collect(self, now: float) -> list[tuple[int, list]]:
-        if not self._done or self._done[0][0] > now:
-            return []
-        finished = []
-        while self._done and self._done[0][0] <= now:
-            _, worker, results = heapq.heappop(self._done)
-            finished.append((worker, results))
-        return finished
+    def _arrive(self, w: WorkloadRequest) -> Arrival:
+        slo = self.slo_of(w.model)
+        timeline = TokenTimeline(w.arrival_s, slo.ttft_s, slo.tbt_s)
+        self.timelines.append(timeline)
+        self.requests[w.request_id] = SimRequest(w.request_id, w.model, w.prompt_len,
+                                                 w.output_len, timeline)
+        # Schedulers see the prompt and a token cap, never the true output length.
+        return Arrival(RequestInfo(w.request_id, w.model, w.prompt_len, w.arrival_s,
+                                   MAX_TOKENS), slo)
 
 
 def simulate(workload: list[WorkloadRequest], scheduler, num_workers: int, cost: CostModel,
              slo_of) -> SimOutcome:
     """Run `workload` (sorted by arrival) through `scheduler` on simulated workers."""
-    requests: dict[str, SimRequest] = {}
-    truth = {w.request_id: w for w in workload}
-    timelines: list[TokenTimeline] = []
-
-    def arrive(info: RequestInfo) -> None:
-        w = truth.pop(info.request_id)
-        slo = slo_of(w.model)
-        timeline = TokenTimeline(w.arrival_s, slo.ttft_s, slo.tbt_s)
-        timelines.append(timeline)
-        requests[w.request_id] = SimRequest(w.request_id, w.model, w.prompt_len, w.output_len,
-                                            timeline)
-
-    workers = [SimWorker(i, cost, requests) for i in range(num_workers)]
-    # Schedulers see the prompt and a token cap, never the true output length.
-    arrivals = ((w.arrival_s, RequestInfo(w.request_id, w.model, w.prompt_len, w.arrival_s,
-                                          MAX_TOKENS)) for w in workload)
+    stats = PoolStats(num_workers, {w.model: slo_of(w.model) for w in workload})
+    core = ControllerCore(scheduler, CoreConfig(num_workers), stats)
+    sim = _Simulation(workload, core, [], slo_of)
+    sim.workers = [SimWorker(i, cost, sim.requests) for i in range(num_workers)]
     with _no_cyclic_gc():
-        end = loop.run(scheduler, SimExecutor(workers), loop.VirtualClock(), num_workers,
-                       arrivals, arrive)
-    return SimOutcome(timelines, workers, end)
+        end = sim.run()
+    return SimOutcome(sim.timelines, sim.workers, end)
 
 
 @contextmanager

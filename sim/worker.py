@@ -60,7 +60,7 @@ class SimWorker:
                 t, result = self._prefill(unit, t)
                 results.append(result)
             elif kind is Switch:
-                t = self._switch(unit.model, t) + unit.hold_s
+                t = self._switch(unit.model, t) + unit.baseline_switch_overhead_s
             elif kind is Prefetch:
                 self.prefetched = (unit.model, t + self.cost.switch_time(unit.model))
             else:  # SwapIn, SwapOut
@@ -132,18 +132,23 @@ class SimWorker:
             least -= k
             if least:  # nobody finished: the next pass finds the quota spent
                 continue
-            # Someone finished: the batch shrinks.
-            still, least = [], None
-            for r in live:
-                if r.remaining > 0:
-                    still.append(r)
-                    if least is None or r.remaining < least:
-                        least = r.remaining
-                else:
-                    r.timeline.finish()
-                    finished.append(r.request_id)
-                    context -= r.context
-            live = still
+            live, least, context = _shrink(live, finished, context)
             if unit.until_first_finish:
                 break
         return t, DecodeDone(self.worker, unit.model, unit.request_ids, steps, tuple(finished))
+
+
+def _shrink(live: list[SimRequest], finished: list[str], context: int
+            ) -> tuple[list[SimRequest], int | None, int]:
+    """Someone finished: the batch without them, its least remaining, its context."""
+    still, least = [], None
+    for r in live:
+        if r.remaining > 0:
+            still.append(r)
+            if least is None or r.remaining < least:
+                least = r.remaining
+        else:
+            r.timeline.finish()
+            finished.append(r.request_id)
+            context -= r.context
+    return still, least, context

@@ -145,14 +145,14 @@ def wait_until_forgotten(controller, cancelled_before: int) -> dict:
     idle with no KV page in use; its snapshot then."""
     give_up = time.monotonic() + HANG_S
     while time.monotonic() < give_up:
-        snap = controller.snapshot()
+        snap = controller.snapshot().as_json()
         if (snap["cancelled"] > cancelled_before
                 and not any(m["waiting"] or m["running"] for m in snap["models"])
                 and all(w["state"] == "idle" and not w["kv_pages_used"]
                         for w in snap["workers"])):
             return snap
         time.sleep(0.05)
-    pytest.fail(f"the controller never forgot the request: {controller.snapshot()}")
+    pytest.fail(f"the controller never forgot the request: {controller.snapshot().as_json()}")
 
 
 

@@ -81,10 +81,10 @@ def stack_over_http(fleet_path):
     from tokenpool.fleet import load_fleet
     from tokenpool.proxy.frontend import Frontend
     from tokenpool.proxy.http_app import create_app
-    from tokenpool.proxy.metrics import ServingMetrics, kv_pages_of
+    from tokenpool.proxy.metrics import ServingMetrics
 
     stack = build_stack(load_fleet(fleet_path), progress=False, log=lambda m: None)
-    metrics = ServingMetrics(stack.controller, kv_pages_of(stack.fleet))
+    metrics = ServingMetrics(stack.controller, stack.catalog)
     frontend = Frontend(stack.controller, stack.catalog, stack.fleet.proxy, metrics)
     try:
         with live_server(create_app(frontend, stack.controller, stack.fleet.proxy,
@@ -99,7 +99,7 @@ def wait_until_idle(controller, timeout_s: float = 300.0) -> dict:
     test after `timeout_s`. Returns that snapshot."""
     deadline = time.monotonic() + timeout_s
     while True:
-        snap = controller.snapshot()
+        snap = controller.snapshot().as_json()
         busy = [w["id"] for w in snap["workers"] if w["state"] == "busy"]
         held = sum(m["waiting"] + m["running"] for m in snap["models"])
         if not busy and not held:
@@ -129,9 +129,9 @@ def serving_stack(fleet_path):
 
 @pytest.fixture(scope="session")
 def serving_metrics(serving_stack):
-    from tokenpool.proxy.metrics import ServingMetrics, kv_pages_of
+    from tokenpool.proxy.metrics import ServingMetrics
 
-    return ServingMetrics(serving_stack.controller, kv_pages_of(serving_stack.fleet))
+    return ServingMetrics(serving_stack.controller, serving_stack.catalog)
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 from test_schedulers import cost, req
 
-from tokenpool.schedulers.admission import SLOAdmission, predicted_alpha, predicted_ttft
-from tokenpool.schedulers.registry import Roles, make_scheduler
+from tokenpool.schedulers.admission import SLOAdmission
+from tokenpool.schedulers.protocol import Estimate, Scheduler, WorkerPolicyState
+from tokenpool.schedulers.registry import SCHEDULERS, Roles, make_scheduler
 from tokenpool.schedulers.types import SLO, Decode, DecodeDone, Prefill, PrefillDone
 
 SLO_ = SLO(2.0, 0.05)
@@ -30,7 +31,7 @@ def test_a_long_prefill_queue_sheds_on_predicted_ttft():
     admission = SLOAdmission(ttft_factor=1.0, max_alpha=1e9)
     for i in range(40):  # 40 x (10 ms + 1000 tokens x 0.1 ms) = 4.4 s queued, plus a switch
         s.add_request(req(i, "ab"[i % 2], prompt=1000), 0.0)
-    assert predicted_ttft(s.prefill, req(99, "a", prompt=1000)) > SLO_.ttft_s
+    assert s.prefill.predicted_ttft(req(99, "a", prompt=1000)) > SLO_.ttft_s
     verdict = admission.decide(s, req(99, "a", prompt=1000), SLO_, num_waiting=40)
     assert not verdict.admit and "time to first token" in verdict.reason
 
@@ -48,7 +49,7 @@ def test_decode_overload_sheds_and_an_emptied_pool_admits_again():
             break
         s.update([PrefillDone(0, u.model, u.request_ids, ()) for u in prefills], 0.0)
     # Three models, 1 s switches, 50 ms TBT: far past alpha 1.
-    assert predicted_alpha(s.decode, req(99, "a"), SLO_) > 1.0
+    assert s.decode.predicted_alpha(req(99, "a"), SLO_.tbt_s) > 1.0
     assert not admission.decide(s, req(99, "a"), SLO_, num_waiting=0).admit
     everyone = tuple(f"r{i}" for i in range(30))
     for model in models:
@@ -66,8 +67,8 @@ def test_colocated_admission_checks_the_worker_the_request_would_decode_on():
     s.add_request(req(0, "a"), 0.0)  # an open group of "a" on worker 0, which r99 would join
     _decoding(s, 0, "a", 90)  # steps of 100 ms against 50 ms TBT: alpha 2
     _decoding(s, 1, "a", 50, first=2000)  # 60 ms: alpha 1.2, over 1 too, so no way around 0
-    assert predicted_alpha(s.decode, req(99, "a"), SLO_) < 1.5  # the best worker's...
-    assert predicted_alpha(s.decode, req(99, "a"), SLO_, worker=0) > 1.5  # ...is not r99's
+    assert s.decode.predicted_alpha(req(99, "a"), SLO_.tbt_s) < 1.5  # the best worker's...
+    assert s.decode.predicted_alpha(req(99, "a"), SLO_.tbt_s, worker=0) > 1.5  # ...is not r99's
     verdict = SLOAdmission(ttft_factor=1e9, max_alpha=1.5).decide(s, req(99, "a"), SLO_, 0)
     assert not verdict.admit and "decode is overloaded" in verdict.reason
 
@@ -84,7 +85,7 @@ def test_colocated_predicted_ttft_waits_for_one_decode_turn_not_the_round():
     assert w.turns and running.quota_s == w.turn_s > 0  # a turn in progress, another to come
     c = s.prefill.cost
     own = c.switch_time("c") + c.prefill_time("c", [100])
-    assert predicted_ttft(s.prefill, req(99, "c")) == pytest.approx(w.turn_s + own)
+    assert s.prefill.predicted_ttft(req(99, "c")) == pytest.approx(w.turn_s + own)
 
 
 def test_a_worker_measured_slower_than_its_profile_sheds_what_the_profile_would_admit():
@@ -101,3 +102,20 @@ def test_a_worker_measured_slower_than_its_profile_sheds_what_the_profile_would_
     assert s.decode.workers[0].slowdown > 3.9
     verdict = admission.decide(s, req(1, "a"), tight, num_waiting=0)
     assert not verdict.admit and "decode is overloaded" in verdict.reason
+
+
+def test_every_policy_offers_the_scheduler_protocol_and_only_token_level_predicts():
+    for name in SCHEDULERS:
+        s = make_scheduler(name, Roles((0,), (0,)), cost(), lambda m: SLO_)
+        assert isinstance(s, Scheduler) and s.name == name
+        if name != "token-level":
+            assert s.estimate(req(0, "a"), SLO_) is None and s.worker_state(0) is None
+    s = token_level()
+    s.add_request(req(0, "a"), 0.0)
+    s.schedule({0}, 0.0)
+    s.update([PrefillDone(0, "a", ("r0",), ())], 0.0)
+    estimate = s.estimate(req(1, "a"), SLO_)
+    assert type(estimate) is Estimate and estimate.predicted_ttft_s > 0
+    assert estimate.round_alpha == s.decode.predicted_alpha(req(1, "a"), SLO_.tbt_s, 0)
+    assert s.worker_state(0) == WorkerPolicyState(1.0, 0.0, 1)  # no round yet: alpha 0
+    assert s.worker_state(7) is None

@@ -126,9 +126,9 @@ def _unbounded_new_threads(names_before: set[str], loop) -> set[str]:
 
 def _forgotten(controller) -> dict:
     """What the controller still holds for requests: all must be empty."""
-    with controller._lock:
-        return {"requests": len(controller._requests), "cancelled": len(controller._cancelled),
-                "handoffs": len(controller._handoffs)}
+    core = controller.core
+    return {"requests": len(core.requests), "cancelled": len(core.cancelled),
+            "handoffs": len(core.handoffs), "streams": len(controller._streams)}
 
 
 def test_1000_cancelled_streams_leave_nothing_behind(edges, edge_loop, serving_stack):
@@ -140,7 +140,7 @@ def test_1000_cancelled_streams_leave_nothing_behind(edges, edge_loop, serving_s
     wait_until_idle(controller, timeout_s=120)
     threads_before, tasks_before = threading.active_count(), _tasks(edge_loop)
     names_before = {t.name for t in threading.enumerate()}
-    cancelled_before = controller.snapshot()["cancelled"]
+    cancelled_before = controller.snapshot().as_json()["cancelled"]
 
     kinds = asyncio.run(asyncio.wait_for(storm(listening, NUM_STREAMS, seed=7), timeout=600))
 
@@ -151,7 +151,8 @@ def test_1000_cancelled_streams_leave_nothing_behind(edges, edge_loop, serving_s
     assert snap["loop_errors"] == 0
     # Most drops land mid-stream; a few streams win the race and finish first.
     assert snap["cancelled"] - cancelled_before >= NUM_STREAMS // 2
-    assert _forgotten(controller) == {"requests": 0, "cancelled": 0, "handoffs": 0}
+    assert _forgotten(controller) == {"requests": 0, "cancelled": 0, "handoffs": 0,
+                                    "streams": 0}
     assert _settles(lambda: servers.metrics.num_live, 0, timeout_s=10) == 0
     assert _settles(lambda: _tasks(edge_loop), tasks_before) <= tasks_before
     _settles(threading.active_count, threads_before)

@@ -1,4 +1,4 @@
-"""The controller loop on the wall clock, driving real workers with the same policies.
+"""The controller core on the wall clock, driving a real worker with the same policies.
 
 Three synthetic Llamas of different shapes share one worker (colocated roles). Requests of
 all three arrive at staggered times; whatever the interleaving of switches, prefills, turns
@@ -7,24 +7,28 @@ and swaps, each request's greedy tokens must equal a standalone engine's.
 
 from __future__ import annotations
 
+import time
 
 import pytest
 
-from tokenpool.controller import loop
-from tokenpool.gpu_pool.worker_executor import WorkerExecutor
+from tokenpool.controller.core import ControllerCore, CoreConfig
+from tokenpool.controller.pool_stats import PoolStats
+from tokenpool.controller.service import ServingController
+from tokenpool.gpu_pool.job_runner import JobRunner
+from tokenpool.gpu_pool.pool import LocalPool
+from tokenpool.gpu_pool.pool_config import PoolConfig
 from tokenpool.models.checkpoint import load_checkpoint
 from tokenpool.models.synth import write_synthetic_checkpoint
 from tokenpool.sampling import SamplingParams
 from tokenpool.schedulers.registry import Roles, make_scheduler
-from tokenpool.schedulers.types import SLO, RequestInfo
+from tokenpool.schedulers.types import SLO
 
 SHAPES = {"m-a": dict(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2),
           "m-b": dict(num_layers=3, hidden_size=96, num_heads=6, num_kv_heads=3,
                       tie_word_embeddings=False),
           "m-c": dict(num_layers=1, hidden_size=128, num_heads=4, num_kv_heads=1)}
 PROMPTS = [[1, 504, 3458, 282], [30, 2200, 17, 4302, 9, 88], [7, 7, 7], [400, 12, 99, 1000, 5]]
-# Mixed lengths, so requests also finish inside other requests' units (an engine step serves
-# all of a model's running requests): those finishes must reach the policy too.
+# Mixed lengths, so requests of one model finish in different turns.
 PARAMS = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (12, 2, 5, 1)]
 
 
@@ -72,24 +76,31 @@ def test_the_profiled_costs_are_sane(worker_costs):
 @pytest.mark.parametrize("scheduler_name", ["token-level", "request-level"])
 def test_real_workers_serve_interleaved_models_exactly(checkpoints, expected, worker_costs,
                                                        scheduler_name):
+    from serving_fixtures import wait_until_idle
+    from test_service import Client
+
     worker = make_worker(checkpoints)
-    outputs: dict[str, list[int]] = {}
-    clock = loop.WallClock()
-    executor = WorkerExecutor([worker], lambda out: outputs.setdefault(
-        out.request_id, []).extend(out.new_token_ids), clock.now)
     scheduler = make_scheduler(scheduler_name, Roles((0,), (0,)), worker_costs,
                                lambda model: SLO(5.0, 0.5), q_max_s=0.05)
-    arrivals = []
-    for i, (prompt, params) in enumerate(zip(PROMPTS, PARAMS)):
-        for j, name in enumerate(SHAPES):
-            request_id = f"{name}/{i}"
-            executor.register(request_id, prompt, params)
-            arrivals.append((0.01 * (i * len(SHAPES) + j),
-                             RequestInfo(request_id, name, len(prompt), 0.0, params.max_tokens)))
-    loop.run(scheduler, executor, clock, 1, arrivals)
+    slos = {name: SLO(5.0, 0.5) for name in SHAPES}
+    pool = LocalPool(PoolConfig(num_workers=1), lambda i: JobRunner(worker, i))
+    controller = ServingController(pool)
+    pool.start(controller)
+    controller.start(ControllerCore(scheduler, CoreConfig(1), PoolStats(1, slos)))
+    client = Client(controller)
+    try:
+        for i, (prompt, params) in enumerate(zip(PROMPTS, PARAMS)):
+            for name in SHAPES:
+                client.submit(f"{name}/{i}", name, prompt, params)
+                time.sleep(0.01)
+        client.wait([f"{name}/{i}" for name in SHAPES for i in range(len(PROMPTS))])
+        snap = wait_until_idle(controller, timeout_s=60)
+    finally:
+        controller.close()
     for name in SHAPES:
-        got = [outputs[f"{name}/{i}"] for i in range(len(PROMPTS))]
+        got = [client.tokens(f"{name}/{i}") for i in range(len(PROMPTS))]
         assert got == expected[name], name
     assert worker.num_switches >= len(SHAPES)
+    assert snap["loop_errors"] == 0
     assert worker.usage()["kv"]["used"] == 0 and worker.usage()["swap"]["used"] == 0
     assert scheduler.num_unfinished() == 0

@@ -555,16 +555,21 @@ def test_the_contracted_series_are_what_tokenpool_exports():
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
+    from tokenpool.controller.pool_stats import ModelView, PoolSnapshot, WorkerView
     from tokenpool.proxy.metrics import ServingMetrics
+    from tokenpool.schedulers.types import SLO
 
     class Controller:
         def snapshot(self):
-            return {"models": [{"id": "m", "running": 1, "waiting": 2, "switches": 3,
-                                "switch_seconds": 0.03, "switch_counts": [0, 0, 0, 3] + [0] * 8,
-                                "kv_swap_bytes": 4}],
-                    "workers": [{"id": 0, "model": "m", "kv_pages_used": 5}]}
+            model = ModelView("m", waiting=2, running=1, slo=SLO(1.0, 0.5), switches=3,
+                              switch_seconds=0.03, switch_counts=(0, 0, 0, 3) + (0,) * 8,
+                              kv_swap_bytes=4, rejected=0)
+            worker = WorkerView(0, "prefill+decode", "cpu", 1, "m", "idle", queued=0,
+                                running=1, kv_pages_used=5, switches=3, failures=0,
+                                restarts=0)
+            return PoolSnapshot((worker,), (model,), 0, 0, 0, 0, None)
 
-    metrics = ServingMetrics(Controller(), kv_pages={"m": 10})
+    metrics = ServingMetrics(Controller(), catalog={"m": NS(kv_pages=10)})
     metrics.on_rejected("m", "OverloadedError")
     request = NS(model="m", request_id="r", arrival=0.0, prompt_ids=[1, 2, 3],
                  slo=NS(ttft_s=1.0, tbt_s=0.5))

@@ -154,6 +154,36 @@ def test_preemption_under_page_pressure_keeps_outputs_exact(smollm2, engine):
     assert tight.num_used_pages == 0
 
 
+def test_a_named_step_grows_only_its_requests_and_preempts_the_others_first(smollm2, engine):
+    prompts = random_prompts([40, 70, 25, 90], seed=13)
+    expected = engine.generate(prompts, GREEDY)
+    tight = make_engine(smollm2, kv_cache_bytes=12 * 30 * 2 * 16 * 3 * 64 * 4)  # 12 pages
+    a, b, c, d = (tight.add_request(p, GREEDY) for p in prompts)
+    got = {r: [] for r in (a, b, c, d)}
+
+    def step(names=None):
+        outs = tight.step(names)
+        for out in outs:
+            got[out.request_id].extend(out.new_token_ids)
+        return [out.request_id for out in outs]
+
+    assert step() == [a, b, c]  # 3 + 5 + 2 pages; d's 6 do not fit
+    tables = {r: list(tight.blocks.block_table(r)) for r in (a, b, c)}
+    for _ in range(9):  # a grows into a fourth page; b and c neither step nor grow
+        assert step([a]) == [a]
+    assert tight.blocks.block_table(a) != tables[a]
+    assert {r: tight.blocks.block_table(r) for r in (b, c)} == {r: tables[r] for r in (b, c)}
+    # d needs 6 pages and 1 is free: the newest requests not named make room, c then b.
+    assert step([d]) == [d] and tight.num_preemptions == 2
+    assert [r for r in (a, b, c, d) if tight.holds(r)] == [a, b, c, d]
+    assert [s.seq_id for s in tight.running] == [a, d]
+    assert [len(got[r]) for r in (a, b, c, d)] == [10, 1, 1, 1]
+    while tight.has_unfinished():
+        step()
+    assert [got[r] for r in (a, b, c, d)] == expected
+    assert tight.num_used_pages == 0
+
+
 def test_abort_frees_pages_mid_generation(engine):
     rid = engine.add_request(random_prompts([50], seed=12)[0], GREEDY)
     engine.step()

@@ -19,6 +19,7 @@ from grpc_fixtures import (API_KEY, HANG_S, check_one_stream, greedy_tokens,  # 
                            random_requests, send_raw, start_edge, tokens_of,
                            wait_until_forgotten)
 from serving_fixtures import ALIASES, MODEL  # noqa: E402
+from tokenpool.controller.serving_types import TokenEvent  # noqa: E402
 from tokenpool.errors import UnavailableError  # noqa: E402
 from tokenpool.models.prompts import encode_chat, encode_text  # noqa: E402
 from tokenpool.proxy.grpc_codegen import pb2, pb2_grpc  # noqa: E402
@@ -209,7 +210,7 @@ LONG = dict(prompt="Count to a thousand:", temperature=0.0, ignore_eos=True,
 
 
 def test_deadline_exceeded_cancels_the_request(grpc_stub, serving_stack):
-    cancelled_before = serving_stack.controller.snapshot()["cancelled"]
+    cancelled_before = serving_stack.controller.snapshot().as_json()["cancelled"]
     with pytest.raises(grpc.RpcError) as err:
         list(grpc_stub.Generate(Req(model=MODEL, **LONG), timeout=3.0))
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -217,7 +218,7 @@ def test_deadline_exceeded_cancels_the_request(grpc_stub, serving_stack):
 
 
 def test_client_cancel_mid_stream_frees_the_request(grpc_stub, serving_stack):
-    cancelled_before = serving_stack.controller.snapshot()["cancelled"]
+    cancelled_before = serving_stack.controller.snapshot().as_json()["cancelled"]
     call = grpc_stub.Generate(Req(model=ALIASES[1], **LONG), timeout=HANG_S)
     assert next(call).request_id and next(call).token_ids
     call.cancel()
@@ -254,7 +255,7 @@ def test_api_key(keyed_grpc_edge, metadata, ok):
 
 
 def _shed_everything(controller, monkeypatch):
-    monkeypatch.setattr(controller, "admission", SLOAdmission(ttft_factor=1e-12))
+    monkeypatch.setattr(controller.core.config, "admission", SLOAdmission(ttft_factor=1e-12))
 
 
 def _refuse_everything(controller, monkeypatch):
@@ -269,8 +270,9 @@ def _fail_after_admission(controller, monkeypatch):
 
     def submit_then_fail(req, sink):
         submit(req, sink)
-        with controller._lock:
-            controller._fail(req.request_id, "worker 0 failed: injected")
+        controller.cancel(req.request_id)  # the worker frees it; its client hears only this:
+        sink(TokenEvent(req.request_id, finished=True, finish_reason="error",
+                        error="worker 0 failed: injected"))
     monkeypatch.setattr(controller, "submit", submit_then_fail)
 
 

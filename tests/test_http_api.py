@@ -257,7 +257,7 @@ def test_a_client_disconnect_cancels_and_frees_the_kv_pages(server, serving_stac
                                                             serving_metrics, stream):
     controller = serving_stack.controller
     wait_until_idle(controller)
-    cancelled = controller.snapshot()["cancelled"]
+    cancelled = controller.snapshot().as_json()["cancelled"]
     # Long enough that only a cancel ends it within the wait below.
     sock = _raw_post(server.url, {"model": MODEL, "prompt": PROMPT, "max_tokens": 1000,
                                   "temperature": 0.0, "ignore_eos": True, "stream": stream})
@@ -270,7 +270,7 @@ def test_a_client_disconnect_cancels_and_frees_the_kv_pages(server, serving_stac
                 received += chunk
         else:
             _wait_for(lambda: any(m["id"] == MODEL and m["running"] >= 1
-                                  for m in controller.snapshot()["models"]))
+                                  for m in controller.snapshot().as_json()["models"]))
     finally:
         sock.close()
     snap = wait_until_idle(controller, timeout_s=240)

@@ -156,10 +156,10 @@ def test_typed_errors_map_to_the_documented_statuses(exc, status):
 def shedding(serving_stack):
     """The real controller's admission, told that the prefill queue is full."""
     controller = serving_stack.controller
-    saved = controller.admission
-    controller.admission = SLOAdmission(max_waiting=0)
+    saved = controller.core.config.admission
+    controller.core.config.admission = SLOAdmission(max_waiting=0)
     yield
-    controller.admission = saved
+    controller.core.config.admission = saved
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])

@@ -1,8 +1,9 @@
 """Jobs on real workers, streamed (issue 5): the JobRunner behind threads and Ray actors.
 
 The yardstick is a standalone engine: however a request travels (prefilled on one worker and
-decoded on another, interleaved with cancellations and other requests' finishes), its
-streamed tokens and text must be the engine's, and the policy must hear of every finish once.
+decoded on another, interleaved with cancellations and other units), its streamed tokens and
+text must be the engine's. A unit runs exactly the requests it names, and only a unit naming
+a request reports it finished.
 """
 
 from __future__ import annotations
@@ -119,24 +120,25 @@ def test_cancellation_before_prefill_between_jobs_and_of_unknown_ids(checkpoints
     streams.add(steps)
     pages_each = engine.blocks.pages_to_grow("new", len(PROMPT) + 2)
     assert done.kv_pages_used == 3 * pages_each
-    # Cancelled between jobs: aborted before anything runs, its pages freed at once.
+    # Cancelled between jobs: aborted before anything runs, its pages freed at once; no unit
+    # names it, so it is reported later, by the unit that does.
     steps, done = run_job(runner, cancelled=("y",))
-    assert done.results == (DecodeDone(0, "m-a", ("y",), 0, ("y",)),)
+    assert done.results == () and not engine.holds("y")
     assert done.kv_pages_used == 2 * pages_each and not steps
     # A swapped-out request's host pages go too.
     _, done = run_job(runner, SwapOut(0, "m-a", ("z",)))
     assert runner.worker.usage()["swap"]["used"] > 0 and done.kv_swap_bytes > 0
-    steps, done = run_job(runner, Decode(0, "m-a", ("z", "v"), FOREVER),
-                          cancelled=("z", "nope"))
+    steps, done = run_job(runner, Decode(0, "m-a", ("y", "z", "v"), FOREVER),
+                          cancelled=("y", "z", "nope"))
     streams.add(steps)
     assert runner.worker.usage()["swap"]["used"] == 0
-    assert done.results == (DecodeDone(0, "m-a", ("z", "v"), 7, ("z", "v")),)
+    assert done.results == (DecodeDone(0, "m-a", ("y", "z", "v"), 7, ("y", "z", "v")),)
     [want] = standalone(checkpoints["m-a"], [PROMPT], [params])
     streams.assert_matches({"v": want})
     assert runner.worker.usage()["kv"]["used"] == 0
 
 
-def test_finishes_inside_another_requests_unit_are_reported_once(checkpoints):
+def test_a_decode_unit_steps_only_the_requests_it_names(checkpoints):
     lengths = {"a": 8, "b": 3, "c": 2, "d": 6}
     params = {r: SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
               for r, n in lengths.items()}
@@ -146,17 +148,71 @@ def test_finishes_inside_another_requests_unit_are_reported_once(checkpoints):
     steps, done = run_job(runner, Switch(0, "m-b"), Prefill(0, "m-b", ids),
                           prompts={r: (tuple(PROMPT[:10]), params[r]) for r in ids})
     streams.add(steps)
-    # One unit ends at its first finish; the next names only a, yet b, c and d finish in it.
-    steps, done = run_job(runner, Decode(0, "m-b", ("a", "c"), FOREVER, until_first_finish=True),
-                          Decode(0, "m-b", ("a",), FOREVER), Decode(0, "m-b", ("b",), FOREVER))
-    streams.add(steps)
-    assert done.results == (DecodeDone(0, "m-b", ("a", "c"), 1, ("c",)),
-                            DecodeDone(0, "m-b", ("a",), 6, ("a",)),
-                            DecodeDone(0, "m-b", ("b",), 0, ("b",)),  # ended in a's unit
-                            DecodeDone(0, "m-b", ("d",), 0, ("d",)))  # named by no unit
+    # Each request has its first token; each unit now runs only the requests it names.
+    turns = [(Decode(0, "m-b", ("a", "c"), FOREVER, until_first_finish=True), 1, ("c",)),
+             (Decode(0, "m-b", ("a",), FOREVER), 6, ("a",)),
+             (Decode(0, "m-b", ("b",), FOREVER), 2, ("b",)),
+             (Decode(0, "m-b", ("d",), FOREVER), 5, ("d",))]
+    for unit, num_steps, finished in turns:
+        before = {r: len(streams.tokens[r]) for r in ids}
+        steps, done = run_job(runner, unit)
+        streams.add(steps)
+        assert done.results == (DecodeDone(0, "m-b", unit.request_ids, num_steps, finished),)
+        assert {out.request_id for s in steps for out in s.outputs} == set(unit.request_ids)
+        assert all(len(streams.tokens[r]) == before[r]
+                   for r in ids if r not in unit.request_ids)
     want = standalone(checkpoints["m-b"], [PROMPT[:10]] * 4, [params[r] for r in ids])
     streams.assert_matches(dict(zip(ids, want)))
     assert done.kv_pages_used == 0
+
+
+def test_a_prefill_unit_emits_only_the_first_tokens_of_its_requests(checkpoints):
+    # Two sequences a step: the three prompts take two steps, and the first two must not
+    # decode in the second; the request already decoding gets nothing during the unit.
+    runner = JobRunner(make_worker(checkpoints, max_num_seqs=2), 0)
+    new = ("p", "q", "r")
+    prompts = {r: (tuple(PROMPT[: 6 + i]), GREEDY) for i, r in enumerate(("old",) + new)}
+    streams = Streams()
+    steps, _ = run_job(runner, Switch(0, "m-a"), Prefill(0, "m-a", ("old",)),
+                       Decode(0, "m-a", ("old",), 0.0), prompts=prompts)
+    streams.add(steps)
+    steps, done = run_job(runner, Prefill(0, "m-a", new), prompts=prompts)
+    streams.add(steps)
+    assert done.results == (PrefillDone(0, "m-a", new, ()),) and not done.decode_timings
+    assert [sorted(out.request_id for out in s.outputs) for s in steps] == [["p", "q"], ["r"]]
+    assert all(out.new_token_ids and out.num_output_tokens == 1
+               for s in steps for out in s.outputs)
+    assert len(streams.tokens["old"]) == 2
+    steps, done = run_job(runner, Decode(0, "m-a", ("old",) + new, FOREVER))
+    streams.add(steps)
+    ids = ("old",) + new
+    want = standalone(checkpoints["m-a"], [prompts[r][0] for r in ids], [GREEDY] * 4)
+    streams.assert_matches(dict(zip(ids, want)))
+    assert done.kv_pages_used == 0
+
+
+def test_a_cancelled_request_is_reported_by_the_units_that_name_it(checkpoints):
+    runner = JobRunner(make_worker(checkpoints), 0)
+    engine = runner.worker.engine("m-a")
+    ids = ("k", "c1", "c2")
+    run_job(runner, Switch(0, "m-a"), Prefill(0, "m-a", ids),
+            prompts={r: (tuple(PROMPT), GREEDY) for r in ids})
+    pages = engine.num_used_pages
+    # Cancelled while no unit names it: aborted at once, reported by no one yet.
+    steps, done = run_job(runner, cancelled=("c1",))
+    assert done.results == () and not steps
+    assert not engine.holds("c1") and done.kv_pages_used == pages * 2 // 3
+    # Sent cancelled again, it is reported by the unit naming it, which steps only the rest;
+    # c2, cancelled now and named by no unit, is aborted and not reported.
+    steps, done = run_job(runner, Decode(0, "m-a", ("k", "c1"), 0.0), cancelled=("c1", "c2"))
+    assert done.results == (DecodeDone(0, "m-a", ("k", "c1"), 1, ("c1",)),)
+    assert [[out.request_id for out in s.outputs] for s in steps] == [["k"]]
+    assert not engine.holds("c2") and done.kv_pages_used == pages // 3
+    # A unit whose requests all ended steps nothing and still reports them.
+    steps, done = run_job(runner, Decode(0, "m-a", ("c2",), FOREVER), cancelled=("c2",))
+    assert done.results == (DecodeDone(0, "m-a", ("c2",), 0, ("c2",)),) and not steps
+    run_job(runner, cancelled=("k",))
+    assert runner.worker.usage()["kv"]["used"] == 0
 
 
 def test_a_bad_request_or_handoff_ends_with_an_error_and_the_job_goes_on(checkpoints):
@@ -169,12 +225,13 @@ def test_a_bad_request_or_handoff_ends_with_an_error_and_the_job_goes_on(checkpo
             prompts={"moved": (tuple(PROMPT), good)})
     wrong_shape = other.worker.engine("m-b").export_sequence("moved")
     ids = ("ok", "empty", "huge", "lost")
+    # A failed import is reported by the Decode that follows its SwapIn, as in every policy.
     steps, done = run_job(runner, Switch(0, "m-b"), Prefill(0, "m-b", ids),
-                          SwapIn(0, "m-b", ("moved",)), Decode(0, "m-b", ("ok",), FOREVER),
+                          SwapIn(0, "m-b", ("moved",)),
+                          Decode(0, "m-b", ("ok", "moved"), FOREVER),
                           prompts=prompts, handoffs={"moved": wrong_shape})
     assert done.results == (PrefillDone(0, "m-b", ids, ("empty", "huge", "lost")),
-                            DecodeDone(0, "m-b", ("ok",), 3, ("ok",)),
-                            DecodeDone(0, "m-b", ("moved",), 0, ("moved",)))
+                            DecodeDone(0, "m-b", ("ok", "moved"), 3, ("ok", "moved")))
     assert sorted(done.errors) == ["empty", "huge", "lost", "moved"]
     assert "empty" in done.errors["empty"] and "context" in done.errors["huge"]
     assert "no prompt" in done.errors["lost"] and "kv heads" in done.errors["moved"]
@@ -200,14 +257,14 @@ def test_job_done_reports_switches_swaps_and_the_model_left_in(checkpoints):
     engines = runner.worker.engines
     assert done.kv_pages_used == engines["m-a"].num_used_pages + engines["m-b"].num_used_pages
     assert engines["m-a"].num_used_pages == engines["m-b"].num_used_pages == 2  # 21-23 tokens
-    _, done = run_job(runner, cancelled=("r", "q"))
-    assert done.kv_pages_used == 0 and len(done.results) == 2 and not done.switches
+    _, done = run_job(runner, cancelled=("r", "q"))  # freed now, reported when named
+    assert done.kv_pages_used == 0 and done.results == () and not done.switches
 
 
 def test_a_switch_holds_the_worker_for_its_hold_and_a_model_already_in_holds_nothing(
         checkpoints):
-    """Switch.hold_s, the request-level baselines' emulated engine re-initialisation, is
-    paid on the worker after the copy, and only when weights moved."""
+    """Switch.baseline_switch_overhead_s, the request-level baselines' emulated engine
+    re-initialisation, is paid on the worker after the copy, and only when weights moved."""
     runner = JobRunner(make_worker(checkpoints), 0)
     start = time.monotonic()
     _, done = run_job(runner, Switch(0, "m-a", 0.3))

@@ -46,8 +46,12 @@ class SnapshotController:
     def __init__(self, stats: PoolStats):
         self.stats = stats
 
-    def snapshot(self) -> dict:
-        return self.stats.snapshot(infos=[], jobs={}, requests={})
+    def snapshot(self):
+        return self.stats.snapshot(infos=[], jobs={}, requests=(), worker_state=no_state)
+
+
+def no_state(worker: int) -> None:
+    return None
 
 
 def exported(stats: PoolStats) -> dict[str, float]:
@@ -75,9 +79,10 @@ def test_exported_histogram_is_cumulative_and_scrapes_repeat():
 
 def test_decode_step_ratio_is_measured_over_predicted_time_since_start():
     stats = make_stats()
-    assert stats.decode_step_ratio is None and stats.snapshot([], {}, {})["decode_step_ratio"] is None
+    assert stats.decode_step_ratio is None
+    assert stats.snapshot([], {}, (), no_state).decode_step_ratio is None
     stats.decode_timed(0.30, 0.20)
     stats.decode_timed(0.10, 0.20)
     assert stats.decode_step_ratio == 1.0
     stats.decode_timed(0.60, 0.0)  # a turn the model predicts as free still counts its time
-    assert stats.snapshot([], {}, {})["decode_step_ratio"] == 2.5
+    assert stats.snapshot([], {}, (), no_state).as_json()["decode_step_ratio"] == 2.5

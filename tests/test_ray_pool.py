@@ -259,7 +259,7 @@ def test_a_death_just_after_a_job_ends_fails_the_next_job_not_that_one(pool):
     with real workers it is a few milliseconds wide, and a loaded machine hit it."""
     import ray
 
-    from tokenpool.gpu_pool.ray_pool import WorkerRestarted, _WorkerLink
+    from tokenpool.gpu_pool.ray_link import WorkerLink, WorkerRestarted
 
     class LingersAfterDone:
         def describe(self):
@@ -274,7 +274,7 @@ def test_a_death_just_after_a_job_ends_fails_the_next_job_not_that_one(pool):
     actor = ray.remote(LingersAfterDone).options(
         max_restarts=1, max_task_retries=0, num_cpus=0).remote()
     recorder = Recorder()
-    link = _WorkerLink(7, "prefill+decode", actor, *ray.get(actor.describe.remote()),
+    link = WorkerLink(7, "prefill+decode", actor, *ray.get(actor.describe.remote()),
                        recorder, restart_timeout_s=JOB_TIMEOUT_S)
     recorder.on_first_done = lambda done: ray.kill(actor, no_restart=False)
     link.thread.start()
@@ -300,7 +300,7 @@ def test_failed_job_restarts_its_worker_afresh(pool, reference):
     # Nothing to decode: the runner raises, as on a policy bug.
     pool.run(worker, JobInput(Job(worker, (Decode(worker, "synth-a", ("nobody",), 1.0),))))
     events = pool.recorder.wait_ends(since, [worker])
-    assert events[-1][0] == "failure" and "holds no requests" in str(events[-1][2])
+    assert events[-1][0] == "failure" and "does not hold them" in str(events[-1][2])
 
     job = generate_job(worker, "synth-b", SHORT)
     since = pool.recorder.mark()
@@ -321,9 +321,12 @@ def assert_serves_short(pool, worker: int, reference) -> None:
 
 
 def serving_controller(pool, fleet):
-    """A serving controller over the module's pool, fitted to a quick profile of it."""
-    from tokenpool.gpu_pool.profiling import EngineProfilePlan
+    """A serving controller over the module's pool, and the core it will run: token-level,
+    fitted to a quick profile of the pool."""
+    from tokenpool.controller.core import ControllerCore, CoreConfig
+    from tokenpool.controller.pool_stats import PoolStats
     from tokenpool.controller.service import ServingController
+    from tokenpool.gpu_pool.profiling import EngineProfilePlan
     from tokenpool.schedulers.admission import SLOAdmission
     from tokenpool.schedulers.registry import Roles, make_scheduler
     from tokenpool.schedulers.types import SLO
@@ -332,10 +335,11 @@ def serving_controller(pool, fleet):
                              decode_prompt_lens=(8, 16), decode_steps=2, repeats=1)
     roles, slo = Roles((0, 1), (0, 1)), SLO(600, 60)
     slos = {spec.id: slo for spec in fleet.models}
-    controller = ServingController(None, pool, SLOAdmission(1000, 1000, 4096), roles, slos)
-    controller.scheduler = make_scheduler("token-level", roles, cost_model_of(pool.profile(plan)),
-                                          lambda model: slo)
-    return controller
+    scheduler = make_scheduler("token-level", roles, cost_model_of(pool.profile(plan)),
+                               lambda model: slo)
+    core = ControllerCore(scheduler, CoreConfig(2, admission=SLOAdmission(1000, 1000, 4096)),
+                          PoolStats(2, slos))
+    return ServingController(pool), core
 
 
 def kill_mid_stream(controller, client, pool, min_tokens: int) -> int:
@@ -344,7 +348,7 @@ def kill_mid_stream(controller, client, pool, min_tokens: int) -> int:
     while time.monotonic() < deadline:
         with client.done:
             streamed = sum(len(ev.token_ids) for evs in client.events.values() for ev in evs)
-        running = [w["id"] for w in controller.snapshot()["workers"] if w["running"]]
+        running = [w["id"] for w in controller.snapshot().as_json()["workers"] if w["running"]]
         if streamed >= min_tokens and running:
             pool.kill(running[-1])
             return running[-1]
@@ -360,10 +364,10 @@ def test_a_killed_actor_s_requests_are_recomputed_elsewhere_exactly(pool, fleet,
     from serving_fixtures import wait_until_idle
     from test_service import Client, spy_jobs
 
-    controller = serving_controller(pool, fleet)
+    controller, core = serving_controller(pool, fleet)
     sent = spy_jobs(monkeypatch, pool)
     pool.recorder.forward = controller
-    controller.start_loop()
+    controller.start(core)
     try:
         client = Client(controller)
         requests = [(f"k{copy}-{model}-{j}", model, j) for copy in range(2)
@@ -385,7 +389,7 @@ def test_a_killed_actor_s_requests_are_recomputed_elsewhere_exactly(pool, fleet,
         assert snap["recomputed"] >= 1 and snap["lost"] == 0 and snap["loop_errors"] == 0
         assert all(w["kv_pages_used"] == 0 for w in snap["workers"]), snap["workers"]
     finally:
-        controller.stop_loop()
+        controller.stop()
         pool.recorder.forward = None
     # The restarted actor serves again (the policy may well have sent it nothing since).
     assert_serves_short(pool, victim, reference)

@@ -334,13 +334,14 @@ def test_request_level_baselines_hold_the_worker_after_a_switch_and_token_level_
 
     slo = lambda m: SLO(10, 0.1)  # noqa: E731
     for name in ("request-level", "request-level-plus"):
-        s = make_scheduler(name, Roles((0,), (0,)), cost(), slo, baseline_reinit_s=2.5)
+        s = make_scheduler(name, Roles((0,), (0,)), cost(), slo, baseline_switch_overhead_s=2.5)
         s.add_request(req(0, "a"), 0.0)
         [job] = s.schedule({0}, 0.0)
         assert Switch(0, "a", 2.5) in job.units
         worker = SimWorker(0, cost(), {})
         assert worker.run(Job(0, (Switch(0, "a", 2.5),)), 0.0)[0] == pytest.approx(1.0 + 2.5)
-    s = make_scheduler("token-level", Roles((0,), (0,)), cost(), slo, baseline_reinit_s=2.5)
+    s = make_scheduler("token-level", Roles((0,), (0,)), cost(), slo,
+                       baseline_switch_overhead_s=2.5)
     s.add_request(req(0, "a"), 0.0)
     [job] = s.schedule({0}, 0.0)
-    assert Switch(0, "a") in job.units  # hold_s 0: tokenpool's own switch
+    assert Switch(0, "a") in job.units  # no overhead: tokenpool's own switch

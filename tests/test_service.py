@@ -77,12 +77,12 @@ def wait_idle(stack) -> dict:
     """Until the controller holds no request and no worker is busy; its snapshot then."""
     deadline = time.monotonic() + HANG_S
     while time.monotonic() < deadline:
-        snap = stack.controller.snapshot()
-        if not stack.controller._requests and all(w["state"] == "idle"
+        snap = stack.controller.snapshot().as_json()
+        if not stack.controller.core.requests and all(w["state"] == "idle"
                                                   for w in snap["workers"]):
             return snap
         time.sleep(0.05)
-    raise AssertionError(f"never idle: {stack.controller.snapshot()}")
+    raise AssertionError(f"never idle: {stack.controller.snapshot().as_json()}")
 
 
 def assert_pages_free(stack) -> None:
@@ -210,7 +210,7 @@ def test_a_failed_worker_s_requests_are_recomputed_exactly_and_it_restarts(stack
         assert client.events[f"f-{rid}"][-1].error is None, client.events[f"f-{rid}"][-1]
         assert client.tokens(f"f-{rid}") == expected_tokens(references, model, prompt, params)
     assert any(inp.resumed for _, inp in sent), "no request was cut mid-stream"
-    snap = stack.controller.snapshot()
+    snap = stack.controller.snapshot().as_json()
     assert snap["recomputed"] >= 1 and snap["lost"] == 0 and snap["loop_errors"] == 0
     assert pool.workers()[0].restarts == 1 and pool._runners[0] is not runner
     after = list(workload(12, seed=4))

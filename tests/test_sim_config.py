@@ -129,6 +129,20 @@ def test_bad_configs_name_the_key(tmp_path, edit, message):
         load_sim_config(write_variant(tmp_path, edit))
 
 
+def test_the_simulator_and_a_fleet_share_one_scheduler_block_with_their_own_defaults(tmp_path):
+    from tokenpool.schedulers.config import SchedulerConfig
+
+    path = write_variant(tmp_path, lambda d: d["scheduler"].pop("q_max_s"))
+    sim = load_sim_config(path).scheduler
+    assert type(sim) is SchedulerConfig
+    assert (sim.q_max_s, sim.batch_prefill) == (4.0, False)  # DESIGN's Q_max, per request
+    assert (SchedulerConfig().q_max_s, SchedulerConfig().batch_prefill) == (1.0, True)
+    assert load_sim_config(TESTBED).scheduler.q_max_s == 1.0  # the file's own beats both
+    path = write_variant(tmp_path, lambda d: d["scheduler"].update(switch_overhead_s=-1))
+    with pytest.raises(ConfigError, match="scheduler.switch_overhead_s must be >= 0"):
+        load_sim_config(path)
+
+
 def test_rates_may_be_plain_numbers(tmp_path):
     path = write_variant(tmp_path, lambda d: d["device"].update(h2d_bytes_per_s=32e9))
     assert load_sim_config(path).device.h2d_bytes_per_s == 32e9

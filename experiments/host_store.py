@@ -1,6 +1,7 @@
-"""Candidates for the node-wide host model store: /dev/shm files or Ray's object store.
+"""An experiment, not part of tokenpool: candidates for the node-wide host model store,
+/dev/shm files or Ray's object store (the results and the choice: docs/host-cache.md).
 
-    python -m tokenpool.bench.host_store --size-mib 512 --json out/host_store.json
+    python experiments/host_store.py --size-mib 512 --json out/host_store.json
 
 One packed "fleet" of --size-mib bytes is published once, then read by two other worker
 processes, as a model switch would. For each candidate:
@@ -151,7 +152,7 @@ def shm_worker(root: str, namespace: str, budget: int, repeats: int) -> None:
 def bench_shm(source: np.ndarray, repeats: int, root: str = "/dev/shm") -> dict:
     namespace = f"bench_{uuid.uuid4().hex[:12]}"
     cache = HostModelCache(source.nbytes, namespace, root=root)
-    argv = [sys.executable, "-m", "tokenpool.bench.host_store", "--shm-worker", root,
+    argv = [sys.executable, str(Path(__file__).resolve()), "--shm-worker", root,
             namespace, str(source.nbytes), str(repeats)]
     procs = [subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for _ in range(2)]
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         root, namespace, budget, repeats = args.shm_worker
         return shm_worker(root, namespace, int(budget), int(repeats))
     report = run(args.size_mib, args.repeats, args.root, not args.no_ray)
-    report["command"] = shlex.join(["python", "-m", "tokenpool.bench.host_store",
+    report["command"] = shlex.join(["python", "experiments/host_store.py",
                                     *(sys.argv[1:] if argv is None else argv)])
     print_table(report)
     if args.json:
