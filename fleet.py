@@ -9,7 +9,7 @@ from pathlib import Path
 from tokenpool.bench.bench_workload import BenchConfig
 from tokenpool.config import build, load_yaml
 from tokenpool.errors import ConfigError, UnknownModelError
-from tokenpool.gpu_pool.engine import EngineConfig
+from tokenpool.gpu_pool.engine_config import EngineConfig
 from tokenpool.controller.serve_config import SLOConfig
 from tokenpool.gpu_pool.pool_config import PoolConfig
 from tokenpool.memory.config import MemoryConfig

@@ -46,10 +46,6 @@ class ControllerCore:
         self.idle = set(range(config.num_workers))
         self.jobs: dict[int, Job] = {}
 
-    @property
-    def busy(self) -> bool:
-        return bool(self.jobs)
-
     def step(self, now: float, arrivals: Iterable[Arrival] = (), cancels: Iterable[str] = (),
              results: Iterable[JobDone | WorkerLost] = ()) -> CoreStep:
         out = CoreStep([], [], [])
