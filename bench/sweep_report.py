@@ -79,13 +79,17 @@ def markdown(result: dict, *, title: str, command: str, config: str, slo: dict,
     lines += _ratios(result)
     if plot_path:
         lines += ["", f"![attainment against rate]({plot_path})"]
-    lines += ["", "## Every point", "",
-              "TBT is the client's inter-chunk gap (vLLM's ITL). Shed and failed requests "
-              "count as misses.", "",
-              "| scheduler | rate | attainment | goodput req/s | throughput req/s | tok/s | "
-              "TTFT p50 / p95 / p99 ms | TBT p50 / p95 / p99 ms | switches | shed | "
-              "steps / profile |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    return "\n".join(lines + _every_point(result)) + "\n"
+
+
+def _every_point(result: dict) -> list[str]:
+    lines = ["", "## Every point", "",
+             "TBT is the client's inter-chunk gap (vLLM's ITL). Shed and failed requests "
+             "count as misses.", "",
+             "| scheduler | rate | attainment | goodput req/s | throughput req/s | tok/s | "
+             "TTFT p50 / p95 / p99 ms | TBT p50 / p95 / p99 ms | switches | shed | "
+             "steps / profile |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in result.items():
         for p in e["points"]:
             lines.append(
@@ -93,7 +97,7 @@ def markdown(result: dict, *, title: str, command: str, config: str, slo: dict,
                 f"{fmt(p['request_goodput'], 2)} | {fmt(p['request_throughput'], 2)} | "
                 f"{fmt(p['output_throughput'], 0)} | {_trio(p, 'ttft')} | {_trio(p, 'itl')} | "
                 f"{p['switches']} | {p['shed']} | {fmt(p.get('decode_step_ratio'), 2)} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _rule(rule: dict | None, slo: dict) -> list[str]:

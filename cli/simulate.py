@@ -46,6 +46,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="OUT", type=Path, help="write the result here (required)")
     p.set_defaults(func=run_single)
     sub = p.add_subparsers(dest="simulate_command", metavar="sweep")
+    _add_sweep(sub)
+    _add_workload(sub)
+    _add_capacity(sub)
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("sweep", help="many workloads x schedulers, with a plot",
                        description=SWEEP_DESCRIPTION, formatter_class=_args.HelpFormatter)
     _common(s, required=True)
@@ -57,6 +63,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     s.add_argument("--plot", metavar="OUT.png", type=Path, default=None,
                    help="also draw SLO attainment against models (or rate) to this file")
     s.set_defaults(func=run_sweep)
+
+
+def _add_workload(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("workload", help="generate artifact-style workloads (Poisson per model)",
                        description=WORKLOAD_DESCRIPTION, formatter_class=_args.HelpFormatter)
     g.add_argument("--models", metavar="N[,N...]", required=True,
@@ -72,6 +81,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     g.add_argument("--out-dir", metavar="DIR", type=Path, required=True,
                    help="writes DIR/synth-N-R-1.0-1.0.csv for every N and R")
     g.set_defaults(func=run_workload)
+
+
+def _add_capacity(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("capacity", help="devices each scheduler needs for 90%% attainment",
                        description=CAPACITY_DESCRIPTION, formatter_class=_args.HelpFormatter)
     _common(c, required=True)

@@ -47,7 +47,7 @@ class Failed:
     message: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is built per step, and frozen init costs twice
 class CoreStep:
     """What one step decided: jobs to start, events for clients, requests now forgotten."""
 
