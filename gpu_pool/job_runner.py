@@ -156,17 +156,23 @@ class JobRunner:
         self._ensure_active(unit.model, job)
         engine = self.worker.engine(unit.model)
         started = [r for r in unit.request_ids if self._start(engine, r, job)]
-        waiting = started
+        riding = [r for r in unit.decode_ids if r not in job.ended and engine.holds(r)]
+        waiting, decoded = started, set()
         while waiting:
-            outputs = engine.step(waiting)  # only prompts still without a first token
+            # Prompts still without a first token; the first step also the decodes named.
+            outputs = engine.step(waiting + riding)
             if not outputs:
                 break  # no room to start them now: the next unit naming them does
             job.note(outputs)
             yield self._stream(outputs)
             stepped = {out.request_id for out in outputs}
-            waiting = [r for r in waiting if r not in stepped]
-        job.results.append(PrefillDone(self.worker_id, unit.model, unit.request_ids,
-                                       job.finished(unit.request_ids)))
+            decoded |= stepped.intersection(riding)
+            waiting, riding = [r for r in waiting if r not in stepped], []
+        decoded |= job.ended.intersection(unit.decode_ids)
+        job.results.append(PrefillDone(
+            self.worker_id, unit.model, unit.request_ids,
+            job.finished(unit.request_ids + unit.decode_ids),
+            tuple(r for r in unit.decode_ids if r in decoded)))
         if job.input.export_after_prefill:
             for request_id in started:
                 if request_id not in job.ended:

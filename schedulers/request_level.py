@@ -103,9 +103,10 @@ class RequestLevelScheduler:
             req = w.pending.pop(0)
             batch.append(req)
             tokens += req.prompt_len
+        decoding = tuple(w.running)  # the model's requests here ride along (a mixed batch)
         for req in batch:
             w.running[req.request_id] = req.prompt_len
-        return Prefill(w.worker, w.model, tuple(r.request_id for r in batch))
+        return Prefill(w.worker, w.model, tuple(r.request_id for r in batch), decoding)
 
     def _take_model(self, w: ServingWorker) -> bool:
         """A free worker takes the next model; True if it must switch to it."""
@@ -127,18 +128,24 @@ class RequestLevelScheduler:
     def update(self, results, now: float) -> None:
         for result in results:
             w = self.workers[result.worker]
-            steps = result.steps if isinstance(result, DecodeDone) else 1
             done = set(result.finished)
-            for request_id in result.request_ids:
-                if request_id in done:
-                    del w.running[request_id]
-                    self.num_unfinished_requests -= 1
-                elif isinstance(result, DecodeDone):
-                    w.running[request_id] += steps
+            if isinstance(result, DecodeDone):
+                self._advance(w, result.request_ids, result.steps, done)
+            else:  # a prompt's context counts from its first decode step
+                self._advance(w, result.request_ids, 0, done)
+                self._advance(w, result.decoded, 1, done)
             if not w.pending and not w.running:
                 self.busy.discard(w.worker)
                 if not w.pinned and w.serving:
                     self._release(w)
+
+    def _advance(self, w: ServingWorker, request_ids, steps: int, done: set[str]) -> None:
+        for request_id in request_ids:
+            if request_id in done:
+                del w.running[request_id]
+                self.num_unfinished_requests -= 1
+            else:
+                w.running[request_id] += steps
 
     def _release(self, w: ServingWorker) -> None:
         """All of the model's requests are done: the worker is free (its weights stay)."""

@@ -13,7 +13,8 @@ from tokenpool.schedulers.decode import WeightedRoundRobinDecode
 from tokenpool.schedulers.prefill import GroupedFCFSPrefill
 from tokenpool.schedulers.protocol import Estimate, WorkerPolicyState
 from tokenpool.schedulers.quota import ALPHA_FLOOR, Q_MAX_S
-from tokenpool.schedulers.types import SLO, DecodeDone, Job, PrefillDone, RequestInfo
+from tokenpool.schedulers.types import (SLO, DecodeDone, Job, Prefill, PrefillDone,
+                                        RequestInfo)
 
 
 class TokenLevelScheduler:
@@ -75,11 +76,28 @@ class TokenLevelScheduler:
             job = None
             if worker in prefill.queues:
                 job = prefill.next_job(worker)
+                if job is not None and worker in decode.workers:
+                    job = self._with_decodes(job)
             if job is None and worker in decode.workers:
                 job = decode.next_job(worker)
             if job is not None:
                 jobs.append(job)
         return jobs
+
+    def _with_decodes(self, job: Job) -> Job:
+        """A colocated worker's prefill job, its first Prefill also stepping the requests
+        decoding its model there (resident ones: a swapped-out batch waits for its turn)."""
+        units = list(job.units)
+        for i, unit in enumerate(units):
+            if type(unit) is Prefill:
+                w = self.decode.workers[job.worker]
+                ids = tuple(r.request_id for r in w.requests.values()
+                            if r.model == unit.model and r.resident)
+                if not ids:
+                    return job
+                units[i] = Prefill(unit.worker, unit.model, unit.request_ids, ids)
+                return Job(job.worker, tuple(units))
+        return job
 
     def update(self, results, now: float) -> None:
         for result in results:
@@ -93,6 +111,11 @@ class TokenLevelScheduler:
 
     def _prefilled(self, result: PrefillDone) -> None:
         done = set(result.finished)
+        if result.decoded:
+            finished = tuple(r for r in result.decoded if r in done)
+            self.decode.decoded(result.worker, result.decoded, 1, finished)
+            for request_id in finished:
+                self.requests.pop(request_id, None)
         for request_id in result.request_ids:
             req = self.requests[request_id]
             if request_id in done:

@@ -50,11 +50,16 @@ class Prefetch:
 
 @dataclass(frozen=True, slots=True)
 class Prefill:
-    """Compute the prompts' KV and each request's first token."""
+    """Compute the prompts' KV and each request's first token.
+
+    `decode_ids`: requests already decoding this model on this worker that the first step
+    also gives one token, as a mixed batch (vLLM's scheduler mixes the same way): a decode
+    token rides on the prefill's pass over the weights for a fraction of a step's cost."""
 
     worker: int
     model: str
     request_ids: tuple[str, ...]
+    decode_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +101,10 @@ class PrefillDone:
     worker: int
     model: str
     request_ids: tuple[str, ...]
-    finished: tuple[str, ...]  # requests whose first token was also their last
+    # Requests whose first token was also their last, and decode_ids that ended in the unit.
+    finished: tuple[str, ...]
+    # The unit's decode_ids that got their token, or ended; the others did not run (no pages).
+    decoded: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

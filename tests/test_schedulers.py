@@ -119,8 +119,9 @@ def test_request_level_holds_a_model_until_its_requests_finish():
     s.update([PrefillDone(0, "a", ("r0",), ())], 1.1)
     s.add_request(req(2, "a", t=1.2), 1.2)  # joins the worker already serving a
     [job] = s.schedule({0}, 1.2)
-    assert job.units == (Prefill(0, "a", ("r2",)),)
-    s.update([PrefillDone(0, "a", ("r2",), ())], 1.3)
+    assert job.units == (Prefill(0, "a", ("r2",), decode_ids=("r0",)),)  # r0 rides along
+    s.update([PrefillDone(0, "a", ("r2",), (), decoded=("r0",))], 1.3)
+    assert s.workers[0].running == {"r0": 101, "r2": 100}  # r0 got a token in that step
     [job] = s.schedule({0}, 1.3)
     assert job.units == (Decode(0, "a", ("r0", "r2"), 0.25, until_first_finish=True),)
     s.update([DecodeDone(0, "a", ("r0", "r2"), 10, ("r0", "r2"))], 1.6)
@@ -327,6 +328,23 @@ def test_colocated_placement_ranks_by_the_profile_so_a_stale_measurement_starves
     _decoding(s, 1, "b", 1)
     s.add_request(req(0, "c"), 0.0)
     assert _queued_models(s) == {0: ["c"], 1: []}
+
+
+def test_a_colocated_prefill_carries_its_model_s_resident_decodes_and_counts_their_token():
+    from tokenpool.schedulers.token_level import TokenLevelScheduler
+
+    s = TokenLevelScheduler([0], [0], cost(), lambda m: SLO(10, 0.1))
+    _decoding(s, 0, "a", 3)  # r1000-r1002 decode "a" on worker 0
+    _decoding(s, 0, "b", 1, first=2000)
+    s.decode.workers[0].requests["r1002"].resident = False  # swapped out: waits for its turn
+    s.add_request(req(0, "a"), 0.0)
+    [job] = s.schedule({0}, 0.0)
+    [prefill] = [u for u in job.units if isinstance(u, Prefill)]
+    assert prefill.request_ids == ("r0",) and prefill.decode_ids == ("r1000", "r1001")
+    s.update([PrefillDone(0, "a", ("r0",), ("r1001",), decoded=("r1000", "r1001"))], 0.1)
+    held = s.decode.workers[0].requests
+    assert held["r1000"].context == 102 and "r1001" not in held and held["r1002"].context == 101
+    assert "r0" in held and s.num_unfinished() == 1  # r0; the _decoding ones were placed only
 
 
 def test_request_level_baselines_hold_the_worker_after_a_switch_and_token_level_never():
