@@ -22,12 +22,12 @@ class ModelCard:
 def build_catalog(fleet, models, created: int) -> dict[str, ModelCard]:
     """One card per fleet model; `models` is the fleet's gpu_pool.fleet_weights.FleetModels,
     which lays out a worker's memory as its workers do."""
-    pages = models.kv_pages()
+    pages, limits = models.kv_pages(), models.max_model_lens()
     cards = {}
     for spec in fleet.models:
         config = models.layouts[spec.id].config
         cards[spec.id] = ModelCard(
-            spec.id, models.tokenizers[spec.id], models.max_model_len(spec.id),
+            spec.id, models.tokenizers[spec.id], limits[spec.id],
             pages[spec.id], config.vocab_size, tuple(config.eos_token_ids),
             fleet.slo_of(spec.id), created)
     return cards

@@ -26,8 +26,9 @@ from tokenpool.gpu_pool.llama import LlamaForward, LlamaWeights, RotaryTable
 from tokenpool.gpu_pool.model_runner import ModelRunner
 from tokenpool.gpu_pool.sequence import Sequence
 from tokenpool.gpu_pool.weights import bind_llama, is_tied, pack_llama
-from tokenpool.gpu_pool.worker_memory import EngineMemory, ModelLayout, WorkerMemory
-from tokenpool.memory.block_manager import BLOCK_SIZE, BlockManager
+from tokenpool.gpu_pool.worker_memory import (EngineMemory, ModelLayout, WorkerMemory,
+                                              max_model_len)
+from tokenpool.memory.block_manager import BlockManager
 from tokenpool.memory.config import MemoryConfig
 from tokenpool.models.config import ModelConfig
 from tokenpool.sampling import SamplingParams
@@ -61,8 +62,7 @@ class LLMEngine:
                                          config.max_num_batched_tokens)
         self.swapper = None if host_blocks is None else KVSwapper(
             memory.kv, blocks, memory.swap_kv, host_blocks)
-        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
-                                 mc.max_position_embeddings, memory.pages.capacity * BLOCK_SIZE)
+        self.max_model_len = max_model_len(mc, config.max_model_len, memory.pages.capacity)
         rope = RotaryTable(mc.head_dim, mc.rope_theta, self.max_model_len, self.dtype,
                            self.device)
         kernel = paged_attention_kernel() if self.device.type == "cpu" and config.fused_kernels \

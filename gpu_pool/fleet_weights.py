@@ -64,11 +64,11 @@ class FleetModels:
         arena = self.arena()
         return {m: kv_pages(arena, layout.page_shape) for m, layout in self.layouts.items()}
 
-    def max_model_len(self, model_id: str) -> int:
-        """The context (prompt plus output) a worker's engine of `model_id` takes."""
-        layout = self.layouts[model_id]
-        return max_model_len(layout.config, self.fleet.engine.max_model_len,
-                             kv_pages(self.arena(), layout.page_shape))
+    def max_model_lens(self) -> dict[str, int]:
+        """Model id -> the context (prompt plus output) a worker's engine of it takes."""
+        limit = self.fleet.engine.max_model_len
+        return {m: max_model_len(self.layouts[m].config, limit, pages)
+                for m, pages in self.kv_pages().items()}
 
     def check_fits(self) -> None:
         """Refuse a fleet whose models cannot fit a worker's arena, naming model and sizes."""
