@@ -1,9 +1,10 @@
 """Attention over a flattened batch: prefill sequences first, then one token per decode.
 
-Prefill attends within the prompt's own fresh K/V (causal SDPA, no page reads). Decode reads
-every earlier token through the block tables: on CPU with the fused kernel straight from the
-pages; otherwise by gathering pages and masking keys past each context. Nothing is padded to
-the longest prompt.
+Prefill attends within the prompt's own fresh K/V (causal, no page reads). Decode reads every
+earlier token through the block tables: on CPU with the fused kernel straight from the pages;
+otherwise by gathering pages and masking keys outside each context. Nothing is padded to the
+longest prompt. A layer may see only a sliding window of recent tokens and soft-cap its
+scores (`LayerAttention`); both are applied on every path.
 """
 
 from __future__ import annotations
@@ -14,6 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from tokenpool.gpu_pool.kv_cache import PagedKVCache
+
+
+@dataclass(frozen=True, slots=True)
+class LayerAttention:
+    scale: float  # multiplies q.k
+    window: int | None = None  # a query sees this many tokens, itself included (None: all)
+    softcap: float | None = None  # scores -> tanh(scores / softcap) * softcap
 
 
 @dataclass(slots=True)
@@ -30,36 +38,69 @@ class AttentionMetadata:
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: PagedKVCache,
-                    layer: int, meta: AttentionMetadata) -> torch.Tensor:
+                    layer: int, meta: AttentionMetadata, spec: LayerAttention) -> torch.Tensor:
     """q: [N, H, D]; k, v: [N, KVH, D] (already written to the cache). Returns [N, H, D]."""
     if not meta.prefill_lens:
-        return _decode(q, kv, layer, meta)
+        return _decode(q, kv, layer, meta, spec)
     parts = []
     start = 0
     for n in meta.prefill_lens:
-        parts.append(_prefill_one(q[start:start + n], k[start:start + n], v[start:start + n]))
-        start += n
+        end = start + n
+        parts.append(_prefill_one(q[start:end], k[start:end], v[start:end], spec))
+        start = end
     if meta.num_decodes:
-        parts.append(_decode(q[start:], kv, layer, meta))
+        parts.append(_decode(q[start:], kv, layer, meta, spec))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _prefill_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
-        v.transpose(0, 1).unsqueeze(0), is_causal=True, enable_gqa=True,
-    )  # [1, H, n, D]
+def _prefill_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 spec: LayerAttention) -> torch.Tensor:
+    q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, n, D]
+    n = q.shape[2]
+    if (spec.window is None or spec.window >= n) and spec.softcap is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,
+                                             scale=spec.scale)
+    else:
+        pos = torch.arange(n, device=q.device)
+        visible = pos[None, :] <= pos[:, None]
+        if spec.window is not None:
+            visible &= pos[None, :] > pos[:, None] - spec.window
+        out = _attend(q, k, v, visible, spec)
     return out[0].transpose(0, 1)
 
 
-def _decode(q: torch.Tensor, kv: PagedKVCache, layer: int, meta: AttentionMetadata):
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
+            spec: LayerAttention) -> torch.Tensor:
+    """Attention written out, for what SDPA cannot do (soft-capping): q [B, H, Q, D],
+    k, v [B, KVH, T, D], visible broadcastable to [B, H, Q, T]."""
+    if spec.softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=True,
+                                              scale=spec.scale)
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * spec.scale
+    scores = torch.tanh(scores / spec.softcap) * spec.softcap
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+def _decode(q: torch.Tensor, kv: PagedKVCache, layer: int, meta: AttentionMetadata,
+            spec: LayerAttention):
     if meta.decode_kernel is not None:
         return meta.decode_kernel.paged_decode_attention(
             q, kv.base(layer, 0), kv.base(layer, 1), meta.decode_tables, meta.decode_lens,
-            q.shape[-1] ** -0.5)
+            spec.scale, spec.window or 0, spec.softcap or 0.0)
     keys, values = kv.gather(layer, meta.decode_tables)  # [B, T, KVH, D]
-    out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
-        attn_mask=meta.decode_mask, enable_gqa=True,
-    )  # [B, H, 1, D]
+    keys, values = keys.transpose(1, 2), values.transpose(1, 2)
+    q = q.unsqueeze(2)  # [B, H, 1, D]
+    mask = meta.decode_mask
+    if spec.window is not None or spec.softcap is not None:
+        pos = torch.arange(keys.shape[2], device=q.device)
+        lens = meta.decode_lens[:, None]
+        visible = pos[None, :] < lens
+        if spec.window is not None:
+            visible &= pos[None, :] >= lens - spec.window
+        return _attend(q, keys, values, visible[:, None, None, :], spec).squeeze(2)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True,
+                                         scale=spec.scale)  # [B, H, 1, D]
     return out.squeeze(2)

@@ -21,11 +21,12 @@ from tokenpool.gpu_pool.device import dtype_name, resolve_device, resolve_dtype
 from tokenpool.gpu_pool.engine_config import EngineConfig
 from tokenpool.gpu_pool.engine_scheduler import EngineScheduler, StepBatch, SwapOp
 from tokenpool.gpu_pool.protocol import RequestOutput
+from tokenpool.gpu_pool.rotary import rotary_tables
 from tokenpool.gpu_pool.kv_swap import KVSwapper
-from tokenpool.gpu_pool.llama import LlamaForward, LlamaWeights, RotaryTable
+from tokenpool.gpu_pool.decoder import DecoderForward, DecoderWeights
 from tokenpool.gpu_pool.model_runner import ModelRunner
 from tokenpool.gpu_pool.sequence import Sequence
-from tokenpool.gpu_pool.weights import bind_llama, is_tied, pack_llama
+from tokenpool.gpu_pool.weights import bind_weights, is_tied, pack_weights
 from tokenpool.gpu_pool.worker_memory import (EngineMemory, ModelLayout, WorkerMemory,
                                               max_model_len)
 from tokenpool.memory.block_manager import BlockManager
@@ -63,18 +64,17 @@ class LLMEngine:
         self.swapper = None if host_blocks is None else KVSwapper(
             memory.kv, blocks, memory.swap_kv, host_blocks)
         self.max_model_len = max_model_len(mc, config.max_model_len, memory.pages.capacity)
-        rope = RotaryTable(mc.head_dim, mc.rope_theta, self.max_model_len, self.dtype,
-                           self.device)
         kernel = paged_attention_kernel() if self.device.type == "cpu" and config.fused_kernels \
             else None
-        self.forward = LlamaForward(mc, rope, memory.scratch)
+        self.forward = DecoderForward(
+            mc, *rotary_tables(mc, self.max_model_len, self.dtype, self.device), memory.scratch)
         self.forward.weights = own_weights
         self.runner = ModelRunner(self.forward, memory.kv, self.device, kernel)
         self._ids = itertools.count()
         self._rng = torch.Generator().manual_seed(config.seed)
 
     def _private_memory(self, weights: dict[str, torch.Tensor] | None
-                        ) -> tuple[EngineMemory, LlamaWeights]:
+                        ) -> tuple[EngineMemory, DecoderWeights]:
         """A one-model arena: `kv_cache_bytes` of KV slabs and one slot with these weights."""
         if weights is None:
             raise ValueError("a standalone engine needs weights (or a worker's memory)")
@@ -83,11 +83,11 @@ class LLMEngine:
         self._worker_memory = WorkerMemory([layout], self.device, MemoryConfig(prefetch=False),
                                            self.config.kv_cache_bytes, num_slots=1)
         slot = self._worker_memory.slots[0][: layout.index.nbytes]
-        pack_llama(self.model_config, weights, layout.index, slot)
-        bound = bind_llama(self.model_config, layout.index, slot)
+        pack_weights(self.model_config, weights, layout.index, slot)
+        bound = bind_weights(self.model_config, layout.index, slot)
         return self._worker_memory.engine_memory(self.model_id), bound
 
-    def bind(self, weights: LlamaWeights | None) -> None:
+    def bind(self, weights: DecoderWeights | None) -> None:
         """Point the model at weights in a worker's slot (None: the model is switched out)."""
         self.forward.weights = weights
 

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from tokenpool.errors import ConfigError
 from tokenpool.gpu_pool.device import resolve_device, resolve_dtype
-from tokenpool.gpu_pool.weights import pack_llama
+from tokenpool.gpu_pool.weights import pack_weights
 from tokenpool.gpu_pool.worker_memory import (ModelLayout, kv_pages, max_model_len,
                                               plan_arena)
 from tokenpool.memory.arena import ArenaLayout, ArenaTooSmallError
@@ -104,7 +104,7 @@ class FleetWeights:
         checkpoint = self._read(self.models.sources[model_id])
 
         def fill(buffer) -> None:
-            pack_llama(layout.config, checkpoint.weights, layout.index,
+            pack_weights(layout.config, checkpoint.weights, layout.index,
                        torch.frombuffer(buffer, dtype=torch.uint8))
 
         return layout.index, fill

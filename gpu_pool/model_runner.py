@@ -7,12 +7,12 @@ import torch
 from tokenpool.gpu_pool.attention import AttentionMetadata
 from tokenpool.gpu_pool.engine_scheduler import StepBatch
 from tokenpool.gpu_pool.kv_cache import PagedKVCache
-from tokenpool.gpu_pool.llama import LlamaForward
+from tokenpool.gpu_pool.decoder import DecoderForward
 from tokenpool.gpu_pool.sampler import SampleRow, sample
 
 
 class ModelRunner:
-    def __init__(self, forward: LlamaForward, kv: PagedKVCache, device: torch.device,
+    def __init__(self, forward: DecoderForward, kv: PagedKVCache, device: torch.device,
                  decode_kernel=None):
         self.forward = forward
         self.kv = kv
@@ -27,7 +27,8 @@ class ModelRunner:
     def logits(self, batch: StepBatch) -> torch.Tensor:
         """[num_seqs, vocab] float32 logits of each sequence's next token."""
         token_ids, positions, meta = self._prepare(batch)
-        hidden = self.forward(token_ids, positions, meta, self.kv)
+        rope_lens = self._rope_lens(batch) if self.forward.rope_needs_lengths else None
+        hidden = self.forward(token_ids, positions, meta, self.kv, rope_lens)
         return self.forward.logits(hidden)
 
     def _prepare(self, batch: StepBatch):
@@ -61,6 +62,12 @@ class ModelRunner:
             decode_kernel=self.decode_kernel,
         )
         return self._tensor(tokens), self._tensor(positions), meta
+
+    def _rope_lens(self, batch: StepBatch) -> torch.Tensor:
+        """Each token's sequence length as of this step, which dynamic RoPE scales by: a whole
+        prompt's for its prefill, as transformers does."""
+        lens = [n for s in batch.prefills for n in [s.num_tokens] * s.num_tokens]
+        return self._tensor(lens + [s.num_tokens for s in batch.decodes])
 
     def _decode_layout(self, batch: StepBatch):
         """Block tables padded to the longest; a key mask only for the gather path."""

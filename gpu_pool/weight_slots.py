@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 import torch
 
-from tokenpool.gpu_pool.llama import LlamaWeights
+from tokenpool.gpu_pool.decoder import DecoderWeights
 from tokenpool.gpu_pool.weight_copy import WeightCopier
-from tokenpool.gpu_pool.weights import bind_llama
+from tokenpool.gpu_pool.weights import bind_weights
 from tokenpool.gpu_pool.worker_memory import WorkerMemory
 from tokenpool.memory.arena import BumpAllocator
 
@@ -30,7 +30,7 @@ class WeightSlots:
         self.allocators = [BumpAllocator(region) for region in memory.layout.slots]
         self.holds: list[str | None] = [None] * len(self.allocators)
         self.active = 0
-        self._weights: dict[int, LlamaWeights] = {}
+        self._weights: dict[int, DecoderWeights] = {}
         self._copy_done: dict[int, object] = {}  # CUDA events of copies still in flight
         self._prefetch: threading.Thread | None = None
         self._prefetch_error: BaseException | None = None
@@ -54,7 +54,7 @@ class WeightSlots:
         self.copier.wait(self._copy_done.pop(self.active, None))
         return prefetched
 
-    def weights(self) -> LlamaWeights:
+    def weights(self) -> DecoderWeights:
         return self._weights[self.active]
 
     def prefetch(self, model_id: str) -> bool:
@@ -97,5 +97,5 @@ class WeightSlots:
         start = allocator.alloc(nbytes)
         dst = self.memory.arena[start: start + nbytes]
         self._copy_done[slot] = self.copier.copy(self.host_bytes(model_id), dst)
-        self._weights[slot] = bind_llama(layout.config, layout.index, dst)
+        self._weights[slot] = bind_weights(layout.config, layout.index, dst)
         self.holds[slot] = model_id

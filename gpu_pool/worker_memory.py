@@ -63,7 +63,7 @@ def kv_pages(arena: ArenaLayout, shape: PageShape) -> int:
 def max_model_len(config: ModelConfig, limit: int | None, num_pages: int) -> int:
     """The longest sequence (prompt plus output) an engine takes: `limit` (the engine's
     max_model_len; None: the model's), the model's positions, and its `num_pages` of KV."""
-    positions = config.max_position_embeddings
+    positions = config.context_length
     return min(limit or positions, positions, num_pages * BLOCK_SIZE)
 
 

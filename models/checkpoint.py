@@ -9,13 +9,14 @@ import torch
 
 from tokenpool.errors import CheckpointError
 from tokenpool.models.config import ModelConfig
+from tokenpool.models.tensor_layout import expected_shapes
 from tokenpool.models.tokenizer import Tokenizer
 
 
 @dataclass
 class Checkpoint:
     config: ModelConfig
-    weights: dict[str, torch.Tensor]  # HF LlamaForCausalLM names, CPU, contiguous
+    weights: dict[str, torch.Tensor]  # HF names (model.layers.{i}...), CPU, contiguous
     tokenizer: Tokenizer
     source: str
 
@@ -54,29 +55,6 @@ def read_model_info(path: str | Path) -> tuple[ModelConfig, Tokenizer]:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     raise CheckpointError(f"{path} is neither a .gguf file nor a directory with config.json")
-
-
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every weight a Llama checkpoint with this config must have, with its shape."""
-    h, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, \
-        cfg.num_key_value_heads * cfg.head_dim
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, h)
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h),
-            p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h),
-            p + "self_attn.o_proj.weight": (h, q),
-            p + "post_attention_layernorm.weight": (h,),
-            p + "mlp.gate_proj.weight": (cfg.intermediate_size, h),
-            p + "mlp.up_proj.weight": (cfg.intermediate_size, h),
-            p + "mlp.down_proj.weight": (h, cfg.intermediate_size),
-        }
-    return shapes
 
 
 def check_weights(cfg: ModelConfig, weights: dict[str, torch.Tensor], source: Path) -> None:

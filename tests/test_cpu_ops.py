@@ -14,24 +14,34 @@ kernel = paged_attention_kernel()
 needs_kernel = pytest.mark.skipif(kernel is None, reason="no C++ toolchain to build the kernel")
 
 
-def reference_decode(q, k_cache, v_cache, tables, lens):
-    """Gather each sequence's pages, mask past its length, SDPA with GQA."""
+def reference_decode(q, k_cache, v_cache, tables, lens, window=None, softcap=None):
+    """Gather each sequence's pages, mask outside its context (and window), attend with GQA,
+    written out in float64 so it shares no code with the engine's paths."""
     b, width = tables.shape
     block, kv_heads, dim = k_cache.shape[1:]
-    keys = k_cache[tables.flatten()].view(b, width * block, kv_heads, dim)
-    values = v_cache[tables.flatten()].view(b, width * block, kv_heads, dim)
-    mask = (torch.arange(width * block)[None] < lens[:, None])[:, None, None, :]
-    return F.scaled_dot_product_attention(
-        q.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask,
-        enable_gqa=True).squeeze(2)
+    groups = q.shape[1] // kv_heads
+    keys = k_cache[tables.flatten()].view(b, width * block, kv_heads, dim).double()
+    values = v_cache[tables.flatten()].view(b, width * block, kv_heads, dim).double()
+    keys, values = (t.repeat_interleave(groups, dim=2).transpose(1, 2) for t in (keys, values))
+    scores = torch.einsum("bhd,bhtd->bht", q.double(), keys) * dim ** -0.5
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    pos = torch.arange(width * block)[None]
+    visible = pos < lens[:, None]
+    if window is not None:
+        visible &= pos >= lens[:, None] - window
+    scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+    return torch.einsum("bht,bhtd->bhd", scores.softmax(-1), values).float()
 
 
 @needs_kernel
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("window, softcap", [(None, None), (20, None), (None, 5.0), (7, 2.0)])
 @pytest.mark.parametrize("heads, kv_heads, lengths", [
     (9, 3, [1, 16, 17, 300]), (4, 4, [5, 64]), (8, 1, [33] * 7), (6, 2, [129]),
 ])
-def test_paged_decode_kernel_matches_gather_and_sdpa(dtype, tol, heads, kv_heads, lengths):
+def test_paged_decode_kernel_matches_reference(dtype, tol, window, softcap, heads, kv_heads,
+                                               lengths):
     g = torch.Generator().manual_seed(len(lengths) * heads)
     dim, block = 64, 16
     width = max(-(-n // block) for n in lengths)
@@ -45,8 +55,10 @@ def test_paged_decode_kernel_matches_gather_and_sdpa(dtype, tol, heads, kv_heads
     q = torch.randn(len(lengths), heads, dim, generator=g).to(dtype)
     # The kernel takes element offsets of pages from a base page (pages live in slabs).
     offsets = tables * (block * kv_heads * dim)
-    got = kernel.paged_decode_attention(q, k_cache[0], v_cache[0], offsets, lens, dim ** -0.5)
-    want = reference_decode(q.float(), k_cache.float(), v_cache.float(), tables, lens)
+    got = kernel.paged_decode_attention(q, k_cache[0], v_cache[0], offsets, lens, dim ** -0.5,
+                                        window or 0, softcap or 0.0)
+    want = reference_decode(q.float(), k_cache.float(), v_cache.float(), tables, lens, window,
+                            softcap)
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
 

@@ -58,5 +58,5 @@ def test_hf_and_gguf_configs_agree(smollm2, hf_smollm2):
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
             cfg.num_key_value_heads, cfg.vocab_size) == (30, 576, 9, 3, 49152)
     assert cfg.num_hidden_layers == ref.num_hidden_layers
-    assert cfg.rope_theta == 100000.0
+    assert cfg.rope.theta == 100000.0
     assert cfg.tie_word_embeddings

@@ -36,12 +36,12 @@ def test_smollm2_config_equals_hf(smollm2_checkpoint, hf_smollm2_model):
     cfg, hf = smollm2_checkpoint.config, hf_smollm2_model.config
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
             cfg.num_key_value_heads, cfg.vocab_size) == (30, 576, 9, 3, 49152)
-    assert cfg.rope_theta == 100000.0 and cfg.tie_word_embeddings
+    assert cfg.rope.theta == 100000.0 and cfg.tie_word_embeddings
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "num_key_value_heads", "head_dim",
                   "max_position_embeddings", "tie_word_embeddings", "bos_token_id"):
         assert getattr(cfg, field) == getattr(hf, field), field
-    assert cfg.rope_theta == hf.rope_parameters["rope_theta"]
+    assert cfg.rope.theta == hf.rope_parameters["rope_theta"]
     assert cfg.rms_norm_eps == pytest.approx(hf.rms_norm_eps)
     assert cfg.eos_token_ids == (hf.eos_token_id,)
 
@@ -175,7 +175,7 @@ def test_tiny_gguf_loads_with_correct_values(gguf_dir, qtype):
     path = _write_tiny_gguf(gguf_dir / f"tiny-{qtype.name}.gguf", qtype, seed=1)
     ckpt = load_checkpoint(path, progress=False)
     assert ckpt.config.tie_word_embeddings and "lm_head.weight" not in ckpt.weights
-    assert ckpt.config.rope_theta == 5e4 and ckpt.config.head_dim == 16
+    assert ckpt.config.rope.theta == 5e4 and ckpt.config.head_dim == 16
     for name, src in _source_weights(1, untied=False).items():
         got = ckpt.weights[name]
         expect_dtype = {Q.F16: torch.float16, Q.BF16: torch.bfloat16}.get(qtype, torch.float32)

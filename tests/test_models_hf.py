@@ -28,7 +28,7 @@ def test_synthetic_round_trip(synth_dir):
     cfg = ckpt.config
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
             cfg.num_key_value_heads, cfg.head_dim) == (2, 64, 4, 2, 16)
-    assert (cfg.vocab_size, cfg.rope_theta, cfg.max_position_embeddings) == (49152, 100000.0, 8192)
+    assert (cfg.vocab_size, cfg.rope.theta, cfg.max_position_embeddings) == (49152, 100000.0, 8192)
     assert cfg.intermediate_size == default_intermediate_size(64) == 192
     assert cfg.tie_word_embeddings and cfg.eos_token_ids == (2,) and cfg.bos_token_id == 1
     expected = random_weights(cfg, seed=7, dtype=torch.float32)
@@ -99,12 +99,16 @@ def test_weights_not_matching_config(synth_dir, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
     with pytest.raises(CheckpointError, match="gate_proj.weight has shape"):
         load_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt_neox"}))
+    with pytest.raises(CheckpointError, match="model_type 'gpt_neox' is not supported"):
+        load_checkpoint(tmp_path)
+    # Qwen2's q/k/v carry biases: a Llama's weights under its model_type lack them.
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen2"}))
-    with pytest.raises(CheckpointError, match="model_type 'qwen2' is not supported"):
+    with pytest.raises(CheckpointError, match="missing model.layers.0.self_attn.k_proj.bias"):
         load_checkpoint(tmp_path)
     scaled = {**cfg, "rope_scaling": {"rope_type": "llama3"}}
     (tmp_path / "config.json").write_text(json.dumps(scaled))
-    with pytest.raises(CheckpointError, match="RoPE scaling 'llama3'"):
+    with pytest.raises(CheckpointError, match="rope_type 'llama3' needs 'factor'"):
         load_checkpoint(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):

@@ -1,7 +1,8 @@
-"""A worker serving several models of different shapes from one arena (issue 3).
+"""A worker serving several models of different shapes and families from one arena.
 
-The fleet: the real SmolLM2 and two synthetic Llamas whose KV pages differ in shape, packed
-into a real /dev/shm host cache. Greedy outputs are the yardstick: switching, prefetching and
+The fleet: the real SmolLM2 (a Llama), a synthetic Qwen2 and a synthetic Gemma 2, whose KV
+pages differ in shape (layers, KV heads, head dim), packed into a real /dev/shm host cache.
+Every switch between them crosses families and is a copy of packed bytes. Greedy outputs are the yardstick: switching, prefetching and
 swapping must never change a single token.
 """
 
@@ -24,9 +25,11 @@ from tokenpool.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 PROMPTS = [[1, 504, 3458, 282, 4649, 314], [30, 2200, 17, 4302, 9, 88, 14, 2, 715]]
-SHAPES = {"synth-a": dict(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2),
-          "synth-b": dict(num_layers=3, hidden_size=96, num_heads=6, num_kv_heads=3,
-                          tie_word_embeddings=False)}
+SEEDED = SamplingParams(max_tokens=10, temperature=0.9, top_k=50, seed=11, ignore_eos=True)
+SHAPES = {"synth-a": dict(family="qwen2", num_layers=2, hidden_size=64, num_heads=4,
+                          num_kv_heads=2),
+          "synth-b": dict(family="gemma2", num_layers=3, hidden_size=96, num_heads=6,
+                          num_kv_heads=3, tie_word_embeddings=False)}
 
 
 def fleet_yaml(tmp, memory: str) -> str:
@@ -85,19 +88,28 @@ def reference(fleet_weights, smollm2):
     out = {}
     for model_id, path in fleet_weights.models.sources.items():
         checkpoint = smollm2 if model_id == "smollm2" else load_checkpoint(path, progress=False)
-        out[model_id] = make_engine(checkpoint, kv_cache_bytes=16 << 20).generate(PROMPTS, GREEDY)
+        engine = make_engine(checkpoint, kv_cache_bytes=16 << 20)
+        out[model_id] = engine.generate(PROMPTS, GREEDY)
+        out[model_id, "seeded"] = engine.generate(PROMPTS, SEEDED)
     return out
 
 
-def run(worker: Worker, model_id: str) -> list[list[int]]:
+def run(worker: Worker, model_id: str, params: SamplingParams = GREEDY) -> list[list[int]]:
     worker.switch(model_id)
-    return worker.engine(model_id).generate(PROMPTS, GREEDY)
+    return worker.engine(model_id).generate(PROMPTS, params)
 
 
 def test_outputs_survive_switches_between_shapes(worker, reference):
     for model_id in ["smollm2", "synth-a", "smollm2", "synth-b", "synth-a", "synth-b"]:
         assert run(worker, model_id) == reference[model_id], model_id
     assert worker.usage()["kv"]["used"] == 0
+
+
+def test_seeded_sampling_survives_switches_between_families(worker, reference):
+    assert {worker.engine(m).model_config.model_type for m in worker.engines} == \
+        {"llama", "qwen2", "gemma2"}
+    for model_id in ["synth-b", "smollm2", "synth-a", "synth-b"]:
+        assert run(worker, model_id, SEEDED) == reference[model_id, "seeded"], model_id
 
 
 def test_requests_in_flight_keep_their_kv_across_switches(worker, reference):

@@ -42,14 +42,15 @@ inline void axpy(float a, const T* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * as_float(x[i]);
 }
 
-// Calls fn(t, row) for each token t < len, row pointing at its K or V for all kv heads.
+// Calls fn(t - start, row) for each token start <= t < len, row pointing at its K or V for
+// all kv heads.
 template <typename T, typename Fn>
-inline void for_each_row(const T* cache, const int64_t* table, int64_t len, const Shape& s,
-                         Fn fn) {
-  for (int64_t first = 0; first < len; first += s.block) {
-    const T* page = cache + table[first / s.block];
-    const int64_t n = std::min(s.block, len - first);
-    for (int64_t i = 0; i < n; ++i) fn(first + i, page + i * s.row());
+inline void for_each_row(const T* cache, const int64_t* table, int64_t start, int64_t len,
+                         const Shape& s, Fn fn) {
+  for (int64_t t = start; t < len;) {
+    const T* page = cache + table[t / s.block];
+    const int64_t end = std::min(len, (t / s.block + 1) * s.block);
+    for (; t < end; ++t) fn(t - start, page + (t % s.block) * s.row());
   }
 }
 
@@ -73,20 +74,25 @@ void softmax_rows(float* scores, int64_t rows, int64_t len) {
 
 template <typename T>
 void decode_sequence(const T* q, const T* k_cache, const T* v_cache, const int64_t* table,
-                     int64_t len, T* out, const Shape& s, float scale,
-                     std::vector<float>& scores, std::vector<float>& acc) {
+                     int64_t context, T* out, const Shape& s, float scale, int64_t window,
+                     float softcap, std::vector<float>& scores, std::vector<float>& acc) {
   const int64_t heads = s.heads, dim = s.dim, groups = s.groups();
+  // A sliding-window layer sees the last `window` tokens, the query's own included.
+  const int64_t start = window > 0 ? std::max<int64_t>(0, context - window) : 0;
+  const int64_t len = context - start;
   scores.resize(heads * len);
   acc.assign(heads * dim + heads * dim, 0.f);
   float* qf = acc.data() + heads * dim;  // scaled query, second half of the scratch
   for (int64_t i = 0; i < heads * dim; ++i) qf[i] = as_float(q[i]) * scale;
 
-  for_each_row(k_cache, table, len, s, [&](int64_t t, const T* k) {
+  for_each_row(k_cache, table, start, context, s, [&](int64_t t, const T* k) {
     for (int64_t h = 0; h < heads; ++h)
       scores[h * len + t] = dot(qf + h * dim, k + (h / groups) * dim, dim);
   });
+  if (softcap > 0.f)  // Gemma 2: scores squashed into (-softcap, softcap) before softmax
+    for (int64_t i = 0; i < heads * len; ++i) scores[i] = std::tanh(scores[i] / softcap) * softcap;
   softmax_rows(scores.data(), heads, len);
-  for_each_row(v_cache, table, len, s, [&](int64_t t, const T* v) {
+  for_each_row(v_cache, table, start, context, s, [&](int64_t t, const T* v) {
     for (int64_t h = 0; h < heads; ++h)
       axpy(scores[h * len + t], v + (h / groups) * dim, acc.data() + h * dim, dim);
   });
@@ -96,7 +102,7 @@ void decode_sequence(const T* q, const T* k_cache, const T* v_cache, const int64
 template <typename T>
 void decode_batch(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables,
                   const int64_t* lens, T* out, int64_t batch, int64_t max_pages, const Shape& s,
-                  float scale) {
+                  float scale, int64_t window, float softcap) {
   const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), batch));
 #pragma omp parallel num_threads(threads)
   {
@@ -105,7 +111,7 @@ void decode_batch(const T* q, const T* k_cache, const T* v_cache, const int64_t*
     for (int64_t b = 0; b < batch; ++b) {
       const int64_t offset = b * s.heads * s.dim;
       decode_sequence(q + offset, k_cache, v_cache, tables + b * max_pages, lens[b],
-                      out + offset, s, scale, scores, acc);
+                      out + offset, s, scale, window, softcap, scores, acc);
     }
   }
 }
@@ -114,10 +120,12 @@ void decode_batch(const T* q, const T* k_cache, const T* v_cache, const int64_t*
 
 // q: [B, H, D]; k_base, v_base: [block, KVH, D], the first page of this layer's K and V;
 // page_offsets: [B, max_pages] int64 element offsets of each page from the base;
-// context_lens: [B] int64. Returns [B, H, D].
+// context_lens: [B] int64; window: attend to the last `window` tokens (0: all); softcap:
+// tanh soft-capping of the scaled scores (0: none). Returns [B, H, D].
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_base,
                                      torch::Tensor v_base, torch::Tensor page_offsets,
-                                     torch::Tensor context_lens, double scale) {
+                                     torch::Tensor context_lens, double scale, int64_t window,
+                                     double softcap) {
   TORCH_CHECK(q.dim() == 3 && k_base.dim() == 3, "expected q [B,H,D], base page [BS,KVH,D]");
   TORCH_CHECK(k_base.is_contiguous() && v_base.is_contiguous(), "pages must be contiguous");
   TORCH_CHECK(q.scalar_type() == k_base.scalar_type(), "q and cache dtypes differ");
@@ -131,7 +139,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_base,
     decode_batch(q.data_ptr<scalar_t>(), k_base.data_ptr<scalar_t>(),
                  v_base.data_ptr<scalar_t>(), page_offsets.data_ptr<int64_t>(),
                  context_lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), batch, max_pages,
-                 s, static_cast<float>(scale));
+                 s, static_cast<float>(scale), window, static_cast<float>(softcap));
   });
   return out;
 }

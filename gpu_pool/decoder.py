@@ -1,0 +1,146 @@
+"""The decoder of every family as plain functions over a weights container.
+
+There are no nn.Modules on purpose: the weights are tensors held in `DecoderWeights`, so a
+model switch rebinds views (DESIGN §4) and a forward pass is one loop with no module dispatch
+cost. What families differ in is data on `ModelConfig` (models/families.py): a layer's
+optional tensors are None where its family has none. Attention reads and writes the paged KV
+cache through `AttentionMetadata`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tokenpool.gpu_pool.attention import AttentionMetadata, LayerAttention, paged_attention
+from tokenpool.gpu_pool.cpu_ops import linear
+from tokenpool.gpu_pool.kv_cache import PagedKVCache
+from tokenpool.gpu_pool.rotary import RotaryTable, apply_rope
+from tokenpool.models.config import ModelConfig
+
+ACTIVATION_FNS = {
+    "silu": F.silu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+}
+
+
+@dataclass(slots=True)
+class LayerWeights:
+    attn_norm: torch.Tensor  # [hidden]
+    qkv: torch.Tensor  # [(H + 2*KVH) * D, hidden], q, k and v fused so one GEMM serves all
+    o: torch.Tensor  # [hidden, H * D]
+    mlp_norm: torch.Tensor  # [hidden]
+    gate_up: torch.Tensor  # [2 * ffn, hidden]
+    down: torch.Tensor  # [hidden, ffn]
+    qkv_bias: torch.Tensor | None = None  # Qwen2
+    q_norm: torch.Tensor | None = None  # [D], Qwen3 and Gemma 3
+    k_norm: torch.Tensor | None = None
+    o_bias: torch.Tensor | None = None
+    attn_out_norm: torch.Tensor | None = None  # Gemma's norms after attention and MLP
+    mlp_out_norm: torch.Tensor | None = None
+
+
+@dataclass(slots=True)
+class DecoderWeights:
+    embed: torch.Tensor  # [vocab, hidden]
+    layers: list[LayerWeights]
+    norm: torch.Tensor  # [hidden]
+    lm_head: torch.Tensor  # [vocab, hidden]; the same tensor as `embed` when tied
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             gemma: bool = False) -> torch.Tensor:
+    """HF's RMSNorm step for step: normalise in float32; Llama scales in the model dtype,
+    Gemma by (1 + w) in float32 before casting.
+
+    Written out rather than F.rms_norm: it is the reference's exact arithmetic, and on CPU
+    these few ops are faster than the fused op for decode-sized inputs (~70 us per call).
+    """
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if gemma:
+        return (h * (1.0 + weight.float())).to(x.dtype)
+    return weight * h.to(x.dtype)
+
+
+def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
+class DecoderForward:
+    """Runs the decoder for one flattened, unpadded batch of tokens."""
+
+    def __init__(self, cfg: ModelConfig, rope: RotaryTable, local_rope: RotaryTable | None = None,
+                 scratch: torch.Tensor | None = None):
+        self.cfg = cfg
+        # Views into a worker's weight slot, rebound on every model switch (None: not loaded).
+        self.weights: DecoderWeights | None = None
+        self.ropes = {False: rope, True: local_rope or rope}  # keyed by "layer is sliding"
+        self.attention = [LayerAttention(cfg.attn_scale, cfg.window_of(i),
+                                         cfg.attn_logit_softcapping)
+                          for i in range(cfg.num_hidden_layers)]
+        self.act = ACTIVATION_FNS[cfg.hidden_act]
+        self.q_size = cfg.num_attention_heads * cfg.head_dim
+        self.scratch = scratch  # cpu_ops.upcast_scratch: bf16 on CPUs without bf16 GEMMs
+
+    @property
+    def rope_needs_lengths(self) -> bool:
+        return any(table.dynamic for table in self.ropes.values())
+
+    @torch.inference_mode()
+    def __call__(self, token_ids: torch.Tensor, positions: torch.Tensor,
+                 meta: AttentionMetadata, kv: PagedKVCache,
+                 rope_lens: torch.Tensor | None = None) -> torch.Tensor:
+        """token_ids, positions: [N]; rope_lens: [N] each token's sequence length (dynamic
+        RoPE only). Returns final hidden states at `meta.logits_rows`."""
+        cfg, w = self.cfg, self.weights
+        x = w.embed[token_ids]  # [N, hidden]
+        if cfg.gemma_norms:
+            x = x * torch.tensor(cfg.hidden_size ** 0.5, dtype=x.dtype)
+        ropes = {kind: table.lookup(positions, rope_lens) for kind, table in self.ropes.items()}
+        for i, lw in enumerate(w.layers):
+            h = self._norm(x, lw.attn_norm)
+            attn = self._attention(h, ropes[cfg.is_sliding(i)], lw, meta, kv, i)
+            x = x + self._norm_out(self._linear(attn, lw.o, lw.o_bias), lw.attn_out_norm)
+            h = self._norm(x, lw.mlp_norm)
+            gate, up = self._linear(h, lw.gate_up).chunk(2, dim=-1)
+            x = x + self._norm_out(self._linear(self.act(gate) * up, lw.down), lw.mlp_out_norm)
+        x = x[meta.logits_rows]
+        return self._norm(x, w.norm)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # Contiguous for the sampler: row-wise argmax/softmax on a transposed GEMM result is
+        # several times slower than the copy.
+        logits = self._linear(hidden, self.weights.lm_head).float().contiguous()
+        return soft_cap(logits, self.cfg.final_logit_softcapping)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, weight, self.cfg.rms_norm_eps, self.cfg.gemma_norms)
+
+    def _norm_out(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        return x if weight is None else self._norm(x, weight)
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        out = linear(x, weight, self.scratch)
+        return out if bias is None else out + bias
+
+    def _attention(self, h, rope, lw: LayerWeights, meta, kv, layer_idx) -> torch.Tensor:
+        cfg = self.cfg
+        n = h.shape[0]
+        heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        # reshape, not view: on CPU the projection may come back transposed (cpu_ops.linear)
+        qkv = self._linear(h, lw.qkv, lw.qkv_bias).reshape(n, heads + 2 * kv_heads, cfg.head_dim)
+        if lw.q_norm is None:
+            qk = apply_rope(qkv[:, : heads + kv_heads], *rope)  # q and k rotated in one pass
+            q, k = qk[:, :heads], qk[:, heads:]
+        else:
+            q = apply_rope(self._norm(qkv[:, :heads], lw.q_norm), *rope)
+            k = apply_rope(self._norm(qkv[:, heads: heads + kv_heads], lw.k_norm), *rope)
+        v = qkv[:, heads + kv_heads:]
+        kv.write(layer_idx, k, v, meta.write_index)
+        out = paged_attention(q, k, v, kv, layer_idx, meta, self.attention[layer_idx])
+        return out.reshape(n, self.q_size)
