@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
 from tokenpool.errors import CheckpointError
+from tokenpool.models.chat_template import jinja_env, template_message
 
 # GGUF tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
 _CONTROL, _USER_DEFINED = 3, 4
@@ -79,7 +77,7 @@ class Tokenizer:
         self.unk_token, self.pad_token = unk_token, pad_token
         self.add_bos_token = add_bos_token
         self._chat_template = chat_template
-        self._template: jinja2.Template | None = None
+        self._template = None  # compiled on first use
         ids = [self._id(t) for t in eos_tokens] + list(extra_eos_ids)
         self._eos_ids = tuple(dict.fromkeys(i for i in ids if i is not None))
         if add_bos_token and bos_token is not None and backend.post_processor is None:
@@ -147,14 +145,21 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             **kwargs: Any) -> str:
+        """The text HF's apply_chat_template(tokenize=False) gives: the same variables (tools
+        and documents None, only the special tokens that are set) and the same messages."""
         if self._chat_template is None:
             raise ValueError("this tokenizer has no chat template")
         if self._template is None:
-            self._template = _jinja_env().from_string(self._chat_template)
-        return self._template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-            unk_token=self.unk_token, pad_token=self.pad_token, **kwargs)
+            self._template = jinja_env().from_string(self._chat_template)
+        special = {"bos_token": self.bos_token, "eos_token": self.eos_token,
+                   "unk_token": self.unk_token, "pad_token": self.pad_token}
+        return self._template.render({
+            "tools": None, "documents": None,
+            **{name: token for name, token in special.items() if token is not None},
+            **kwargs,
+            "messages": [template_message(m) for m in messages],
+            "add_generation_prompt": add_generation_prompt,
+        })
 
     def token_to_id(self, token: str) -> int | None:
         return self._id(token)
@@ -249,23 +254,3 @@ def _as_id_list(value: Any) -> list[int]:
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _jinja_env() -> ImmutableSandboxedEnvironment:
-    """The environment HF renders chat templates in, so our prompts match theirs byte for byte."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
-               separators: Any = None, sort_keys: bool = False) -> str:
-        # Jinja's own tojson escapes HTML characters, which HF's templates do not expect.
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                          sort_keys=sort_keys)
-
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env
