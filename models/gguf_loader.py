@@ -74,7 +74,6 @@ def hf_config_dict(gguf: GGUFFile) -> dict[str, Any]:
     if meta.get(key("attention.value_length"), head_dim) != head_dim:
         raise CheckpointError(f"{where}: {key('attention.value_length')} differs from the key "
                               "length: not supported")
-    eos = meta.get("tokenizer.ggml.eos_token_id")
     d = {
         "model_type": arch.model_type,
         "vocab_size": _vocab_size(meta, tensors, key),
@@ -88,7 +87,7 @@ def hf_config_dict(gguf: GGUFFile) -> dict[str, Any]:
         "max_position_embeddings": meta.get(key("context_length"), 2048),
         "tie_word_embeddings": "output.weight" not in tensors,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": eos,
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "attention_bias": any(f"blk.0.{t}.bias" in tensors for t in ("attn_q", "attn_qkv")),
         arch.act[0]: arch.act[1],
     }
@@ -97,8 +96,7 @@ def hf_config_dict(gguf: GGUFFile) -> dict[str, Any]:
     window = meta.get(key("attention.sliding_window")) if arch.sliding else None
     if window:
         d["sliding_window"] = window
-        d |= _sliding_pattern(meta.get(key("attention.sliding_window_pattern")),
-                              d["num_hidden_layers"])
+        d |= _sliding_pattern(meta.get(key("attention.sliding_window_pattern")))
     if arch.soft_caps:
         for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
             d[cap] = _f32(meta[key(cap)]) if meta.get(key(cap)) else None
@@ -145,8 +143,8 @@ def _rope_dict(meta: dict, arch: GGUFArch, freqs: GGUFTensor | None, head_dim: i
         if kind != "none":
             raise CheckpointError(f"{where}: {ROPE_FREQS} together with "
                                   f"{key('rope.scaling.type')} {kind!r} is not supported")
-        params = llama3_from_rope_freqs(_to_float(freqs), params["rope_theta"], head_dim, fraction,
-                                max_pos, where)
+        params = llama3_from_rope_freqs(_to_float(freqs), params["rope_theta"], head_dim,
+                                        fraction, max_pos, where)
     if arch.local_rope:  # llama.cpp's default swa base (and transformers' rope_local_base_freq)
         local = _f32(meta.get(key("rope.freq_base_swa"), 1e4))
         params = {"full_attention": params,
@@ -154,7 +152,7 @@ def _rope_dict(meta: dict, arch: GGUFArch, freqs: GGUFTensor | None, head_dim: i
     return {"rope_parameters": params, "partial_rotary_factor": fraction}
 
 
-def _sliding_pattern(pattern, layers: int) -> dict[str, Any]:
+def _sliding_pattern(pattern: int | list[bool] | None) -> dict[str, Any]:
     """config.json's sliding_window_pattern or layer_types, from the optional GGUF key (an
     int period, or one bool per layer, true for sliding); absent, the family's default."""
     if pattern is None:
