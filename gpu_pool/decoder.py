@@ -100,7 +100,9 @@ class DecoderForward:
         x = w.embed[token_ids]  # [N, hidden]
         if cfg.gemma_norms:
             x = x * torch.tensor(cfg.hidden_size ** 0.5, dtype=x.dtype)
-        ropes = {kind: table.lookup(positions, rope_lens) for kind, table in self.ropes.items()}
+        ropes = {False: self.ropes[False].lookup(positions, rope_lens)}
+        ropes[True] = ropes[False] if self.ropes[True] is self.ropes[False] \
+            else self.ropes[True].lookup(positions, rope_lens)
         for i, lw in enumerate(w.layers):
             h = self._norm(x, lw.attn_norm)
             attn = self._attention(h, ropes[cfg.is_sliding(i)], lw, meta, kv, i)

@@ -85,6 +85,23 @@ def test_engine_with_and_without_fused_kernels_agree(smollm2, engine):
 
 
 @needs_kernel
+@pytest.mark.parametrize("case", ["gemma2", "mistral"])
+def test_fused_and_portable_paths_agree_on_windows_and_soft_caps(tmp_path, case):
+    """Gemma 2 (soft-capped scores, alternating 16-token windows) and Mistral (every layer
+    windowed): the kernel and the gather + mask path give the same tokens past the window."""
+    from family_checkpoints import write_case
+    from tokenpool.models.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(write_case(case, tmp_path / case), progress=False)
+    prompts = random_prompts([5, 40, 70], seed=3)
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    fused = make_engine(ckpt)
+    portable = make_engine(ckpt, fused_kernels=False)
+    assert fused.runner.decode_kernel is not None and portable.runner.decode_kernel is None
+    assert fused.generate(prompts, params) == portable.generate(prompts, params)
+
+
+@needs_kernel
 def test_a_builder_killed_mid_build_does_not_hang_later_loads():
     """A killed builder leaves torch's lock file in the build directory; torch alone would
     wait on it forever (every worker of the machine stuck starting). Loading must go on."""
