@@ -33,8 +33,11 @@ class LayerWeights:
     qkv: torch.Tensor  # [(H + 2*KVH) * D, hidden], q, k and v fused so one GEMM serves all
     o: torch.Tensor  # [hidden, H * D]
     mlp_norm: torch.Tensor  # [hidden]
-    gate_up: torch.Tensor  # [2 * ffn, hidden]
-    down: torch.Tensor  # [hidden, ffn]
+    gate_up: torch.Tensor | None = None  # [2 * ffn, hidden]; None in a mixture-of-experts layer
+    down: torch.Tensor | None = None  # [hidden, ffn]
+    router: torch.Tensor | None = None  # [experts, hidden]
+    experts_gate_up: torch.Tensor | None = None  # [experts * 2 * moe_ffn, hidden]
+    experts_down: torch.Tensor | None = None  # [experts * hidden, moe_ffn]
     qkv_bias: torch.Tensor | None = None  # Qwen2
     q_norm: torch.Tensor | None = None  # [D], Qwen3 and Gemma 3
     k_norm: torch.Tensor | None = None
@@ -108,8 +111,8 @@ class DecoderForward:
             attn = self._attention(h, ropes[cfg.is_sliding(i)], lw, meta, kv, i)
             x = x + self._norm_out(self._linear(attn, lw.o, lw.o_bias), lw.attn_out_norm)
             h = self._norm(x, lw.mlp_norm)
-            gate, up = self._linear(h, lw.gate_up).chunk(2, dim=-1)
-            x = x + self._norm_out(self._linear(self.act(gate) * up, lw.down), lw.mlp_out_norm)
+            mlp = self._mlp(h, lw.gate_up, lw.down) if lw.router is None else self._experts(h, lw)
+            x = x + self._norm_out(mlp, lw.mlp_out_norm)
         x = x[meta.logits_rows]
         return self._norm(x, w.norm)
 
@@ -129,6 +132,28 @@ class DecoderForward:
                 bias: torch.Tensor | None = None) -> torch.Tensor:
         out = linear(x, weight, self.scratch)
         return out if bias is None else out + bias
+
+    def _mlp(self, h: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        gate, up = self._linear(h, gate_up).chunk(2, dim=-1)
+        return self._linear(self.act(gate) * up, down)
+
+    def _experts(self, h: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
+        """Each token's top-k experts, weighted by the router, as transformers routes them:
+        softmax in float32, top-k (renormalised if the config says so), experts in order."""
+        cfg = self.cfg
+        probs = torch.softmax(self._linear(h, lw.router), dim=-1, dtype=torch.float32)
+        weights, chosen = torch.topk(probs, cfg.num_experts_per_tok, dim=-1)
+        if cfg.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(h.dtype)
+        gate_up = lw.experts_gate_up.view(cfg.num_experts, -1, cfg.hidden_size)
+        down = lw.experts_down.view(cfg.num_experts, cfg.hidden_size, -1)
+        out = torch.zeros_like(h)
+        for expert in chosen.unique().tolist():
+            tokens, slot = torch.where(chosen == expert)
+            y = self._mlp(h[tokens], gate_up[expert], down[expert])
+            out.index_add_(0, tokens, y * weights[tokens, slot, None])
+        return out
 
     def _attention(self, h, rope, lw: LayerWeights, meta, kv, layer_idx) -> torch.Tensor:
         cfg = self.cfg

@@ -32,9 +32,9 @@ def packed_index(cfg: ModelConfig, dtype: torch.dtype, tied: bool | None = None)
     specs = [("embed", name, vocab_shape), ("norm", name, (cfg.hidden_size,))]
     if not tied:
         specs.append(("lm_head", name, vocab_shape))
-    shapes = role_shapes(cfg)
     for i in range(cfg.num_hidden_layers):
-        specs += [(f"layers.{i}.{role}", name, shape) for role, shape in shapes.items()]
+        specs += [(f"layers.{i}.{role}", name, shape)
+                  for role, shape in role_shapes(cfg, i).items()]
     return PackIndex.layout(specs)
 
 
@@ -62,8 +62,8 @@ def pack_weights(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], index: P
 def bind_weights(cfg: ModelConfig, index: PackIndex, buffer: torch.Tensor) -> DecoderWeights:
     """DecoderWeights whose tensors are views into `buffer`, which holds a packed model."""
     views = {e.name: entry_view(buffer, e) for e in index.entries}
-    roles = layer_roles(cfg)
-    layers = [LayerWeights(**{role: views[f"layers.{i}.{role}"] for role in roles})
+    layers = [LayerWeights(**{role: views[f"layers.{i}.{role}"]
+                              for role in layer_roles(cfg, i)})
               for i in range(cfg.num_hidden_layers)]
     return DecoderWeights(embed=views["embed"], layers=layers, norm=views["norm"],
                         lm_head=views.get("lm_head", views["embed"]))

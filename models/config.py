@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tokenpool.errors import CheckpointError
-from tokenpool.models.families import ACTIVATIONS, FAMILIES, Family
+from tokenpool.models.families import ACTIVATIONS, COMMON_DEFAULTS, FAMILIES, Family
 from tokenpool.models.rope import RopeSpec, rope_spec_from_hf
 
 SLIDING = "sliding_attention"
@@ -46,6 +46,11 @@ class ModelConfig:
     final_logit_softcapping: float | None = None
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()  # per layer SLIDING or FULL; empty: all full
+    num_experts: int = 0  # mixture of experts (Qwen3-MoE): experts per MoE layer
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # renormalise the chosen experts' weights to sum to 1
+    moe_layers: tuple[int, ...] = ()  # the layers whose MLP is a mixture of experts
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -67,8 +72,11 @@ class ModelConfig:
     @property
     def context_length(self) -> int:
         """Positions the model takes: scaled RoPE stretches max_position_embeddings by its
-        factor, except llama3's, whose configs state the stretched length (as vLLM reads them)."""
-        if self.rope.kind in ("linear", "dynamic", "yarn"):
+        factor (yarn's original length), except llama3's, whose configs state the stretched
+        length: as vLLM reads them."""
+        if self.rope.kind == "yarn":
+            return int(self.rope.original_max_position_embeddings * self.rope.factor)
+        if self.rope.kind in ("linear", "dynamic"):
             return int(self.max_position_embeddings * self.rope.factor)
         return self.max_position_embeddings
 
@@ -78,12 +86,16 @@ class ModelConfig:
     def window_of(self, layer: int) -> int | None:
         return self.sliding_window if self.is_sliding(layer) else None
 
+    def is_moe(self, layer: int) -> bool:
+        return layer in self.moe_layers
+
     def rope_of(self, layer: int) -> RopeSpec:
         return self.local_rope if self.local_rope and self.is_sliding(layer) else self.rope
 
     @classmethod
     def from_hf_dict(cls, d: dict, where: str = "config.json") -> "ModelConfig":
         family = _family(d, where)
+        d = {**COMMON_DEFAULTS, **family.defaults, **d}  # the file's keys win, nulls included
         heads = d["num_attention_heads"]
         layers = d["num_hidden_layers"]
         head_dim = d.get("head_dim") or d["hidden_size"] // heads
@@ -95,9 +107,9 @@ class ModelConfig:
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"], num_hidden_layers=layers,
             num_attention_heads=heads, num_key_value_heads=d.get("num_key_value_heads") or heads,
-            head_dim=head_dim, rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+            head_dim=head_dim, rms_norm_eps=float(d["rms_norm_eps"]),
             max_position_embeddings=d.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", family.default_tied)),
+            tie_word_embeddings=bool(d["tie_word_embeddings"]),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=tuple(eos) if isinstance(eos, (list, tuple))
             else (() if eos is None else (eos,)),
@@ -112,6 +124,7 @@ class ModelConfig:
             final_logit_softcapping=d.get("final_logit_softcapping") if soft else None,
             sliding_window=d.get("sliding_window") if SLIDING in layer_types else None,
             layer_types=layer_types if SLIDING in layer_types else (),
+            **(_experts(d, layers) if family.moe else {}),
         )
 
 
@@ -132,6 +145,20 @@ def _family(d: dict, where: str) -> Family:
     return FAMILIES[model_type]
 
 
+def _experts(d: dict, layers: int) -> dict:
+    """The mixture-of-experts fields, and which layers have experts (as transformers picks
+    them: every decoder_sparse_step-th layer not in mlp_only_layers)."""
+    # transformers 5 writes num_local_experts where Qwen's own configs say num_experts
+    experts = d["num_experts"] if "num_experts" in d else d["num_local_experts"]
+    step = d.get("decoder_sparse_step") or 1
+    dense = set(d.get("mlp_only_layers") or ())
+    moe = tuple(i for i in range(layers)
+                if experts > 0 and i not in dense and (i + 1) % step == 0)
+    return {"num_experts": experts, "num_experts_per_tok": d["num_experts_per_tok"],
+            "moe_intermediate_size": d["moe_intermediate_size"],
+            "norm_topk_prob": bool(d.get("norm_topk_prob", False)), "moe_layers": moe}
+
+
 def _activation(d: dict, family: Family, where: str) -> str:
     key = family.act_key if family.act_key in d else "hidden_act"
     name = d.get(key, "silu")
@@ -147,7 +174,7 @@ def _layer_types(d: dict, family: Family, layers: int, where: str) -> tuple[str,
         unknown = set(types) - {SLIDING, FULL}
         if unknown:
             raise CheckpointError(f"{where}: layer_types {sorted(unknown)} are not supported")
-        if family.model_type in ("qwen2", "qwen3") and not d.get("use_sliding_window"):
+        if family.sliding_opt_in and not d.get("use_sliding_window"):
             return ()  # transformers lists sliding layers only when the window is on
     else:
         types = family.sliding_layers(d, layers)

@@ -30,6 +30,12 @@ LLAMA_SOURCES: dict[str, tuple[str, ...]] = {
 }
 GEMMA_SOURCES = {"mlp_norm": ("pre_feedforward_layernorm.weight",)}
 PHI3_SOURCES = {"qkv": ("self_attn.qkv_proj.weight",), "gate_up": ("mlp.gate_up_proj.weight",)}
+# Mixture-of-experts MLPs: `{e}` stands for each expert in turn (tensor_layout.py).
+QWEN_MOE_SOURCES = {
+    "router": ("mlp.gate.weight",),
+    "experts_gate_up": ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"),
+    "experts_down": ("mlp.experts.{e}.down_proj.weight",),
+}
 
 # config.json's activation names -> the function the engine applies.
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
@@ -72,8 +78,13 @@ class Family:
     gemma_norms: bool = False  # (1 + w) norms in float32, sandwich norms, sqrt(hidden) embeddings
     soft_caps: bool = False  # reads attn/final logit soft-capping and query_pre_attn_scalar
     local_rope: bool = False  # sliding layers have their own RoPE base
+    moe: bool = False  # reads num_experts & co.: some or all MLPs are mixtures of experts
+    # sliding layers only with `use_sliding_window: true` (Qwen), even where config.json
+    # lists layer_types
+    sliding_opt_in: bool = False
     sliding_layers: object = _no_sliding  # layer types when config.json does not list them
-    default_tied: bool = False
+    # config.json keys transformers' config class defaults when a file omits them
+    defaults: dict = field(default_factory=dict)
     # config.json keys a synthetic checkpoint of the family sets (`tokenpool fleet synth`)
     synth: dict = field(default_factory=dict)
 
@@ -82,23 +93,40 @@ class Family:
 
 
 _GEMMA_SYNTH = {"hidden_activation": "gelu_pytorch_tanh", "sliding_window": 512}
+_GEMMA_DEFAULTS = {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+                   "tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh"}
+# What every family's config class defaults alike.
+COMMON_DEFAULTS = {"rms_norm_eps": 1e-6, "tie_word_embeddings": False}
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
-    Family("llama", "LlamaForCausalLM", "llama", synth={"rope_theta": 100000.0}),
+    Family("llama", "LlamaForCausalLM", "llama", synth={"rope_theta": 100000.0},
+           defaults={"max_position_embeddings": 2048}),
     Family("mistral", "MistralForCausalLM", "llama", sliding_layers=_all_sliding,
-           synth={"rope_theta": 1e6, "sliding_window": 512}),
-    Family("qwen2", "Qwen2ForCausalLM", "qwen2", qkv_bias=True, sliding_layers=_qwen_sliding,
-           synth={"rope_theta": 1e6}),
-    Family("qwen3", "Qwen3ForCausalLM", "qwen3", qk_norm=True, sliding_layers=_qwen_sliding,
-           synth={"rope_theta": 1e6}),
+           synth={"rope_theta": 1e6, "sliding_window": 512},
+           defaults={"sliding_window": 4096, "max_position_embeddings": 131072}),
+    Family("qwen2", "Qwen2ForCausalLM", "qwen2", qkv_bias=True, sliding_opt_in=True,
+           sliding_layers=_qwen_sliding, synth={"rope_theta": 1e6},
+           defaults={"max_position_embeddings": 32768}),
+    Family("qwen3", "Qwen3ForCausalLM", "qwen3", qk_norm=True, sliding_opt_in=True,
+           sliding_layers=_qwen_sliding, synth={"rope_theta": 1e6},
+           defaults={"head_dim": 128, "max_position_embeddings": 32768}),
     Family("gemma2", "Gemma2ForCausalLM", "gemma2", GEMMA_SOURCES, "hidden_activation",
            gemma_norms=True, soft_caps=True, sliding_layers=_every_nth_full(2),
-           default_tied=True, synth={**_GEMMA_SYNTH, "attn_logit_softcapping": 50.0,
-                                     "final_logit_softcapping": 30.0}),
+           synth={**_GEMMA_SYNTH, "attn_logit_softcapping": 50.0,
+                  "final_logit_softcapping": 30.0},
+           defaults={**_GEMMA_DEFAULTS, "attn_logit_softcapping": 50.0,
+                     "final_logit_softcapping": 30.0, "max_position_embeddings": 8192}),
     Family("gemma3_text", "Gemma3ForCausalLM", "gemma3", GEMMA_SOURCES, "hidden_activation",
            qk_norm=True, gemma_norms=True, soft_caps=True, local_rope=True,
-           sliding_layers=_every_nth_full(6), default_tied=True,
+           sliding_layers=_every_nth_full(6),
            synth={**_GEMMA_SYNTH, "rope_theta": 1e6, "rope_local_base_freq": 10000.0,
-                  "sliding_window_pattern": 2}),
-    Family("phi3", "Phi3ForCausalLM", "phi3", PHI3_SOURCES, sliding_layers=_all_sliding),
+                  "sliding_window_pattern": 2},
+           defaults={**_GEMMA_DEFAULTS, "rope_theta": 1e6, "rope_local_base_freq": 10000.0,
+                     "max_position_embeddings": 131072}),
+    Family("phi3", "Phi3ForCausalLM", "phi3", PHI3_SOURCES, sliding_layers=_all_sliding,
+           defaults={"rms_norm_eps": 1e-5, "max_position_embeddings": 4096}),
+    Family("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3moe", QWEN_MOE_SOURCES, qk_norm=True,
+           moe=True, sliding_opt_in=True, sliding_layers=_qwen_sliding,
+           synth={"rope_theta": 1e6, "num_experts": 8, "num_experts_per_tok": 2},
+           defaults={"max_position_embeddings": 32768}),
 )}

@@ -21,6 +21,8 @@ def synthetic_config(family: str, **sizes) -> ModelConfig:
     eos = sizes.pop("eos_token_ids", ())
     raw = {**sizes, "eos_token_id": list(eos), "model_type": family,
            **FAMILIES[family].synth}
+    if FAMILIES[family].moe:  # experts a quarter of the dense MLP's width, as Qwen3-MoE's
+        raw.setdefault("moe_intermediate_size", max(16, sizes["intermediate_size"] // 4))
     return ModelConfig.from_hf_dict(raw, f"synthetic {family} config")
 
 
@@ -45,6 +47,12 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
     if cfg.local_rope is not None:
         out["rope_local_base_freq"] = cfg.local_rope.theta
     out |= _sliding_keys(cfg)
+    if family.moe:
+        out |= {"num_experts": cfg.num_experts, "num_experts_per_tok": cfg.num_experts_per_tok,
+                "moe_intermediate_size": cfg.moe_intermediate_size,
+                "norm_topk_prob": cfg.norm_topk_prob, "decoder_sparse_step": 1,
+                "mlp_only_layers": [i for i in range(cfg.num_hidden_layers)
+                                    if not cfg.is_moe(i)]}
     if family.soft_caps:
         out |= {"query_pre_attn_scalar": cfg.query_pre_attn_scalar,
                 "attn_logit_softcapping": cfg.attn_logit_softcapping,
@@ -57,6 +65,6 @@ def _sliding_keys(cfg: ModelConfig) -> dict:
         return {"sliding_window": None, "use_sliding_window": False}
     out = {"sliding_window": cfg.sliding_window, "layer_types": list(cfg.layer_types),
            "use_sliding_window": True}
-    if cfg.model_type in ("qwen2", "qwen3"):
+    if cfg.family.sliding_opt_in:
         out["max_window_layers"] = cfg.layer_types.index(SLIDING)
     return out

@@ -1,7 +1,10 @@
 """Which tensors a checkpoint of a given config holds, by role, with their shapes.
 
 The engine packs one tensor per role and layer (`layers.{i}.{role}`); a role's HF sources are
-concatenated along rows in the order listed (families.py), so q, k and v become one GEMM.
+concatenated along rows in the order listed (families.py), so q, k and v become one GEMM. A
+source with `{e}` stands for every expert in turn (interleaved with the role's other
+sources: expert 0's gate and up, then expert 1's), so a layer's experts are one packed
+tensor and a switch still copies one buffer.
 """
 
 from __future__ import annotations
@@ -10,11 +13,12 @@ from math import prod
 
 from tokenpool.models.config import ModelConfig
 
-NORM_ROLES = ("attn_norm", "q_norm", "k_norm", "attn_out_norm", "mlp_norm", "mlp_out_norm")
+DENSE_MLP = ("gate_up", "down")
+MOE_MLP = ("router", "experts_gate_up", "experts_down")
 
 
-def layer_roles(cfg: ModelConfig) -> tuple[str, ...]:
-    """The roles a layer of this config has, in packing order."""
+def layer_roles(cfg: ModelConfig, layer: int) -> tuple[str, ...]:
+    """The roles layer `layer` of this config has, in packing order."""
     roles = ["attn_norm", "qkv"]
     if cfg.qkv_bias:
         roles.append("qkv_bias")
@@ -25,27 +29,30 @@ def layer_roles(cfg: ModelConfig) -> tuple[str, ...]:
         roles.append("o_bias")
     if cfg.gemma_norms:
         roles.append("attn_out_norm")
-    roles += ["mlp_norm", "gate_up", "down"]
+    roles.append("mlp_norm")
+    roles += MOE_MLP if cfg.is_moe(layer) else DENSE_MLP
     if cfg.gemma_norms:
         roles.append("mlp_out_norm")
     return tuple(roles)
 
 
-def _row_parts(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Rows of each source of a role, when the checkpoint keeps them apart."""
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    ffn = cfg.intermediate_size
-    return {"qkv": (q, kv, kv), "qkv_bias": (q, kv, kv), "gate_up": (ffn, ffn)}
-
-
-def role_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+def role_shapes(cfg: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
     h, d, ffn = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     q, qkv = cfg.num_attention_heads * d, (cfg.num_attention_heads
                                            + 2 * cfg.num_key_value_heads) * d
+    experts, moe_ffn = cfg.num_experts, cfg.moe_intermediate_size
     shapes = {"attn_norm": (h,), "qkv": (qkv, h), "qkv_bias": (qkv,), "q_norm": (d,),
               "k_norm": (d,), "o": (h, q), "o_bias": (h,), "attn_out_norm": (h,),
-              "mlp_norm": (h,), "gate_up": (2 * ffn, h), "down": (h, ffn), "mlp_out_norm": (h,)}
-    return {role: shapes[role] for role in layer_roles(cfg)}
+              "mlp_norm": (h,), "gate_up": (2 * ffn, h), "down": (h, ffn), "mlp_out_norm": (h,),
+              "router": (experts, h), "experts_gate_up": (experts * 2 * moe_ffn, h),
+              "experts_down": (experts * h, moe_ffn)}
+    return {role: shapes[role] for role in layer_roles(cfg, layer)}
+
+
+def _expand(cfg: ModelConfig, sources: tuple[str, ...]) -> tuple[str, ...]:
+    if not any("{e}" in s for s in sources):
+        return sources
+    return tuple(s.format(e=e) for e in range(cfg.num_experts) for s in sources)
 
 
 def packed_sources(cfg: ModelConfig, tied: bool) -> dict[str, tuple[str, ...]]:
@@ -55,9 +62,18 @@ def packed_sources(cfg: ModelConfig, tied: bool) -> dict[str, tuple[str, ...]]:
         out["lm_head"] = ("lm_head.weight",)
     sources = cfg.family.layer_sources()
     for i in range(cfg.num_hidden_layers):
-        for role in layer_roles(cfg):
-            out[f"layers.{i}.{role}"] = tuple(f"model.layers.{i}.{s}" for s in sources[role])
+        for role in layer_roles(cfg, i):
+            out[f"layers.{i}.{role}"] = tuple(f"model.layers.{i}.{s}"
+                                              for s in _expand(cfg, sources[role]))
     return out
+
+
+def _source_rows(cfg: ModelConfig, role: str, rows: int, count: int) -> tuple[int, ...]:
+    """Rows of each of a role's `count` sources, when the checkpoint keeps them apart."""
+    if count > 1 and role in ("qkv", "qkv_bias"):
+        kv = cfg.num_key_value_heads * cfg.head_dim
+        return (cfg.num_attention_heads * cfg.head_dim, kv, kv)
+    return (rows // count,) * count  # gate and up, or one slice per expert
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -66,14 +82,13 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, h)
-    roles, parts = role_shapes(cfg), _row_parts(cfg)
-    for name, hf_names in packed_sources(cfg, tied=True).items():
-        role = name.rsplit(".", 1)[-1]
-        if role not in roles:
-            continue
-        rows = parts[role] if len(hf_names) > 1 else (roles[role][0],)
-        for hf_name, n in zip(hf_names, rows):
-            shapes[hf_name] = (n, *roles[role][1:])
+    sources = packed_sources(cfg, tied=True)
+    for i in range(cfg.num_hidden_layers):
+        for role, shape in role_shapes(cfg, i).items():
+            hf_names = sources[f"layers.{i}.{role}"]
+            rows = _source_rows(cfg, role, shape[0], len(hf_names))
+            for hf_name, n in zip(hf_names, rows):
+                shapes[hf_name] = (n, *shape[1:])
     return shapes
 
 

@@ -41,6 +41,9 @@ FAMILIES: dict[str, tuple[str, dict]] = {
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                          "full_attention": {"rope_type": "default", "rope_theta": 1e6}})),
     "phi3": ("Phi3", {}),
+    # Layer 1 keeps a dense MLP (mlp_only_layers), the others route to 2 of 8 experts.
+    "qwen3_moe": ("Qwen3Moe", dict(head_dim=32, num_experts=8, num_experts_per_tok=2,
+                                   moe_intermediate_size=48, mlp_only_layers=[1])),
 }
 
 
@@ -75,6 +78,8 @@ CASES: dict[str, Case] = {
     "gemma3": Case("gemma3_text"),
     "phi3": Case("phi3", dict(sliding_window=20)),  # as Phi-3-mini-4k's 2047: every layer
     "phi3-partial-rotary": Case("phi3", dict(partial_rotary_factor=0.75)),
+    "qwen3-moe": Case("qwen3_moe"),
+    "qwen3-moe-norm-topk": Case("qwen3_moe", dict(norm_topk_prob=True)),
 }
 
 
@@ -156,6 +161,9 @@ def randomise(model, *, offset_norms: bool, seed: int, embed_std: float, gain: f
             p.copy_(torch.randn(p.shape, generator=g) * embed_std)
         elif name == "lm_head.weight":
             p.copy_(torch.randn(p.shape, generator=g) * (4 / hidden ** 0.5))
+        elif p.dim() == 3:  # a mixture's experts, stacked: [experts, out, in]
+            scale = gain if name.endswith("down_proj") else 1.0
+            p.copy_(torch.randn(p.shape, generator=g) * scale / p.shape[-1] ** 0.5)
         else:  # projections: variance-preserving, those writing to the residual by `gain`
             scale = gain if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
             p.copy_(torch.randn(p.shape, generator=g) * scale / p.shape[1] ** 0.5)

@@ -109,7 +109,11 @@ class Loaded:
     gguf: Checkpoint
 
 
-@pytest.fixture(scope="module", params=list(CASES), ids=list(CASES))
+# Mixture-of-experts GGUF files (stacked *_exps tensors) are refused at load for now.
+GGUF_CASES = [name for name, case in CASES.items() if case.model_type != "qwen3_moe"]
+
+
+@pytest.fixture(scope="module", params=GGUF_CASES, ids=GGUF_CASES)
 def loaded(request, twins) -> Loaded:
     twin = twins(request.param)
     return Loaded(twin, load_checkpoint(twin.reference, progress=False),

@@ -215,3 +215,27 @@ def test_a_model_too_big_for_the_arena_is_refused_at_load(fleet_dir):
 def test_a_page_bigger_than_a_slab_is_refused_at_load(fleet_dir):
     with pytest.raises(ConfigError, match=r"'smollm2'.*737280 B.*slab"):
         load_fleet(fleet_yaml(fleet_dir, "{slab_bytes: 512KiB}"))
+
+
+def test_a_mixture_of_experts_switches_as_one_buffer(tmp_path):
+    """Qwen3-MoE beside a Llama on one worker: each layer's experts are one packed tensor,
+    a switch is one copy of the model's bytes, and outputs equal the standalone engines'."""
+    from helpers import make_engine, worker_over
+
+    dirs = {"moe": dict(family="qwen3_moe", num_layers=2, hidden_size=64, num_heads=4,
+                        num_kv_heads=2, seed=5),
+            "llama": dict(num_layers=2, hidden_size=96, num_heads=6, num_kv_heads=3, seed=6)}
+    ckpts = {name: load_checkpoint(write_synthetic_checkpoint(tmp_path / name, **kw),
+                                   progress=False) for name, kw in dirs.items()}
+    assert ckpts["moe"].config.moe_layers == (0, 1) and ckpts["moe"].config.num_experts == 8
+    want = {name: make_engine(c).generate(PROMPTS, SEEDED) for name, c in ckpts.items()}
+    worker = worker_over(ckpts)
+    layout = worker.memory.models["moe"]
+    assert [e.name for e in layout.index.entries if "experts" in e.name] == [
+        "layers.0.experts_gate_up", "layers.0.experts_down",
+        "layers.1.experts_gate_up", "layers.1.experts_down"]
+    for name in ["moe", "llama", "moe"]:
+        record = worker.switch(name)
+        assert record.bytes_copied == worker.memory.models[name].index.nbytes
+        assert worker.engine(name).generate(PROMPTS, SEEDED) == want[name], name
+    worker.close()
