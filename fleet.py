@@ -14,6 +14,7 @@ from tokenpool.controller.serve_config import SLOConfig
 from tokenpool.gpu_pool.pool_config import PoolConfig
 from tokenpool.memory.config import MemoryConfig
 from tokenpool.proxy.config import ProxyConfig
+from tokenpool.sampling import SamplingDefaults
 from tokenpool.schedulers.config import SchedulerConfig
 from tokenpool.schedulers.types import SLO
 
@@ -26,6 +27,9 @@ class ModelSpec:
     source: str
     dtype: str | None = None  # overrides engine.dtype for this model
     slo: SLOConfig | None = None  # overrides the fleet's slo for this model
+    # What a request that omits temperature, top_p, top_k or max_tokens gets; over the
+    # checkpoint's generation_config.json, under the request's own values.
+    defaults: SamplingDefaults | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,10 @@
-"""Sampling parameters of one request, validated at construction."""
+"""Sampling parameters of one request, validated at construction, and the defaults that fill
+what a request leaves out: the request's own value, else its model's, else OpenAI's."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 from tokenpool.errors import InvalidSamplingError
 
@@ -50,3 +52,66 @@ class SamplingParams:
 def _check(ok: bool, param: str, message: str) -> None:
     if not ok:
         raise InvalidSamplingError(message, param=param)
+
+
+_DEFAULTABLE = ("temperature", "top_p", "top_k", "max_tokens")
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingDefaults:
+    """Values for what a request leaves out, range-checked as a request's values are.
+
+    A model's come from its fleet entry's `defaults:` over its checkpoint's generation config
+    (models.generation_defaults); a request's explicit values are one of these too. None: no
+    value here, the next source decides (in the end SamplingParams' own, OpenAI's defaults).
+    """
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_tokens: int | None = None
+
+    def __post_init__(self):
+        if self.temperature is not None and not math.isfinite(self.temperature):
+            raise InvalidSamplingError(f"temperature must be a finite number, got "
+                                       f"{self.temperature!r}", param="temperature")
+        SamplingParams(**self.given())  # the same checks and messages as a request's
+
+    def given(self) -> dict:
+        return {name: getattr(self, name) for name in _DEFAULTABLE
+                if getattr(self, name) is not None}
+
+    def over(self, fallback: "SamplingDefaults") -> "SamplingDefaults":
+        """These values, with `fallback`'s where these have none."""
+        return SamplingDefaults(**{**fallback.given(), **self.given()})
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingRequest:
+    """A request's sampling as it asked for it, before its model's defaults fill the gaps.
+
+    `asked` holds only what the request set. `max_tokens_fallback` is the edge's own default
+    for max_tokens when neither the request nor the model sets one: OpenAI's 16 for
+    completions, None for the rest of the context (chat, as vLLM does). `options` are the
+    parameters no model has a default for (seed, stop, logprobs, ...).
+    """
+
+    asked: SamplingDefaults = SamplingDefaults()
+    max_tokens_fallback: int | None = 16
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        # Bad options fail here, before the prompt is tokenized (`asked` checked itself).
+        SamplingParams(**self.options)
+
+    def resolve(self, defaults: SamplingDefaults, room: int) -> SamplingParams:
+        """The request's own values, else the model's `defaults`, else OpenAI's. `room`: the
+        tokens the context has left after the prompt."""
+        chosen = {**defaults.given(), **self.asked.given()}
+        if self.asked.max_tokens is None:
+            # A length the client did not ask for must not get its request refused: a model
+            # default or fallback is capped at the room left, as vLLM caps it. (No room at
+            # all is a prompt too long, which the caller refuses.)
+            wanted = chosen.get("max_tokens") or self.max_tokens_fallback or room
+            chosen["max_tokens"] = max(1, min(wanted, room))
+        return SamplingParams(**chosen, **self.options)

@@ -90,7 +90,8 @@ def swap_table(result: dict) -> str:
         return "n/a" if value is None else format(value, spec)
 
     rows = [
-        ("models", " <-> ".join(result["models"])),
+        ("models", " <-> ".join(f"{m} ({f})" for m, f in zip(result["models"],
+                                                            result["families"]))),
         ("weight bytes", f"{result['weight_bytes'] / 2**20:.1f} MiB ({result['dtype']})"),
         ("memcpy", f"{result['memcpy_gbps']:.2f} GB/s"),
         ("switch", f"{result['switch_s'] * 1e3:.1f} ms"),

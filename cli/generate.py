@@ -10,10 +10,16 @@ from typing import TextIO
 from tokenpool.models.prompts import encode_chat, encode_text
 from tokenpool.cli import _args
 
+DEFAULT_MAX_TOKENS = 64  # neither --max-tokens nor the model's defaults set one
+
 DESCRIPTION = """\
 Generate a completion for one prompt with one model of a fleet file and stream it to
 stdout as it is produced. Only the completion text (and a final newline) goes to stdout;
-progress bars and the summary line go to stderr, so the output can be piped or compared."""
+progress bars and the summary line go to stderr, so the output can be piped or compared.
+
+A sampling value left out takes the model's default, as the server's requests do: its fleet
+entry's `defaults:`, else its checkpoint's generation_config.json, else OpenAI's (temperature
+1, top_p 1, top_k off; max tokens 64 here)."""
 
 EPILOG = """\
 examples:
@@ -33,16 +39,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                    help="model id, as listed under models: in the fleet file")
     p.add_argument("--prompt", metavar="TEXT", required=True,
                    help="the prompt text (with --chat: the user's message)")
-    p.add_argument("--max-tokens", metavar="N", type=_args.positive_int, default=64,
-                   help="generate at most N tokens (default: 64)")
-    p.add_argument("--temperature", metavar="T", type=float, default=0.0,
-                   help="sampling temperature; 0 means greedy (default: 0)")
-    p.add_argument("--top-p", metavar="P", type=float, default=1.0,
+    p.add_argument("--max-tokens", metavar="N", type=_args.positive_int, default=None,
+                   help="generate at most N tokens (default: the model's, else 64)")
+    p.add_argument("--temperature", metavar="T", type=float, default=None,
+                   help="sampling temperature; 0 means greedy (default: the model's, else 1)")
+    p.add_argument("--top-p", metavar="P", type=float, default=None,
                    help="nucleus sampling: keep the smallest set of tokens whose probability "
-                        "reaches P, in (0, 1] (default: 1, off)")
-    p.add_argument("--top-k", metavar="K", type=_args.any_int, default=-1,
+                        "reaches P, in (0, 1] (default: the model's, else 1, off)")
+    p.add_argument("--top-k", metavar="K", type=_args.any_int, default=None,
                    help="sample only among the K most likely tokens; -1 turns it off "
-                        "(default: -1)")
+                        "(default: the model's, else -1)")
     p.add_argument("--seed", metavar="S", type=_args.any_int, default=None,
                    help="seed of this request's sampler, for reproducible sampling "
                         "(default: drawn from the engine's seed)")
@@ -62,15 +68,18 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tokenpool.errors import EmptyPromptError
 
-    params = sampling_params(args)  # bad values fail here, before torch even loads
+    sampling = sampling_request(args)  # bad values fail here, before torch even loads
     if not args.prompt:
         raise EmptyPromptError()
     from tokenpool.cli._model import find_model, load_model
+    from tokenpool.models.generation_defaults import model_defaults
 
     fleet, spec = find_model(args.config, args.model)
     model = load_model(fleet, spec, dtype=args.dtype, device=args.device,
                        progress=not args.quiet)
     prompt_ids = encode_prompt(model.checkpoint.tokenizer, args.prompt, chat=args.chat)
+    params = sampling.resolve(model_defaults(spec.defaults, model.path),
+                              model.engine.max_model_len - len(prompt_ids))
     start = time.perf_counter()
     last = stream_completion(model.engine, prompt_ids, params, sys.stdout)
     if not args.quiet:
@@ -79,12 +88,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def sampling_params(args: argparse.Namespace):
-    from tokenpool.sampling import SamplingParams
+def sampling_request(args: argparse.Namespace):
+    """What the command line asked for; the model's defaults fill the rest once loaded."""
+    from tokenpool.sampling import SamplingDefaults, SamplingRequest
 
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                          top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                          stop=tuple(args.stop))
+    asked = SamplingDefaults(temperature=args.temperature, top_p=args.top_p,
+                             top_k=args.top_k, max_tokens=args.max_tokens)
+    return SamplingRequest(asked, DEFAULT_MAX_TOKENS,
+                           dict(seed=args.seed, stop=tuple(args.stop)))
 
 
 def encode_prompt(tokenizer, prompt: str, *, chat: bool) -> list[int]:

@@ -23,7 +23,7 @@ from tokenpool.errors import InvalidSamplingError, UnknownModelError
 from tokenpool.models.prompts import encode_chat, encode_text
 from tokenpool.proxy.config import ProxyConfig
 from tokenpool.proxy.loop_mailbox import LoopMailbox
-from tokenpool.sampling import SamplingParams
+from tokenpool.sampling import SamplingParams, SamplingRequest
 
 _IDS = itertools.count()
 
@@ -48,14 +48,17 @@ class Frontend:
 
     # -- building a request --------------------------------------------------------------------
 
-    def request(self, model: str, params: SamplingParams, *, prompt: str | None = None,
+    def request(self, model: str, sampling: SamplingRequest, *, prompt: str | None = None,
                 prompt_ids: list[int] | None = None, messages: list[dict] | None = None
                 ) -> ServeRequest:
-        """A validated request from exactly one of `prompt`, `prompt_ids` or `messages`."""
+        """A validated request from exactly one of `prompt`, `prompt_ids` or `messages`;
+        its model's defaults fill the sampling values it left out."""
         card = self.card(model)
         try:
             ids = self._encode(card, prompt, prompt_ids, messages)
-            self._check(card, ids, params)
+            self._check_prompt(card, ids)
+            params = sampling.resolve(card.defaults, card.max_model_len - len(ids))
+            self._check_room(card, ids, params)
         except InvalidRequestError as exc:
             self._rejected(model, "invalid")
             raise exc
@@ -86,11 +89,14 @@ class Frontend:
                                       f"limit of {self.config.max_prompt_chars}", "prompt")
 
     @staticmethod
-    def _check(card: ModelCard, ids: list[int], params: SamplingParams) -> None:
+    def _check_prompt(card: ModelCard, ids: list[int]) -> None:
         if not ids:
             raise EmptyPromptError()
         if len(ids) >= card.max_model_len:
             raise PromptTooLongError(len(ids), card.max_model_len - 1)
+
+    @staticmethod
+    def _check_room(card: ModelCard, ids: list[int], params: SamplingParams) -> None:
         if len(ids) + params.max_tokens > card.max_model_len:
             raise InvalidSamplingError(
                 f"max_tokens={params.max_tokens} plus the prompt's {len(ids)} tokens exceeds "

@@ -41,12 +41,14 @@ from tokenpool.errors import InvalidRequestError, InvalidSamplingError, Tokenpoo
 from tokenpool.proxy.config import ProxyConfig
 from tokenpool.proxy.grpc_codegen import pb2
 from tokenpool.proxy.grpc_errors import failure_of_error, failure_of_event, invalid_argument
-from tokenpool.sampling import SamplingParams
+from tokenpool.sampling import SamplingDefaults, SamplingRequest
 
 SERVICE = "tokenpool.v1.Generation"
 TRANSPORT_LIMIT_FACTOR = 4  # see the module docstring
-# Unset fields keep SamplingParams' defaults; set ones are checked, zero included.
+# proto3 `optional` fields: HasField tells an unset one from a zero.
 _OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs")
+_DEFAULTABLE = ("max_tokens", "temperature", "top_p", "top_k")  # a model may set these
+DEFAULT_MAX_TOKENS = 16  # neither the request nor its model sets max_tokens: OpenAI's
 
 log = logging.getLogger(__name__)
 
@@ -240,16 +242,19 @@ def serve_request_of(frontend, message) -> ServeRequest:
     return frontend.request(message.model, params)  # none given: the Frontend says so
 
 
-def sampling_of(message) -> SamplingParams:
+def sampling_of(message) -> SamplingRequest:
+    """What the message asked for; unset fields take the model's defaults, else OpenAI's
+    (and max_tokens 16). Set ones are checked, zero included."""
     given = {name: getattr(message, name) for name in _OPTIONAL_SAMPLING
              if message.HasField(name)}
     for name in ("temperature", "top_p"):
         if name in given and not math.isfinite(given[name]):
             raise InvalidSamplingError(f"{name} must be a finite number, got {given[name]}",
                                        name)
-    return SamplingParams(**given, stop=tuple(message.stop),
-                          stop_token_ids=tuple(message.stop_token_ids),
-                          ignore_eos=message.ignore_eos)
+    asked = {name: given.pop(name) for name in _DEFAULTABLE if name in given}
+    options = dict(given, stop=tuple(message.stop),  # given: seed and logprobs, if set
+                   stop_token_ids=tuple(message.stop_token_ids), ignore_eos=message.ignore_eos)
+    return SamplingRequest(SamplingDefaults(**asked), DEFAULT_MAX_TOKENS, options)
 
 
 def response_of(event: TokenEvent) -> pb2.GenerateResponse:

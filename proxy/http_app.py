@@ -11,7 +11,6 @@ admission (429 + Retry-After) or refused (503) gets its own status even when str
 
 from __future__ import annotations
 
-import dataclasses
 import hmac
 import json
 import logging
@@ -130,22 +129,15 @@ class _Routes:
 
     def _prepare(self, body):
         """The body's validated ServeRequest (run in a thread: it tokenizes)."""
-        card = self.frontend.card(body.model)  # unknown model: 404, before anything else
+        self.frontend.card(body.model)  # unknown model: 404, before anything else
         try:
             body.refuse_unsupported()
-            max_tokens = body.requested_max_tokens
-            # None (chat's default) becomes the rest of the context once the prompt's
-            # length is known; 1 passes the checks until then.
-            params = body.sampling(1 if max_tokens is None else max_tokens, body.num_logprobs)
+            sampling = body.sampling()
             prompt = body.prompt_kwargs()
         except InvalidRequestError:
             self.metrics.on_rejected(body.model, "invalid")
             raise
-        req = self.frontend.request(body.model, params, **prompt)  # counts its own refusals
-        if max_tokens is None:
-            room = card.max_model_len - len(req.prompt_ids)
-            req = dataclasses.replace(req, params=dataclasses.replace(req.params,
-                                                                      max_tokens=room))
+        req = self.frontend.request(body.model, sampling, **prompt)  # counts its own refusals
         log.debug("accepted %s for %s: %d prompt tokens", req.request_id, body.model,
                   len(req.prompt_ids))
         return req

@@ -9,12 +9,12 @@ top_p, ...) are checked once, by `SamplingParams`, the same for HTTP and gRPC.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, model_serializer
 
 from tokenpool.errors import InvalidRequestError
-from tokenpool.sampling import SamplingParams
+from tokenpool.sampling import SamplingDefaults, SamplingRequest
 
 
 def _utf8(text: str) -> str:
@@ -44,7 +44,8 @@ class _GenerationBody(_Body):
     """What completions and chat completions share."""
 
     model: str
-    temperature: float | None = None  # None: OpenAI's default of 1
+    # None: the model's default (fleet `defaults:`, generation_config.json), else OpenAI's.
+    temperature: float | None = None
     top_p: float | None = None
     n: int | None = 1
     stream: bool = False
@@ -56,7 +57,7 @@ class _GenerationBody(_Body):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     # Extensions, spelled as vLLM spells them.
-    top_k: int | None = None
+    top_k: int | None = None  # None: the model's default, else off
     ignore_eos: bool = False
 
     @property
@@ -76,20 +77,20 @@ class _GenerationBody(_Body):
         if self.logit_bias:
             raise InvalidRequestError("logit_bias is not supported", "logit_bias")
 
-    def sampling(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        """The request's SamplingParams; raises InvalidSamplingError naming a bad value."""
+    def sampling(self) -> SamplingRequest:
+        """What the request asked for; its model's defaults fill what it left out
+        (Frontend.request). Raises InvalidSamplingError naming a bad value."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=-1 if self.top_k is None else self.top_k,
-            seed=self.seed, stop=stop, ignore_eos=self.ignore_eos, logprobs=logprobs)
+        asked = SamplingDefaults(temperature=self.temperature, top_p=self.top_p,
+                                 top_k=self.top_k, max_tokens=self.requested_max_tokens)
+        return SamplingRequest(asked, self.default_max_tokens, dict(
+            seed=self.seed, stop=stop, ignore_eos=self.ignore_eos, logprobs=self.num_logprobs))
 
 
 class CompletionRequest(_GenerationBody):
     prompt: Text | list[int] | list[Text] | list[list[int]]
-    max_tokens: int | None = 16  # OpenAI's default for completions
+    max_tokens: int | None = None  # None: the model's default, else OpenAI's 16
+    default_max_tokens: ClassVar[int | None] = 16
     logprobs: int | None = None
     echo: bool = False
     best_of: int | None = None
@@ -143,7 +144,8 @@ class ChatMessage(_Body):
 
 class ChatCompletionRequest(_GenerationBody):
     messages: list[ChatMessage]
-    max_tokens: int | None = None  # None: the rest of the model's context, as in vLLM
+    max_tokens: int | None = None  # None: the model's default, else the rest of the context
+    default_max_tokens: ClassVar[int | None] = None  # the rest of the context, as in vLLM
     max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
     logprobs: bool = False
     top_logprobs: int | None = None

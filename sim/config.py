@@ -224,6 +224,27 @@ class SimConfig:
         return dataclasses.replace(self, cluster=self.cluster.scaled(num_devices))
 
 
+def _with_checkpoint_sizes(spec, base: Path, name: str):
+    """`checkpoint: PATH` in a model entry stands for its sizes, read from the checkpoint's
+    header (config.json or GGUF metadata) whatever its family: weight bytes at
+    kv_dtype_bytes per parameter, and its KV shape."""
+    if not isinstance(spec, dict) or "checkpoint" not in spec:
+        return spec
+    from tokenpool.models.checkpoint import read_model_info
+    from tokenpool.models.tensor_layout import parameter_count
+
+    sizes = {"weight_bytes", "layers", "kv_heads", "head_dim"}
+    both = sorted(sizes & set(spec))
+    if both:
+        raise ConfigError(f"models.{name}: give checkpoint or {both[0]}, not both")
+    rest = {k: v for k, v in spec.items() if k != "checkpoint"}
+    cfg, _ = read_model_info(base / str(spec["checkpoint"]))
+    dtype_bytes = rest.get("kv_dtype_bytes", 2)
+    return {**rest, "weight_bytes": parameter_count(cfg) * dtype_bytes,
+            "layers": cfg.num_hidden_layers, "kv_heads": cfg.num_key_value_heads,
+            "head_dim": cfg.head_dim}
+
+
 def load_sim_config(path: str | Path) -> SimConfig:
     path = Path(path)
     data = load_yaml(path)
@@ -236,6 +257,9 @@ def load_sim_config(path: str | Path) -> SimConfig:
     scheduler = data.get("scheduler", {})
     if isinstance(scheduler, dict):  # the simulator's defaults, then the file's keys
         data["scheduler"] = {**SIM_SCHEDULER_DEFAULTS, **scheduler}
+    if isinstance(data.get("models"), dict):
+        data["models"] = {name: _with_checkpoint_sizes(spec, base, name)
+                          for name, spec in data["models"].items()}
     config = build(SimConfig, data)
     profile_dir = (base / config.device.profile_dir).resolve()
     device = dataclasses.replace(config.device, profile_dir=str(profile_dir))

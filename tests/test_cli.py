@@ -7,6 +7,7 @@ synthetic checkpoint (written by `tokenpool fleet synth` itself) for everything 
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ MODEL = "smollm2-135m-instruct"
 PROMPT = "The capital of France is"
 SHAPES = {"2,64,4,2": "synth-l2-h64-nh4-kv2-f192", "2,64,4,1,128": "synth-l2-h64-nh4-kv1-f128"}
 SYNTH = "synth-l2-h64-nh4-kv2-f192"
+QWEN2 = "synth-qwen2-l2-h64-nh4-kv2-f192"
 
 
 def tokenpool(*args, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -63,11 +65,22 @@ def synth(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def synth_fleet(synth) -> Path:
-    """A fleet file made of the pasted snippet plus a small KV cache."""
+def qwen2_synth(synth):
+    """`fleet synth --family qwen2` output: its YAML snippet."""
+    out, _ = synth
+    result = tokenpool("fleet", "synth", "--out", out, "--family", "qwen2", "--shape", "2,64,4,2")
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def synth_fleet(synth, qwen2_synth) -> Path:
+    """A fleet file made of the pasted snippets (the second one's models appended) plus a
+    small KV cache."""
     out, snippet = synth
     path = out / "fleet.yaml"
-    path.write_text(snippet + "engine:\n  kv_cache_bytes: 64MiB\n")
+    more = qwen2_synth.split("models:\n", 1)[1]
+    path.write_text(snippet + more + "engine:\n  kv_cache_bytes: 64MiB\n")
     return path
 
 
@@ -93,7 +106,8 @@ def test_console_script_and_no_command():
 
 def test_generate_prints_exactly_the_greedy_completion(smollm2):
     expected = engine_text(smollm2, smollm2.tokenizer.encode(PROMPT, add_special_tokens=True), 8)
-    result = tokenpool("generate", "--model", MODEL, "--prompt", PROMPT, "--max-tokens", 8)
+    result = tokenpool("generate", "--model", MODEL, "--prompt", PROMPT, "--max-tokens", 8,
+                       "--temperature", 0)  # the fleet's default for SmolLM2 samples
     assert result.returncode == 0, result.stderr
     assert expected.strip()
     assert result.stdout == expected + "\n"
@@ -105,7 +119,7 @@ def test_generate_chat_uses_the_chat_template(smollm2):
     chat = tok.apply_chat_template([{"role": "user", "content": "Hi!"}], add_generation_prompt=True)
     expected = engine_text(smollm2, tok.encode(chat, add_special_tokens=False), 8)
     result = tokenpool("generate", "--config", DEFAULT_FLEET, "--model", MODEL, "--prompt", "Hi!",
-                       "--chat", "--max-tokens", 8)
+                       "--chat", "--max-tokens", 8, "--temperature", 0)
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected + "\n"
 
@@ -155,6 +169,8 @@ def test_synth_snippet_parses_and_checkpoints_load(synth, synth_fleet):
     models = yaml.safe_load(snippet)["models"]
     assert [m["id"] for m in models] == list(SHAPES.values())
     fleet = load_fleet(synth_fleet)
+    assert fleet.models[-1].id == QWEN2
+    assert load_checkpoint(fleet.models[-1].source, progress=False).config.qkv_bias
     for spec, (name, kv_heads) in zip(fleet.models, [(SYNTH, 2), (list(SHAPES.values())[1], 1)]):
         assert Path(spec.source) == (out / name).resolve()
         ckpt = load_checkpoint(spec.source, progress=False)
@@ -239,18 +255,22 @@ SWAP_KEYS = {"weight_bytes", "memcpy_gbps", "switch_s", "prefetched_switch_s", "
              "ratio_to_memcpy_bound", "speedup_vs_hf_load", "kv_swap_gbps"}
 
 
-def test_bench_swap_between_two_shapes_with_hf(synth_fleet, tmp_path):
-    models = ",".join(list(SHAPES.values()))
+def test_bench_swap_between_two_families_with_hf(synth_fleet, tmp_path):
+    models = f"{SYNTH},{QWEN2}"
     out = tmp_path / "swap.json"
     result = tokenpool("bench", "swap", "--config", synth_fleet, "--models", models,
                        "--json", out)
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
-    assert SWAP_KEYS <= set(report) and report["models"] == list(SHAPES.values())
+    assert SWAP_KEYS <= set(report) and report["models"] == [SYNTH, QWEN2]
+    assert report["families"] == ["llama", "qwen2"]
     assert all(report[k] > 0 for k in SWAP_KEYS)
     assert len(report["switch_s_all"]) == len(report["prefetched_switch_s_all"]) == 10
-    assert report["ratio_to_memcpy_bound"] == pytest.approx(
-        report["switch_s"] * report["memcpy_gbps"] * 1e9 / report["weight_bytes"])
+    # each switch against the plain copy of its own target's bytes, which differ here
+    sizes = report["switch_bytes"]
+    assert sizes[SYNTH] == report["weight_bytes"] != sizes[QWEN2]
+    assert report["ratio_to_memcpy_bound"] == pytest.approx(statistics.median(
+        s / c for s, c in zip(report["switch_s_all"], report["memcpy_s_all"])))
     assert report["speedup_vs_hf_load"] == pytest.approx(report["hf_load_s"] / report["switch_s"])
     assert "prefetched switch" in result.stdout
 

@@ -153,3 +153,31 @@ def test_profile_dir_is_relative_to_the_file(tmp_path):
     (tmp_path / "profiles").symlink_to(real)
     path = write_variant(tmp_path, lambda d: d["device"].update(profile_dir="profiles"))
     assert Path(load_sim_config(path).device.profile_dir) == real.resolve()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "phi3"])
+def test_a_model_of_any_family_takes_its_sizes_from_its_checkpoint(tmp_path, family):
+    """`checkpoint:` in place of the sizes: the simulator charges a switch the bytes the
+    engine packs, and a token the KV bytes of the engine's page shape."""
+    import torch
+
+    from tokenpool.gpu_pool.worker_memory import ModelLayout
+    from tokenpool.memory.arena import ALIGN
+    from tokenpool.models.checkpoint import read_model_info
+    from tokenpool.models.synth import write_synthetic_checkpoint
+
+    ckpt = write_synthetic_checkpoint(tmp_path / family, family=family, num_layers=3,
+                                      hidden_size=128, num_heads=4, num_kv_heads=2)
+    path = write_variant(tmp_path, lambda d: d["models"].update(
+        qwen2_5_7b={"checkpoint": str(ckpt)}))
+    sim = load_sim_config(path)
+    layout = ModelLayout.of(family, read_model_info(ckpt)[0], torch.bfloat16)
+    spec = sim.models["qwen2_5_7b"]
+    padding = layout.index.nbytes - spec.weight_bytes  # the packing aligns each tensor
+    assert 0 <= padding <= ALIGN * len(layout.index.entries)
+    assert spec.kv_bytes_per_token * layout.page_shape.block_size == layout.page_shape.page_bytes
+    assert sim.cost_model().models["qwen2_5_7b"].weight_bytes == spec.weight_bytes
+    both = write_variant(tmp_path, lambda d: d["models"].update(
+        qwen2_5_7b={"checkpoint": str(ckpt), "layers": 3}))
+    with pytest.raises(ConfigError, match="models.qwen2_5_7b: give checkpoint or layers"):
+        load_sim_config(both)
