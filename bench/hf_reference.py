@@ -22,12 +22,13 @@ from tokenpool.bench.engine_bench import BatchResult
 _PAD_ID = 0  # any id works: padded positions are masked out
 
 
-def load_hf_model(path: Path, dtype: torch.dtype, device: torch.device | str = "cpu",
-                  attn_implementation: str = "sdpa"):
-    """AutoModelForCausalLM on the same checkpoint: a .gguf file or an HF-layout directory."""
+def load_hf_model(path: Path, dtype: torch.dtype, device: torch.device | str = "cpu"):
+    """AutoModelForCausalLM on the same checkpoint: a .gguf file or an HF-layout directory,
+    with transformers' own choice of attention (SDPA where the family supports it: Gemma 2's
+    soft-capping is eager only)."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation)
+    kwargs = dict(dtype=dtype)
     path = Path(path)
     if path.is_file():
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,

@@ -95,6 +95,8 @@ def swap_table(result: dict) -> str:
         ("weight bytes", f"{result['weight_bytes'] / 2**20:.1f} MiB ({result['dtype']})"),
         ("memcpy", f"{result['memcpy_gbps']:.2f} GB/s"),
         ("switch", f"{result['switch_s'] * 1e3:.1f} ms"),
+        *((f"  to {m}", f"{t * 1e3:.1f} ms ({result['switch_bytes'][m] / 2**20:.1f} MiB)")
+          for m, t in result["switch_s_by_target"].items()),
         ("  / memcpy bound", f"{result['ratio_to_memcpy_bound']:.2f}x"),
         ("prefetched switch", f"{result['prefetched_switch_s'] * 1e3:.3f} ms"),
         ("HF from_pretrained", fmt(result["hf_load_s"], ".2f") + " s"),

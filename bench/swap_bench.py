@@ -157,6 +157,8 @@ def _measure(models, weights, a, b, repeats, hf) -> dict:
         "memcpy_gbps": memcpy_gbps,
         "switch_s": switch_s,
         "switch_s_all": switches,
+        "switch_s_by_target": {m: statistics.median(s for t, s in zip(targets, switches)
+                                                    if t == m) for m in (a, b)},
         "memcpy_s_all": copies,
         "prefetched_switch_s": statistics.median(prefetched),
         "prefetched_switch_s_all": prefetched,

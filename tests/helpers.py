@@ -28,16 +28,22 @@ def hf_greedy(model, prompt_ids: list[int], new_tokens: int) -> tuple[list[int],
     A plain loop over HF's forward with its own KV cache: `generate(min_new_tokens=...)` would
     mask EOS, so it is not a neutral reference when EOS is ignored.
     """
+    import inspect
+
+    # transformers 5 renames past_key_values to cache (the old name goes in 5.40)
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters \
+        else "past_key_values"
     tokens, gaps = [], []
     ids, past = torch.tensor([prompt_ids]), None
     with torch.inference_mode():
         for _ in range(new_tokens):
-            out = model(ids, past_key_values=past, use_cache=True)
+            out = model(ids, use_cache=True, **{cache_arg: past})
             logits = out.logits[0, -1].float()
             top2 = logits.topk(2).values
             gaps.append(float(top2[0] - top2[1]))
             tokens.append(int(logits.argmax()))
-            ids, past = torch.tensor([[tokens[-1]]]), out.past_key_values
+            past = out.past_key_values if hasattr(out, "past_key_values") else out.cache
+            ids = torch.tensor([[tokens[-1]]])
     return tokens, gaps
 
 
