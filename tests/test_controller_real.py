@@ -1,8 +1,9 @@
 """The controller core on the wall clock, driving a real worker with the same policies.
 
-Three synthetic Llamas of different shapes share one worker (colocated roles). Requests of
-all three arrive at staggered times; whatever the interleaving of switches, prefills, turns
-and swaps, each request's greedy tokens must equal a standalone engine's.
+Three synthetic models of different families and shapes (a Qwen2, a Gemma 2 and a Llama)
+share one worker (colocated roles). Requests of all three arrive at staggered times; whatever
+the interleaving of switches across families, prefills, turns and swaps, each request's
+greedy tokens must equal a standalone engine's.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from tokenpool.sampling import SamplingParams
 from tokenpool.schedulers.registry import Roles, make_scheduler
 from tokenpool.schedulers.types import SLO
 
-SHAPES = {"m-a": dict(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2),
-          "m-b": dict(num_layers=3, hidden_size=96, num_heads=6, num_kv_heads=3,
-                      tie_word_embeddings=False),
+SHAPES = {"m-a": dict(family="qwen2", num_layers=2, hidden_size=64, num_heads=4,
+                      num_kv_heads=2),
+          "m-b": dict(family="gemma2", num_layers=3, hidden_size=96, num_heads=6,
+                      num_kv_heads=3, tie_word_embeddings=False),
           "m-c": dict(num_layers=1, hidden_size=128, num_heads=4, num_kv_heads=1)}
 PROMPTS = [[1, 504, 3458, 282], [30, 2200, 17, 4302, 9, 88], [7, 7, 7], [400, 12, 99, 1000, 5]]
 # Mixed lengths, so requests of one model finish in different turns.
