@@ -2,7 +2,8 @@
 
 The metadata becomes the config.json that the file's HF twin had (as far as GGUF stores it,
 llama.cpp's own assumptions where it does not), read by the same `ModelConfig.from_hf_dict`;
-tensors are renamed and their converter transforms undone (gguf_names.py).
+tensors are renamed and their converter transforms undone (gguf_names.py), stacked experts
+split into each expert's tensor.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from tokenpool.errors import CheckpointError
 from tokenpool.models.checkpoint import Checkpoint
 from tokenpool.models.config import ModelConfig
 from tokenpool.models.gguf_file import GGUFFile, GGUFTensor, read_gguf
-from tokenpool.models.gguf_names import ROPE_FREQS, GGUFArch, gguf_arch, llama3_from_rope_freqs
+from tokenpool.models.gguf_names import (MOE_NAMES, ROPE_FREQS, GGUFArch, gguf_arch,
+                                         llama3_from_rope_freqs)
 from tokenpool.models.tokenizer import Tokenizer
 
 # Stored float types are kept as they are; everything else is dequantized to float32.
@@ -31,9 +33,16 @@ _FLOAT_TYPES = {
     GGMLQuantizationType.F16: torch.float16,
     GGMLQuantizationType.BF16: torch.bfloat16,
 }
-# RoPE keys whose llama.cpp meaning has no HF counterpart we compute: refused unless neutral.
-_NEUTRAL_ROPE_KEYS = {"rope.scaling.yarn_ext_factor": 1.0, "rope.scaling.attn_factor": 1.0,
+# RoPE keys whose llama.cpp meaning has no HF counterpart we compute: refused unless one of
+# the neutral values (None: always).
+_NEUTRAL_ROPE_KEYS = {"rope.scaling.yarn_ext_factor": (1.0,), "rope.scaling.attn_factor": (1.0,),
                       "rope.scaling.yarn_log_multiplier": None, "rope.scaling.alpha": None}
+# Mixture-of-experts keys llama.cpp's qwen3moe never reads (its converter never writes them):
+# refused unless they say what its graph does anyway (softmax routing, renormalised top-k
+# weights, no shared experts, no dense layers, no extra scale).
+_NEUTRAL_MOE_KEYS = {"expert_gating_func": (1,), "expert_weights_norm": (True,),
+                     "expert_weights_scale": (0.0, 1.0), "expert_shared_count": (0,),
+                     "leading_dense_block_count": (0,)}
 
 
 def load_gguf(path: str | Path, *, progress: bool = True) -> Checkpoint:
@@ -46,7 +55,7 @@ def load_gguf(path: str | Path, *, progress: bool = True) -> Checkpoint:
                        delay=1.0, file=sys.stderr, disable=not progress):
         name = arch.hf_name(tensor.name, path)
         if name is not None:
-            weights[name] = tensor_to_torch(tensor, config, arch)
+            weights |= _split_experts(name, tensor_to_torch(tensor, config, arch))
     if config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     return Checkpoint(config, weights, Tokenizer.from_gguf(gguf.metadata), str(path))
@@ -93,25 +102,63 @@ def hf_config_dict(gguf: GGUFFile) -> dict[str, Any]:
     }
     d |= _rope_dict(meta, arch, tensors.get(ROPE_FREQS), head_dim, d["max_position_embeddings"],
                     where)
-    window = meta.get(key("attention.sliding_window")) if arch.sliding else None
+    if arch.moe:
+        d |= _experts_dict(meta, arch, tensors, d, where)
+    return d | _window_and_caps(meta, arch, d)
+
+
+def _experts_dict(meta: dict, arch: GGUFArch, tensors: dict[str, GGUFTensor], d: dict,
+                  where) -> dict[str, Any]:
+    """config.json's mixture-of-experts keys. Every layer must hold the router and the three
+    stacked expert tensors, expert_count deep: llama.cpp's qwen3moe has no dense layers."""
+    key = lambda k: f"{arch.name}.{k}"  # noqa: E731
+    experts = _require(meta, key("expert_count"), where)
+    used = _require(meta, key("expert_used_count"), where)
+    if not 0 < used <= experts:
+        raise CheckpointError(f"{where}: {key('expert_used_count')} = {used} is not in "
+                              f"1..{key('expert_count')} ({experts})")
+    for i in range(d["num_hidden_layers"]):
+        for name in (f"blk.{i}.{t}.weight" for t in MOE_NAMES):
+            if name not in tensors:
+                mlp = sorted(n.split(".")[2] for n in tensors
+                             if n.startswith(f"blk.{i}.ffn_") and ".ffn_norm." not in n)
+                raise CheckpointError(
+                    f"{where}: layer {i} has no {name} (its MLP tensors: {', '.join(mlp)}): "
+                    f"llama.cpp's {arch.name} needs {', '.join(MOE_NAMES)} in every layer")
+            if tensors[name].shape[0] != experts:
+                raise CheckpointError(f"{where}: {name} holds {tensors[name].shape[0]} experts, "
+                                      f"{key('expert_count')} says {experts}")
+    # Absent, llama.cpp takes n_ff / n_expert_used.
+    ffn = meta.get(key("expert_feed_forward_length")) or d["intermediate_size"] // used
+    return {"num_experts": experts, "num_experts_per_tok": used, "moe_intermediate_size": ffn,
+            "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []}
+
+
+def _window_and_caps(meta: dict, arch: GGUFArch, d: dict) -> dict:
+    """Sliding-window layers, and Gemma's soft-caps and query scale, from the metadata."""
+    out = {}
+    window = meta.get(f"{arch.name}.attention.sliding_window") if arch.sliding else None
     if window:
-        d["sliding_window"] = window
-        d |= _sliding_pattern(meta.get(key("attention.sliding_window_pattern")))
+        out["sliding_window"] = window
+        out |= _sliding_pattern(meta.get(f"{arch.name}.attention.sliding_window_pattern"))
     if arch.soft_caps:
         for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
-            d[cap] = _f32(meta[key(cap)]) if meta.get(key(cap)) else None
+            value = meta.get(f"{arch.name}.{cap}")
+            out[cap] = _f32(value) if value else None
         big = d["num_hidden_layers"] == arch.big_layers
-        d["query_pre_attn_scalar"] = hidden // heads if big else head_dim
-    return d
+        out["query_pre_attn_scalar"] = (d["hidden_size"] // d["num_attention_heads"] if big
+                                        else d["head_dim"])
+    return out
 
 
 def _refuse_unsupported(meta: dict, arch: GGUFArch, where) -> None:
-    if meta.get(f"{arch.name}.expert_count"):
+    if meta.get(f"{arch.name}.expert_count") and not arch.moe:
         raise CheckpointError(f"{where}: {arch.name}.expert_count: mixture-of-experts "
-                              "checkpoints are not supported")
-    for suffix, neutral in _NEUTRAL_ROPE_KEYS.items():
+                              f"checkpoints of {arch.name} are not supported")
+    neutral_keys = _NEUTRAL_ROPE_KEYS | (_NEUTRAL_MOE_KEYS if arch.moe else {})
+    for suffix, neutral in neutral_keys.items():
         value = meta.get(f"{arch.name}.{suffix}")
-        if value is not None and (neutral is None or _f32(value) != neutral):
+        if value is not None and (neutral is None or _f32(value) not in neutral):
             raise CheckpointError(f"{where}: {arch.name}.{suffix} = {value!r} is not supported")
 
 
@@ -150,6 +197,13 @@ def _rope_dict(meta: dict, arch: GGUFArch, freqs: GGUFTensor | None, head_dim: i
         params = {"full_attention": params,
                   "sliding_attention": {"rope_type": "default", "rope_theta": local}}
     return {"rope_parameters": params, "partial_rotary_factor": fraction}
+
+
+def _split_experts(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One HF tensor, or a stack of experts' ([experts, out, in]) as each expert's."""
+    if "{e}" not in name:
+        return {name: w}
+    return {name.format(e=e): x for e, x in enumerate(w.unbind(0))}
 
 
 def _sliding_pattern(pattern: int | list[bool] | None) -> dict[str, Any]:

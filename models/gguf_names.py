@@ -5,7 +5,7 @@ and transformed on the way in, and what llama.cpp assumes because the file does 
 and the llama3 RoPE parameters back from the `rope_freqs` tensor the converter computes.
 Conventions checked against llama.cpp's converter (conversion/base.py, llama.py, qwen.py,
 gemma.py, phi.py, formerly one convert_hf_to_gguf.py), gguf-py's tensor_mapping.py and the
-hparam loaders in src/llama-model.cpp.
+hparam loaders in src/llama-model.cpp (src/models/qwen3moe.cpp for qwen3moe).
 """
 
 from __future__ import annotations
@@ -49,6 +49,15 @@ GEMMA_NAMES = {
 }
 # Phi-3's gate_up_proj maps to FFN_UP whole: `ffn_up` holds gate and up, gate first.
 PHI3_NAMES = {"ffn_up": "mlp.gate_up_proj"}
+# Qwen3-MoE's router, and its experts as Qwen2MoeModel.modify_tensors stacks them: one
+# [experts, out, in] tensor per projection and layer. `{e}`: the tensor is split per expert.
+MOE_NAMES = {
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.{e}.gate_proj",
+    "ffn_up_exps": "mlp.experts.{e}.up_proj",
+    "ffn_down_exps": "mlp.experts.{e}.down_proj",
+}
+DENSE_FFN = ("ffn_gate", "ffn_up", "ffn_down")
 
 # Tensors that carry RoPE, not weights: read into the config (rope_freqs) or refused.
 ROPE_FREQS = "rope_freqs.weight"  # llama3 frequency factors (LlamaModel.generate_extra_tensors)
@@ -79,9 +88,15 @@ class GGUFArch:
     # n_embd / n_head for the 27B (recognised by its layer count) and by head_dim otherwise.
     big_layers: int | None = None
     local_rope: bool = False  # sliding layers' base in {arch}.rope.freq_base_swa (Gemma 3)
+    # Every layer's MLP is experts (MOE_NAMES): llama.cpp's qwen3moe loads no dense MLP, so
+    # the converter cannot map mlp_only_layers (nor decoder_sparse_step > 1). Its graph always
+    # renormalises the chosen experts' weights (build_moe_ffn's norm_w is hard-coded true):
+    # norm_topk_prob is neither written nor read.
+    moe: bool = False
 
     def hf_name(self, gguf_name: str, path: str | Path = "") -> str | None:
-        """The HF name of a tensor, or None for one the config consumes (rope_freqs)."""
+        """The HF name of a tensor (with `{e}` for stacked experts), or None for one the
+        config consumes (rope_freqs)."""
         if gguf_name in GLOBAL_NAMES:
             return GLOBAL_NAMES[gguf_name]
         if gguf_name == ROPE_FREQS:
@@ -90,7 +105,8 @@ class GGUFArch:
             raise CheckpointError(f"{path}: tensor {gguf_name!r} (LongRoPE scaling) is not "
                                   "supported")
         m = _LAYER_RE.fullmatch(gguf_name)
-        names = {**LAYER_NAMES, **self.names}
+        names = {k: v for k, v in LAYER_NAMES.items() if not (self.moe and k in DENSE_FFN)}
+        names |= self.names
         if m is None or m.group(2) not in names:
             raise CheckpointError(f"{path}: tensor {gguf_name!r} has no {self.model_type} "
                                   f"equivalent (not a plain {self.name} checkpoint?)")
@@ -106,6 +122,7 @@ ARCHS: dict[str, GGUFArch] = {a.name: a for a in (
     GGUFArch("llama", "llama", permuted_qk=True),
     GGUFArch("qwen2", "qwen2"),
     GGUFArch("qwen3", "qwen3"),
+    GGUFArch("qwen3moe", "qwen3_moe", MOE_NAMES, moe=True),
     GGUFArch("gemma2", "gemma2", big_layers=46, **_GEMMA),
     GGUFArch("gemma3", "gemma3_text", big_layers=62, local_rope=True, **_GEMMA),
     # Phi3MiniModel writes sliding_window (0 for none). llama.cpp currently switches Phi-3's

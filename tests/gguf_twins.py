@@ -3,11 +3,11 @@
 `write_twin(hf_dir, path)` mirrors what llama.cpp's converter (`convert_hf_to_gguf.py`, now
 split into conversion/base.py, llama.py, qwen.py, gemma.py, phi.py) writes for the dir's
 model: the class it registers for the architecture, its `set_gguf_parameters` keys,
-`modify_tensors` transforms (Llama's Q/K row permutation, Gemma's `norm.weight + 1`),
-`generate_extra_tensors` (llama3's rope_freqs), gguf-py's TensorNameMap names and
-`prepare_tensors`' choice of types (1-d tensors and norms stay F32). Each function names the
-converter code it follows. The tokenizer metadata is SmolLM2's GGUF's, whose tokenizer every
-case shares.
+`modify_tensors` transforms (Llama's Q/K row permutation, Gemma's `norm.weight + 1`,
+Qwen-MoE's stacking of experts), `generate_extra_tensors` (llama3's rope_freqs), gguf-py's
+TensorNameMap names and `prepare_tensors`' choice of types (1-d tensors, norms and the MoE
+router stay F32). Each function names the converter code it follows. The tokenizer metadata
+is SmolLM2's GGUF's, whose tokenizer every case shares.
 
 It mirrors the converter; it is not the converter (llama.cpp is not a dependency here). These
 twins test our reading of llama.cpp's conventions against that same reading, so checks on
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Collection
 from pathlib import Path
 
 import gguf
@@ -26,31 +27,35 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from safetensors import safe_open
 
+from gguf_twin_params import PARAMETERS, find_key, rope_parameters
 from tokenpool.models.gguf_file import read_gguf
 from tokenpool.models.locate import smollm2_gguf_path
 
 # HF model_type -> `general.architecture` of the class the converter registers for it
 # (LlamaModel takes MistralForCausalLM too).
 ARCH_OF = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-           "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
+           "qwen3_moe": "qwen3moe", "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
+MOE_ARCHS = ("qwen3moe",)  # converted by Qwen2MoeModel (Qwen3MoeModel subclasses it)
 FILE_TYPES = {Q.F32: gguf.LlamaFileType.ALL_F32, Q.F16: gguf.LlamaFileType.MOSTLY_F16,
               Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}
 
 
 def write_twin(hf_dir: str | Path, path: str | Path, qtype: Q = Q.F32, *,
                extra_metadata: dict | None = None,
-               extra_tensors: dict[str, np.ndarray] | None = None) -> Path:
+               extra_tensors: dict[str, np.ndarray] | None = None,
+               drop_tensors: Collection[str] = ()) -> Path:
     """Write the GGUF llama.cpp's converter makes of `hf_dir` with `--outtype` `qtype`.
 
     `extra_metadata` (key -> str, list, or (value, GGUFValueType)) replaces or adds keys after
-    the converter's; `extra_tensors` adds F32 tensors: for files the converter would not write.
+    the converter's; `extra_tensors` adds F32 tensors and `drop_tensors` leaves out converted
+    ones (GGUF names): for files the converter would not write.
     """
     from transformers import AutoConfig
 
     hf_dir, path = Path(hf_dir), Path(path)
     hp = AutoConfig.from_pretrained(hf_dir).to_dict()  # ModelBase.load_hparams
     arch = ARCH_OF[hp["model_type"]]
-    rope = _rope_parameters(hp)
+    rope = rope_parameters(hp)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(hf_dir.name)
@@ -59,7 +64,8 @@ def write_twin(hf_dir: str | Path, path: str | Path, qtype: Q = Q.F32, *,
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _copy_tokenizer(w)
     for name, data in _converted_tensors(hf_dir, hp, rope, arch):
-        _add_tensor(w, name, data, qtype)
+        if name not in drop_tensors:
+            _add_tensor(w, name, data, qtype)
     for name, data in (extra_tensors or {}).items():
         w.add_tensor(name, np.asarray(data, dtype=np.float32))
     for key, value in (extra_metadata or {}).items():
@@ -78,130 +84,6 @@ def write_twin(hf_dir: str | Path, path: str | Path, qtype: Q = Q.F32, *,
 
 
 # -- metadata ------------------------------------------------------------------------------
-
-def _rope_parameters(hp: dict) -> dict:
-    """TextModel.__init__ (base.py): rope_parameters, with rope_theta mirrored into it."""
-    rope = dict(hp.get("rope_parameters", hp.get("rope_scaling")) or {})
-    if "full_attention" not in rope and "sliding_attention" not in rope:
-        local = hp.get("rope_local_base_freq")
-        if local is not None:
-            rope["sliding_attention"] = {"rope_theta": local}
-        if "rope_theta" not in rope and hp.get("rope_theta") is not None:
-            rope["rope_theta"] = hp["rope_theta"]
-        if "rope_type" not in rope and rope.get("type") is not None:
-            rope["rope_type"] = rope["type"]
-    return rope
-
-
-def _text_model(w: gguf.GGUFWriter, hp: dict, rope: dict) -> None:
-    """TextModel.set_gguf_parameters (base.py), the keys our families reach."""
-    w.add_block_count(hp["num_hidden_layers"])
-    w.add_context_length(hp["max_position_embeddings"])
-    w.add_embedding_length(hp["hidden_size"])
-    w.add_feed_forward_length(hp["intermediate_size"])
-    w.add_head_count(hp["num_attention_heads"])
-    if hp.get("num_key_value_heads") is not None:
-        w.add_head_count_kv(hp["num_key_value_heads"])
-    params = rope.get("full_attention", rope)
-    kind, factor = params.get("rope_type"), params.get("factor")
-    if kind == "linear" and factor is not None:
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(factor)
-    elif kind == "yarn" and factor is not None:
-        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        w.add_rope_scaling_factor(factor)
-        w.add_rope_scaling_orig_ctx_len(params["original_max_position_embeddings"])
-        if params.get("extrapolation_factor") is not None:
-            w.add_rope_scaling_yarn_ext_factor(params["extrapolation_factor"])
-        attn = params.get("attention_factor", params.get("attn_factor"))
-        if attn is not None:
-            w.add_rope_scaling_yarn_attn_factor(attn)
-        if params.get("beta_fast") is not None:
-            w.add_rope_scaling_yarn_beta_fast(params["beta_fast"])
-        if params.get("beta_slow") is not None:
-            w.add_rope_scaling_yarn_beta_slow(params["beta_slow"])
-    # "dynamic" writes nothing ("HunYuan, handled in model class"); "llama3" is rope_freqs.
-    if params.get("rope_theta") is not None:
-        w.add_rope_freq_base(params["rope_theta"])
-    if rope.get("sliding_attention", {}).get("rope_theta") is not None:
-        w.add_rope_freq_base_swa(rope["sliding_attention"]["rope_theta"])
-    w.add_layer_norm_rms_eps(hp["rms_norm_eps"])
-    if hp.get("head_dim") is not None:
-        w.add_key_length(hp["head_dim"])
-        w.add_value_length(hp["head_dim"])
-
-
-def _llama(w: gguf.GGUFWriter, hp: dict, rope: dict) -> None:
-    """LlamaModel.set_gguf_parameters (llama.py)."""
-    _text_model(w, hp, rope)
-    w.add_vocab_size(hp["vocab_size"])
-    w.add_rope_dimension_count(hp.get("head_dim")
-                               or hp["hidden_size"] // hp["num_attention_heads"])
-
-
-def _gemma2(w: gguf.GGUFWriter, hp: dict, rope: dict) -> None:
-    """Gemma2Model.set_gguf_parameters (gemma.py): no RoPE base, no query_pre_attn_scalar."""
-    w.add_context_length(hp["max_position_embeddings"])
-    w.add_embedding_length(hp["hidden_size"])
-    w.add_block_count(hp["num_hidden_layers"])
-    w.add_feed_forward_length(hp["intermediate_size"])
-    w.add_head_count(hp["num_attention_heads"])
-    w.add_head_count_kv(hp.get("num_key_value_heads") or hp["num_attention_heads"])
-    w.add_layer_norm_rms_eps(hp["rms_norm_eps"])
-    w.add_key_length(hp["head_dim"])
-    w.add_value_length(hp["head_dim"])
-    w.add_attn_logit_softcapping(hp["attn_logit_softcapping"])
-    w.add_final_logit_softcapping(hp["final_logit_softcapping"])
-    w.add_sliding_window(hp["sliding_window"])
-
-
-def _gemma3(w: gguf.GGUFWriter, hp: dict, rope: dict) -> None:
-    """Gemma3Model.set_gguf_parameters (gemma.py): TextModel's keys, then its own (replacing
-    some with the same values); no sliding window pattern, no query_pre_attn_scalar."""
-    _text_model(w, hp, rope)
-    again = {
-        "context_length": lambda: w.add_context_length(hp.get("max_position_embeddings", 131072)),
-        "attention.head_count": lambda: w.add_head_count(hp.get("num_attention_heads", 8)),
-        "attention.layer_norm_rms_epsilon":
-            lambda: w.add_layer_norm_rms_eps(hp.get("rms_norm_eps", 1e-6)),
-        "attention.key_length": lambda: w.add_key_length(hp.get("head_dim", 256)),
-        "attention.value_length": lambda: w.add_value_length(hp.get("head_dim", 256)),
-        "rope.freq_base": lambda: w.add_rope_freq_base(
-            rope.get("full_attention", rope).get("rope_theta", 1_000_000.0)),
-        "attention.head_count_kv": lambda: w.add_head_count_kv(hp.get("num_key_value_heads", 4)),
-    }
-    for key, add in again.items():  # the converter overwrites (with a warning); we replace
-        w.kv_data[0].pop(f"gemma3.{key}", None)
-        add()
-    assert hp.get("attn_logit_softcapping") is None
-    if hp.get("final_logit_softcapping"):
-        w.add_final_logit_softcapping(hp["final_logit_softcapping"])
-    if hp.get("sliding_window_pattern") != 1:
-        w.add_sliding_window(hp["sliding_window"])
-
-
-def _phi3(w: gguf.GGUFWriter, hp: dict, rope: dict) -> None:
-    """Phi3MiniModel.set_gguf_parameters (phi.py): rotary dims from partial_rotary_factor,
-    sliding_window 0 for none."""
-    n_embd, n_head = hp["hidden_size"], hp["num_attention_heads"]
-    rot_pct = rope.get("partial_rotary_factor", hp.get("partial_rotary_factor", 1.0))
-    w.add_context_length(hp["max_position_embeddings"])
-    w.add_rope_scaling_orig_ctx_len(rope.get("original_max_position_embeddings",
-                                             hp.get("original_max_position_embeddings")))
-    w.add_embedding_length(n_embd)
-    w.add_feed_forward_length(hp["intermediate_size"])
-    w.add_block_count(hp["num_hidden_layers"])
-    w.add_head_count(n_head)
-    w.add_head_count_kv(hp["num_key_value_heads"])
-    w.add_layer_norm_rms_eps(hp["rms_norm_eps"])
-    w.add_rope_dimension_count(int(rot_pct * n_embd) // n_head)
-    w.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])
-    w.add_sliding_window(hp.get("sliding_window") or 0)
-
-
-PARAMETERS = {"llama": _llama, "qwen2": _text_model, "qwen3": _text_model,
-              "gemma2": _gemma2, "gemma3": _gemma3, "phi3": _phi3}
-
 
 def _copy_tokenizer(w: gguf.GGUFWriter) -> None:
     """SmolLM2's tokenizer.* keys, with the types llama.cpp gives them."""
@@ -225,19 +107,48 @@ def _converted_tensors(hf_dir: Path, hp: dict, rope: dict, arch: str):
     each checkpoint tensor through the arch's modify_tensors and gguf-py's TensorNameMap."""
     yield from generated_tensors(hp, rope, arch)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], hp["num_hidden_layers"])
+    for name, data in _modified(_checkpoint_tensors(hf_dir), hp, arch, hf_dir):
+        new_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if new_name is None:
+            raise ValueError(f"Can not map tensor {name!r}")
+        yield new_name, data.numpy()
+
+
+def _checkpoint_tensors(hf_dir: Path):
     for file in sorted(hf_dir.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
-                if name.endswith((".attention.masked_bias", ".attention.bias",
-                                  ".rotary_emb.inv_freq")):
-                    continue
-                data = _modify(f.get_tensor(name).float(), name, hp, arch, hf_dir)
-                if data is None:
-                    continue
-                new_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
-                if new_name is None:
-                    raise ValueError(f"Can not map tensor {name!r}")
-                yield new_name, data.numpy()
+                if not name.endswith((".attention.masked_bias", ".attention.bias",
+                                      ".rotary_emb.inv_freq")):
+                    yield name, f.get_tensor(name).float()
+
+
+def _modified(tensors, hp: dict, arch: str, hf_dir: Path):
+    """Each (HF name, tensor) through the arch's modify_tensors: one out, none, or (for a
+    layer's experts, once all are in) the stacked ones."""
+    experts: dict[int, dict[str, torch.Tensor]] = {}  # Qwen2MoeModel._experts
+    for name, data in tensors:
+        if arch in MOE_ARCHS and "experts" in name:
+            yield from _stack_experts(experts, name, data, hp)
+        elif (data := _modify(data, name, hp, arch, hf_dir)) is not None:
+            yield name, data
+    if leftover := [k for layer in experts.values() for k in layer]:  # prepare_tensors
+        raise ValueError(f"Unprocessed experts: {leftover}")
+
+
+def _stack_experts(experts: dict, name: str, data: torch.Tensor, hp: dict):
+    """Qwen2MoeModel.modify_tensors (qwen.py): a layer's per-expert matrices are held until
+    all 3 * n_experts are in, then stacked per projection into [experts, out, in]."""
+    n_experts = find_key(hp, ("num_local_experts", "num_experts"))
+    bid = int(name.split(".")[2])  # model.layers.{bid}.mlp.experts.{xid}.{w_name}.weight
+    layer = experts.setdefault(bid, {})
+    layer[name] = data
+    if len(layer) < n_experts * 3:
+        return
+    for w_name in ("down_proj", "gate_proj", "up_proj"):
+        stacked = torch.stack([layer.pop(f"model.layers.{bid}.mlp.experts.{xid}.{w_name}.weight")
+                               for xid in range(n_experts)])
+        yield f"model.layers.{bid}.mlp.experts.{w_name}.weight", stacked
 
 
 def _modify(data: torch.Tensor, name: str, hp: dict, arch: str, hf_dir: Path):
@@ -297,8 +208,9 @@ def generated_tensors(hp: dict, rope: dict, arch: str):
 
 
 def _add_tensor(w: gguf.GGUFWriter, name: str, data: np.ndarray, qtype: Q) -> None:
-    """prepare_tensors' type choice: 1-d tensors and norms F32, the rest `qtype`."""
-    if data.ndim <= 1 or name.endswith("_norm.weight"):
+    """prepare_tensors' type choice: 1-d tensors, norms and the MoE router (FFN_GATE_INP)
+    F32, the rest `qtype`, or F16 where `qtype` does not fit the rows."""
+    if data.ndim <= 1 or name.endswith(("_norm.weight", ".ffn_gate_inp.weight")):
         qtype = Q.F32
     try:
         stored = gguf.quants.quantize(data, qtype)

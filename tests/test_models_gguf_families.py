@@ -5,6 +5,9 @@ llama.cpp's converter does (tests/gguf_twins.py). Where the converter drops some
 llama.cpp assumes a value the file cannot state, the twin is a different model from the HF
 dir; CONVERTER_LOSSES records those as the config.json edits that make the HF dir the model
 the twin describes, and the config fields they change. The twin is compared with that.
+
+llama.cpp's qwen3moe has experts in every layer, so the Qwen3-MoE cases' dense layer
+(mlp_only_layers) cannot be converted; ALL_MOE makes each of them with experts everywhere.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType
 
-from family_checkpoints import CASES, edit_config, write_case
+from family_checkpoints import CASES, build_model, edit_config, write_case
 from gguf_twins import generated_tensors, write_twin
 from helpers import random_prompts
 from tokenpool.errors import CheckpointError
@@ -31,12 +34,27 @@ from tokenpool.models.gguf_file import GGUFFile
 from tokenpool.models.gguf_loader import gguf_config
 from tokenpool.models.gguf_names import llama3_from_rope_freqs
 from tokenpool.models.hf_loader import hf_config
+from tokenpool.models.synth import smollm2_tokenizer
 from tokenpool.sampling import SamplingParams
 
 pytest.importorskip("transformers")
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 _SLIDING = "sliding_attention"
+_MOE_CASES = [name for name, case in CASES.items() if case.model_type == "qwen3_moe"]
+# Each Qwen3-MoE case with experts in every layer: what llama.cpp's qwen3moe can hold.
+ALL_MOE = {f"{name}-all-layers": name for name in _MOE_CASES}
+GGUF_CASES = [name for name in CASES if name not in _MOE_CASES] + list(ALL_MOE)
+
+
+def write_hf(name: str, out_dir: Path) -> Path:
+    """write_case, or for an ALL_MOE name its case with mlp_only_layers=[]."""
+    if name not in ALL_MOE:
+        return write_case(name, out_dir)
+    case = CASES[ALL_MOE[name]]
+    build_model(case.model_type, **{**case.config, "mlp_only_layers": []}).save_pretrained(out_dir)
+    smollm2_tokenizer().save_pretrained(out_dir)
+    return out_dir
 
 
 @dataclass(frozen=True)
@@ -70,6 +88,9 @@ CONVERTER_LOSSES = {
          "layer_types": [_SLIDING] * 4},
         frozenset({"query_pre_attn_scalar", "layer_types"}),
         "neither stored; llama.cpp: head_dim scaling, and every 6th layer full"),
+    "qwen3-moe-all-layers": Loss(
+        {"norm_topk_prob": True}, frozenset({"norm_topk_prob"}),
+        "not stored; llama.cpp's qwen3moe graph always renormalises the top-k weights"),
 }
 
 
@@ -88,7 +109,7 @@ def twins(tmp_path_factory):
 
     def twin(name: str, qtype: Q = Q.F32) -> Twin:
         if (name, Q.F32) not in made:
-            hf_dir = write_case(name, root / name)
+            hf_dir = write_hf(name, root / name)
             loss = CONVERTER_LOSSES.get(name)
             ref = edit_config(hf_dir, root / f"{name}-as-converted", **loss.edits) if loss \
                 else hf_dir
@@ -107,10 +128,6 @@ class Loaded:
     twin: Twin
     hf: Checkpoint
     gguf: Checkpoint
-
-
-# Mixture-of-experts GGUF files (stacked *_exps tensors) are refused at load for now.
-GGUF_CASES = [name for name, case in CASES.items() if case.model_type != "qwen3_moe"]
 
 
 @pytest.fixture(scope="module", params=GGUF_CASES, ids=GGUF_CASES)
@@ -161,13 +178,16 @@ def test_greedy_tokens_equal_hf_dir(loaded):
 
 # -- a mixed-type file -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["llama", "gemma3"])
-def test_q8_0_twin_loads_mixed_types(twins, name):
-    """Norms stay F32, matrices Q8_0: the Q/K un-permutation and Gemma's norm offset apply
-    after dequantization (a wrong permutation is ~140% off, Q8_0 under 1%)."""
+@pytest.mark.parametrize("name, types", [
+    ("llama", {Q.F32, Q.Q8_0}), ("gemma3", {Q.F32, Q.Q8_0}),
+    ("qwen3-moe-all-layers", {Q.F32, Q.Q8_0, Q.F16})])
+def test_q8_0_twin_loads_mixed_types(twins, name, types):
+    """Norms (and the MoE router) stay F32, matrices Q8_0 (F16 where rows are not whole
+    blocks: down_exps' 48): the Q/K un-permutation, Gemma's norm offset and the split of
+    stacked experts apply after dequantization (a wrong permutation is ~140% off, Q8_0 under
+    1%)."""
     twin = twins(name, Q.Q8_0)
-    types = {t.tensor_type for t in gguf.GGUFReader(twin.gguf).tensors}
-    assert types == {Q.F32, Q.Q8_0}
+    assert {t.tensor_type for t in gguf.GGUFReader(twin.gguf).tensors} == types
     ckpt, f32 = load_checkpoint(twin.gguf, progress=False), load_checkpoint(
         twins(name).gguf, progress=False)
     assert ckpt.config == f32.config
@@ -230,7 +250,7 @@ def test_gemma_query_scale_is_llama_cpps(arch, layers, hidden, heads, kv_heads, 
 
 # -- what we cannot serve ----------------------------------------------------------------------
 
-_F32 = GGUFValueType.FLOAT32
+_F32, _U32 = GGUFValueType.FLOAT32, GGUFValueType.UINT32
 
 
 @pytest.mark.parametrize("case, metadata, tensors, key", [
@@ -243,8 +263,23 @@ _F32 = GGUFValueType.FLOAT32
      "rope_freqs.weight"),
     ("llama-linear", {}, {"rope_freqs.weight": [1.0] * 8}, "rope_freqs.weight"),
     ("phi3", {}, {"rope_factors_long.weight": [1.0] * 8}, "rope_factors_long.weight"),
+    ("llama", {"llama.expert_count": (8, _U32)}, {}, "llama.expert_count"),
+    ("qwen3-moe-all-layers", {"qwen3moe.expert_shared_count": (1, _U32)}, {},
+     "qwen3moe.expert_shared_count"),
+    ("qwen3-moe-all-layers", {"qwen3moe.expert_gating_func": (2, _U32)}, {},
+     "qwen3moe.expert_gating_func"),
+    ("qwen3-moe-all-layers", {"qwen3moe.expert_weights_norm": (False, GGUFValueType.BOOL)},
+     {}, "qwen3moe.expert_weights_norm"),
+    ("qwen3-moe-all-layers", {"qwen3moe.expert_count": (4, _U32)}, {},
+     "qwen3moe.expert_count"),
+    ("qwen3-moe-all-layers", {"qwen3moe.expert_used_count": (9, _U32)}, {},
+     "qwen3moe.expert_used_count"),
+    ("qwen3-moe-all-layers", {}, {"blk.0.ffn_gate_inp_shexp.weight": [1.0] * 64},
+     "blk.0.ffn_gate_inp_shexp.weight"),
 ], ids=["scaling-longrope", "yarn-no-original", "yarn-log-mul", "rope-freqs-not-llama3",
-        "rope-freqs-and-linear", "longrope-factors"])
+        "rope-freqs-and-linear", "longrope-factors", "llama-experts", "shared-experts",
+        "sigmoid-gating", "no-topk-norm", "expert-count-not-stacked", "used-over-count",
+        "shared-expert-router"])
 def test_unsupported_gguf_fails_at_load_naming_the_key(twins, tmp_path, case, metadata,
                                                        tensors, key):
     path = write_twin(twins(case).hf_dir, tmp_path / "bad.gguf", extra_metadata=metadata,
@@ -263,3 +298,34 @@ def test_unknown_architecture_names_the_key(tmp_path):
     w.close()
     with pytest.raises(CheckpointError, match="general.architecture 'falcon' is not supported"):
         load_checkpoint(tmp_path / "falcon.gguf")
+
+
+# -- Qwen3-MoE layouts llama.cpp cannot hold --------------------------------------------------
+
+def test_converter_cannot_write_a_dense_moe_layer(tmp_path):
+    """Qwen2MoeModel maps a dense layer's MLP with qwen3moe's tensor names, which have none."""
+    hf_dir = write_case("qwen3-moe", tmp_path / "hf")
+    assert CASES["qwen3-moe"].config.get("mlp_only_layers", [1]) == [1]
+    with pytest.raises(ValueError, match=r"Can not map tensor 'model\.layers\.1\.mlp\."):
+        write_twin(hf_dir, tmp_path / "dense.gguf")
+
+
+_EXPERTS_1 = [f"blk.1.{t}.weight" for t in ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps",
+                                             "ffn_down_exps")]
+
+
+@pytest.mark.parametrize("drop, extra, key", [
+    (_EXPERTS_1, {f"blk.1.ffn_{p}.weight": np.zeros((128, 64)) for p in ("gate", "up")}
+     | {"blk.1.ffn_down.weight": np.zeros((64, 128))}, "layer 1 has no blk.1.ffn_gate_inp"),
+    (_EXPERTS_1[1:3], {"blk.1.ffn_gate_up_exps.weight": np.zeros((8, 96, 64))},
+     "layer 1 has no blk.1.ffn_gate_exps.weight (its MLP tensors: ffn_down_exps, "
+     "ffn_gate_inp, ffn_gate_up_exps)"),
+], ids=["dense-layer", "fused-gate-up-experts"])
+def test_moe_layer_without_the_expert_tensors_names_it(twins, tmp_path, drop, extra, key):
+    """A file with a dense layer, or experts in a layout llama.cpp's qwen3moe does not load,
+    is refused, naming the layer and the missing tensor."""
+    path = write_twin(twins("qwen3-moe-all-layers").hf_dir, tmp_path / "bad.gguf",
+                      drop_tensors=drop, extra_tensors=extra)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path, progress=False)
+    assert key in str(info.value)
