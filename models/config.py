@@ -155,7 +155,8 @@ def _experts(d: dict, layers: int) -> dict:
     moe = tuple(i for i in range(layers)
                 if experts > 0 and i not in dense and (i + 1) % step == 0)
     return {"num_experts": experts, "num_experts_per_tok": d["num_experts_per_tok"],
-            "moe_intermediate_size": d["moe_intermediate_size"],
+            # Mixtral's experts are intermediate_size wide; Qwen's have a size of their own
+            "moe_intermediate_size": d.get("moe_intermediate_size") or d["intermediate_size"],
             "norm_topk_prob": bool(d.get("norm_topk_prob", False)), "moe_layers": moe}
 
 

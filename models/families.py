@@ -31,6 +31,12 @@ LLAMA_SOURCES: dict[str, tuple[str, ...]] = {
 GEMMA_SOURCES = {"mlp_norm": ("pre_feedforward_layernorm.weight",)}
 PHI3_SOURCES = {"qkv": ("self_attn.qkv_proj.weight",), "gate_up": ("mlp.gate_up_proj.weight",)}
 # Mixture-of-experts MLPs: `{e}` stands for each expert in turn (tensor_layout.py).
+MIXTRAL_SOURCES = {
+    "router": ("block_sparse_moe.gate.weight",),
+    "experts_gate_up": ("block_sparse_moe.experts.{e}.w1.weight",
+                        "block_sparse_moe.experts.{e}.w3.weight"),
+    "experts_down": ("block_sparse_moe.experts.{e}.w2.weight",),
+}
 QWEN_MOE_SOURCES = {
     "router": ("mlp.gate.weight",),
     "experts_gate_up": ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"),
@@ -128,5 +134,10 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3moe", QWEN_MOE_SOURCES, qk_norm=True,
            moe=True, sliding_opt_in=True, sliding_layers=_qwen_sliding,
            synth={"rope_theta": 1e6, "num_experts": 8, "num_experts_per_tok": 2},
-           defaults={"max_position_embeddings": 32768}),
+           defaults={"max_position_embeddings": 32768, "moe_intermediate_size": 768}),
+    # Every layer routes, renormalised, to experts as wide as intermediate_size.
+    Family("mixtral", "MixtralForCausalLM", "llama", MIXTRAL_SOURCES, moe=True,
+           sliding_layers=_all_sliding, synth={"rope_theta": 1e6, "num_local_experts": 8},
+           defaults={"max_position_embeddings": 131072, "num_experts_per_tok": 2,
+                     "norm_topk_prob": True}),
 )}

@@ -21,7 +21,7 @@ def synthetic_config(family: str, **sizes) -> ModelConfig:
     eos = sizes.pop("eos_token_ids", ())
     raw = {**sizes, "eos_token_id": list(eos), "model_type": family,
            **FAMILIES[family].synth}
-    if FAMILIES[family].moe:  # experts a quarter of the dense MLP's width, as Qwen3-MoE's
+    if "moe_intermediate_size" in FAMILIES[family].defaults:  # Qwen3-MoE: experts a quarter
         raw.setdefault("moe_intermediate_size", max(16, sizes["intermediate_size"] // 4))
     return ModelConfig.from_hf_dict(raw, f"synthetic {family} config")
 
@@ -48,7 +48,8 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
         out["rope_local_base_freq"] = cfg.local_rope.theta
     out |= _sliding_keys(cfg)
     if family.moe:
-        out |= {"num_experts": cfg.num_experts, "num_experts_per_tok": cfg.num_experts_per_tok,
+        out |= {"num_experts": cfg.num_experts, "num_local_experts": cfg.num_experts,
+                "num_experts_per_tok": cfg.num_experts_per_tok,
                 "moe_intermediate_size": cfg.moe_intermediate_size,
                 "norm_topk_prob": cfg.norm_topk_prob, "decoder_sparse_step": 1,
                 "mlp_only_layers": [i for i in range(cfg.num_hidden_layers)

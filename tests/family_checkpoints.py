@@ -42,6 +42,7 @@ FAMILIES: dict[str, tuple[str, dict]] = {
                          "full_attention": {"rope_type": "default", "rope_theta": 1e6}})),
     "phi3": ("Phi3", {}),
     # Layer 1 keeps a dense MLP (mlp_only_layers), the others route to 2 of 8 experts.
+    "mixtral": ("Mixtral", dict(num_local_experts=8, num_experts_per_tok=2, sliding_window=16)),
     "qwen3_moe": ("Qwen3Moe", dict(head_dim=32, num_experts=8, num_experts_per_tok=2,
                                    moe_intermediate_size=48, mlp_only_layers=[1])),
 }
@@ -78,6 +79,7 @@ CASES: dict[str, Case] = {
     "gemma3": Case("gemma3_text"),
     "phi3": Case("phi3", dict(sliding_window=20)),  # as Phi-3-mini-4k's 2047: every layer
     "phi3-partial-rotary": Case("phi3", dict(partial_rotary_factor=0.75)),
+    "mixtral": Case("mixtral"),
     "qwen3-moe": Case("qwen3_moe"),
     "qwen3-moe-norm-topk": Case("qwen3_moe", dict(norm_topk_prob=True)),
 }
