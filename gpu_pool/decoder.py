@@ -104,7 +104,7 @@ class DecoderForward:
 
     @property
     def rope_needs_lengths(self) -> bool:
-        return any(table.dynamic for table in self.ropes.values())
+        return any(table.length_dependent for table in self.ropes.values())
 
     @torch.inference_mode()
     def __call__(self, token_ids: torch.Tensor, positions: torch.Tensor,

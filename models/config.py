@@ -192,5 +192,8 @@ def _rope(d: dict, layer_type: str, where: str) -> RopeSpec:
         params = params.get(layer_type) or params.get(FULL) or {}
     elif layer_type == SLIDING:  # transformers 4's Gemma 3: a base, and no scaling, of its own
         params, theta = {}, d.get("rope_local_base_freq") or 10000.0
+    original = d.get("original_max_position_embeddings")
+    if original:  # Phi-3 states it at the top level, where it wins (as in transformers)
+        params = {**params, "original_max_position_embeddings": original}
     return rope_spec_from_hf(params, theta, d.get("partial_rotary_factor") or 1.0,
                              d.get("max_position_embeddings", 2048), where)

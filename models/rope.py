@@ -14,7 +14,9 @@ import torch
 
 from tokenpool.errors import CheckpointError
 
-ROPE_KINDS = ("default", "linear", "dynamic", "yarn", "llama3")
+ROPE_KINDS = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
+# Kinds whose frequencies depend on the sequence's length (the engine passes it per token).
+LENGTH_DEPENDENT = ("dynamic", "longrope")
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,8 +28,12 @@ class RopeSpec:
     # llama3
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
-    # llama3 and yarn: the context the model was pre-trained on
+    # llama3, yarn and longrope: the context the model was pre-trained on
     original_max_position_embeddings: int | None = None
+    # longrope (Phi-3 128k, Phi-3.5, Phi-4-mini): per-frequency divisors, the long ones for
+    # sequences past original_max_position_embeddings
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
     # yarn
     beta_fast: float = 32.0
     beta_slow: float = 1.0
@@ -47,8 +53,11 @@ class RopeSpec:
         if self.kind == "llama3":
             out |= {"low_freq_factor": self.low_freq_factor,
                     "high_freq_factor": self.high_freq_factor}
-        if self.kind in ("llama3", "yarn"):
+        if self.kind in ("llama3", "yarn", "longrope"):
             out["original_max_position_embeddings"] = self.original_max_position_embeddings
+        if self.kind == "longrope":
+            out |= {"short_factor": list(self.short_factor), "long_factor": list(self.long_factor),
+                    "attention_factor": self.attention_factor}
         if self.kind == "yarn":
             out |= {"beta_fast": self.beta_fast, "beta_slow": self.beta_slow}
         return out
@@ -67,7 +76,7 @@ def rope_spec_from_hf(params: dict, theta: float, partial_rotary_factor: float,
         return RopeSpec(theta=theta, partial_rotary_factor=prf)
     original = params.get("original_max_position_embeddings") or max_position_embeddings
     factor = params.get("factor")
-    if factor is None and kind == "yarn":
+    if factor is None and kind in ("yarn", "longrope"):
         factor = max_position_embeddings / original
     if factor is None:
         raise CheckpointError(f"{where}: rope_type {kind!r} needs 'factor'")
@@ -78,7 +87,17 @@ def rope_spec_from_hf(params: dict, theta: float, partial_rotary_factor: float,
         original_max_position_embeddings=int(original),
         beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
         attention_factor=params.get("attention_factor"), mscale=params.get("mscale"),
-        mscale_all_dim=params.get("mscale_all_dim"), truncate=bool(params.get("truncate", True)))
+        mscale_all_dim=params.get("mscale_all_dim"), truncate=bool(params.get("truncate", True)),
+        short_factor=_factors(params, "short_factor", kind, where),
+        long_factor=_factors(params, "long_factor", kind, where))
+
+
+def _factors(params: dict, key: str, kind: str, where: str) -> tuple[float, ...]:
+    if kind != "longrope":
+        return ()
+    if not params.get(key):
+        raise CheckpointError(f"{where}: rope_type 'longrope' needs {key!r}")
+    return tuple(float(f) for f in params[key])
 
 
 def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:
@@ -100,6 +119,8 @@ def inv_freq(spec: RopeSpec, head_dim: int, max_position_embeddings: int,
         return _llama3(spec, dim), 1.0
     if spec.kind == "yarn":
         return _yarn(spec, dim)
+    if spec.kind == "longrope":
+        return _longrope(spec, dim, seq_len)
     return _base_inv_freq(spec.theta, dim), 1.0
 
 
@@ -113,6 +134,21 @@ def _llama3(spec: RopeSpec, dim: int) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / spec.factor + smooth * scaled
     medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
     return torch.where(medium, smoothed, scaled)
+
+
+def _longrope(spec: RopeSpec, dim: int, seq_len: int | None) -> tuple[torch.Tensor, float]:
+    original = spec.original_max_position_embeddings
+    long = bool(seq_len) and seq_len > original
+    factors = torch.tensor(spec.long_factor if long else spec.short_factor, dtype=torch.float32)
+    if len(factors) != dim // 2:
+        raise CheckpointError(f"rope {'long' if long else 'short'}_factor has {len(factors)} "
+                              f"entries for {dim // 2} frequencies")
+    attention_factor = spec.attention_factor
+    if attention_factor is None:
+        attention_factor = 1.0 if spec.factor <= 1.0 else \
+            math.sqrt(1 + math.log(spec.factor) / math.log(original))
+    shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    return 1.0 / (factors * spec.theta ** shape), float(attention_factor)
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:

@@ -79,6 +79,12 @@ CASES: dict[str, Case] = {
     "gemma3": Case("gemma3_text"),
     "phi3": Case("phi3", dict(sliding_window=20)),  # as Phi-3-mini-4k's 2047: every layer
     "phi3-partial-rotary": Case("phi3", dict(partial_rotary_factor=0.75)),
+    # Phi-3.5's LongRoPE: short factors up to 32 positions, long ones past them (transformers
+    # lets the top-level original_max_position_embeddings win, so it is set there).
+    "phi3-longrope": Case("phi3", {**_rope(
+        "longrope", short_factor=[1.0 + 0.1 * i for i in range(8)],
+        long_factor=[1.0 + 2.0 * i for i in range(8)], original_max_position_embeddings=32),
+        "original_max_position_embeddings": 32}, recompute_exact=False),
     "mixtral": Case("mixtral"),
     "qwen3-moe": Case("qwen3_moe"),
     "qwen3-moe-norm-topk": Case("qwen3_moe", dict(norm_topk_prob=True)),

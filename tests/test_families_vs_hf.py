@@ -145,8 +145,8 @@ def test_preempted_and_swapped_sequences_still_match_hf(family, engine):
 
 def test_preempted_and_recomputed_sequences_still_match_hf(family, engine):
     if not CASES[family.name].recompute_exact:
-        pytest.skip("dynamic RoPE: recomputing rotates cached keys with the longer length's "
-                    "frequencies, HF's cache keeps each key's own")
+        pytest.skip("length-dependent RoPE (dynamic, longrope): recomputing rotates cached keys "
+                    "for the longer length, HF's cache keeps each key's own")
     # No swap space: preempted sequences are dropped and their prompt + output recomputed.
     page = page_bytes(engine)
     worker = worker_over({"m": family.checkpoint}, kv_cache_bytes=TIGHT_PAGES * page,
@@ -181,13 +181,13 @@ def test_each_feature_changes_hf_greedy_tokens(case, changes):
     ("llama", {"hidden_act": "relu2"}, "hidden_act"),
     ("gemma2", {"hidden_activation": "relu2"}, "hidden_activation"),
     ("llama", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
-                                   "short_factor": [1.0] * 8, "long_factor": [4.0] * 8,
-                                   "original_max_position_embeddings": 64}}, "rope_type"),
+                                   "short_factor": [1.0] * 8,
+                                   "original_max_position_embeddings": 64}}, "long_factor"),
     ("llama", {"rope_parameters": {"rope_type": "foo", "rope_theta": 10000.0}}, "rope_type"),
     ("llama", {"quantization_config": {"quant_method": "awq", "bits": 4}},
      "quantization_config"),
     ("gemma3", {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
-], ids=["model_type", "hidden_act", "hidden_activation", "rope-longrope", "rope-foo",
+], ids=["model_type", "hidden_act", "hidden_activation", "longrope-no-long-factor", "rope-foo",
         "quantization", "bidirectional"])
 def test_unsupported_checkpoint_fails_at_load_naming_the_key(written, tmp_path, case, changes,
                                                               key):

@@ -44,9 +44,11 @@ _SLIDING = "sliding_attention"
 _MOE_CASES = [name for name, case in CASES.items() if case.model_type == "qwen3_moe"]
 # Each Qwen3-MoE case with experts in every layer: what llama.cpp's qwen3moe can hold.
 ALL_MOE = {f"{name}-all-layers": name for name in _MOE_CASES}
-# Mixtral converts as a llama with experts, which the loader refuses (see README's table).
+# Mixtral converts as a llama with experts, and LongRoPE's factors become tensors: the loader
+# refuses both (see README's table).
 GGUF_CASES = [name for name, case in CASES.items()
-              if name not in _MOE_CASES and case.model_type != "mixtral"] + list(ALL_MOE)
+              if name not in _MOE_CASES and case.model_type != "mixtral"
+              and name != "phi3-longrope"] + list(ALL_MOE)
 
 
 def write_hf(name: str, out_dir: Path) -> Path:
