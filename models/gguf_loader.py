@@ -8,33 +8,25 @@ split into each expert's tensor.
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from gguf import GGMLQuantizationType
-from gguf.quants import dequantize
 from tqdm import tqdm
 
 from tokenpool.errors import CheckpointError
 from tokenpool.models.checkpoint import Checkpoint
 from tokenpool.models.config import ModelConfig
 from tokenpool.models.gguf_file import GGUFFile, GGUFTensor, read_gguf
-from tokenpool.models.gguf_names import (MOE_NAMES, ROPE_FREQS, GGUFArch, gguf_arch,
-                                         llama3_from_rope_freqs)
+from tokenpool.models.gguf_names import MOE_NAMES, GGUFArch, gguf_arch
+from tokenpool.models.gguf_rope import longrope_tensors, rope_dict
+from tokenpool.models.gguf_values import f32, require, to_float, uniform
 from tokenpool.models.tokenizer import Tokenizer
 
-# Stored float types are kept as they are; everything else is dequantized to float32.
-_FLOAT_TYPES = {
-    GGMLQuantizationType.F32: torch.float32,
-    GGMLQuantizationType.F16: torch.float16,
-    GGMLQuantizationType.BF16: torch.bfloat16,
-}
 # RoPE keys whose llama.cpp meaning has no HF counterpart we compute: refused unless one of
-# the neutral values (None: always).
+# the neutral values (None: always). attn_factor alongside LongRoPE's factors is LongRoPE's
+# attention factor (_longrope_params).
 _NEUTRAL_ROPE_KEYS = {"rope.scaling.yarn_ext_factor": (1.0,), "rope.scaling.attn_factor": (1.0,),
                       "rope.scaling.yarn_log_multiplier": None, "rope.scaling.alpha": None}
 # Mixture-of-experts keys llama.cpp's qwen3moe never reads (its converter never writes them):
@@ -76,9 +68,9 @@ def hf_config_dict(gguf: GGUFFile) -> dict[str, Any]:
     arch = gguf_arch(meta, where)
     key = lambda k: f"{arch.name}.{k}"  # noqa: E731
     tensors = {t.name: t for t in gguf.tensors}
-    _refuse_unsupported(meta, arch, where)
-    hidden = _require(meta, key("embedding_length"), where)
-    heads = _uniform(meta, key("attention.head_count"), where)
+    _refuse_unsupported(meta, arch, tensors, where)
+    hidden = require(meta, key("embedding_length"), where)
+    heads = uniform(meta, key("attention.head_count"), where)
     head_dim = meta.get(key("attention.key_length"), hidden // heads)
     if meta.get(key("attention.value_length"), head_dim) != head_dim:
         raise CheckpointError(f"{where}: {key('attention.value_length')} differs from the key "
@@ -87,12 +79,12 @@ def hf_config_dict(gguf: GGUFFile) -> dict[str, Any]:
         "model_type": arch.model_type,
         "vocab_size": _vocab_size(meta, tensors, key),
         "hidden_size": hidden,
-        "intermediate_size": _uniform(meta, key("feed_forward_length"), where),
-        "num_hidden_layers": _require(meta, key("block_count"), where),
+        "intermediate_size": uniform(meta, key("feed_forward_length"), where),
+        "num_hidden_layers": require(meta, key("block_count"), where),
         "num_attention_heads": heads,
-        "num_key_value_heads": _uniform(meta, key("attention.head_count_kv"), where, heads),
+        "num_key_value_heads": uniform(meta, key("attention.head_count_kv"), where, heads),
         "head_dim": head_dim,
-        "rms_norm_eps": _f32(_require(meta, key("attention.layer_norm_rms_epsilon"), where)),
+        "rms_norm_eps": f32(require(meta, key("attention.layer_norm_rms_epsilon"), where)),
         "max_position_embeddings": meta.get(key("context_length"), 2048),
         "tie_word_embeddings": "output.weight" not in tensors,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
@@ -100,8 +92,7 @@ def hf_config_dict(gguf: GGUFFile) -> dict[str, Any]:
         "attention_bias": any(f"blk.0.{t}.bias" in tensors for t in ("attn_q", "attn_qkv")),
         arch.act[0]: arch.act[1],
     }
-    d |= _rope_dict(meta, arch, tensors.get(ROPE_FREQS), head_dim, d["max_position_embeddings"],
-                    where)
+    d |= rope_dict(meta, arch, tensors, head_dim, d["max_position_embeddings"], where)
     if arch.moe:
         d |= _experts_dict(meta, arch, tensors, d, where)
     return d | _window_and_caps(meta, arch, d)
@@ -112,8 +103,8 @@ def _experts_dict(meta: dict, arch: GGUFArch, tensors: dict[str, GGUFTensor], d:
     """config.json's mixture-of-experts keys. Every layer must hold the router and the three
     stacked expert tensors, expert_count deep: llama.cpp's qwen3moe has no dense layers."""
     key = lambda k: f"{arch.name}.{k}"  # noqa: E731
-    experts = _require(meta, key("expert_count"), where)
-    used = _require(meta, key("expert_used_count"), where)
+    experts = require(meta, key("expert_count"), where)
+    used = require(meta, key("expert_used_count"), where)
     if not 0 < used <= experts:
         raise CheckpointError(f"{where}: {key('expert_used_count')} = {used} is not in "
                               f"1..{key('expert_count')} ({experts})")
@@ -144,59 +135,25 @@ def _window_and_caps(meta: dict, arch: GGUFArch, d: dict) -> dict:
     if arch.soft_caps:
         for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
             value = meta.get(f"{arch.name}.{cap}")
-            out[cap] = _f32(value) if value else None
+            out[cap] = f32(value) if value else None
         big = d["num_hidden_layers"] == arch.big_layers
         out["query_pre_attn_scalar"] = (d["hidden_size"] // d["num_attention_heads"] if big
                                         else d["head_dim"])
     return out
 
 
-def _refuse_unsupported(meta: dict, arch: GGUFArch, where) -> None:
+def _refuse_unsupported(meta: dict, arch: GGUFArch, tensors: dict[str, GGUFTensor],
+                        where) -> None:
     if meta.get(f"{arch.name}.expert_count") and not arch.moe:
         raise CheckpointError(f"{where}: {arch.name}.expert_count: mixture-of-experts "
                               f"checkpoints of {arch.name} are not supported")
     neutral_keys = _NEUTRAL_ROPE_KEYS | (_NEUTRAL_MOE_KEYS if arch.moe else {})
+    if longrope_tensors(arch, tensors):
+        neutral_keys = {k: v for k, v in neutral_keys.items() if k != "rope.scaling.attn_factor"}
     for suffix, neutral in neutral_keys.items():
         value = meta.get(f"{arch.name}.{suffix}")
-        if value is not None and (neutral is None or _f32(value) not in neutral):
+        if value is not None and (neutral is None or f32(value) not in neutral):
             raise CheckpointError(f"{where}: {arch.name}.{suffix} = {value!r} is not supported")
-
-
-def _rope_dict(meta: dict, arch: GGUFArch, freqs: GGUFTensor | None, head_dim: int,
-               max_pos: int, where) -> dict[str, Any]:
-    """config.json's rope_parameters (nested by layer type for Gemma 3) and rotary fraction."""
-    key = lambda k: f"{arch.name}.{k}"  # noqa: E731
-    rotary = meta.get(key("rope.dimension_count"), head_dim)
-    fraction = rotary / head_dim
-    if int(head_dim * fraction) != rotary:  # RopeSpec.rotary_dim must give `rotary` back
-        fraction = math.nextafter(fraction, 1.0)
-    # llama.cpp's default base when the key is absent (Gemma2Model never writes it).
-    params = {"rope_type": "default", "rope_theta": _f32(meta.get(key("rope.freq_base"), 1e4))}
-    kind = meta.get(key("rope.scaling.type"), "none")
-    if kind not in ("none", "linear", "yarn"):
-        raise CheckpointError(f"{where}: {key('rope.scaling.type')} {kind!r} is not supported "
-                              "(supported: none, linear, yarn)")
-    if kind != "none":
-        params |= {"rope_type": kind,
-                   "factor": _f32(_require(meta, key("rope.scaling.factor"), where))}
-    if kind == "yarn":
-        params["original_max_position_embeddings"] = _require(
-            meta, key("rope.scaling.original_context_length"), where)
-        for ours, theirs in (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow"),
-                             ("attention_factor", "yarn_attn_factor")):
-            if key(f"rope.scaling.{theirs}") in meta:
-                params[ours] = _f32(meta[key(f"rope.scaling.{theirs}")])
-    if freqs is not None:
-        if kind != "none":
-            raise CheckpointError(f"{where}: {ROPE_FREQS} together with "
-                                  f"{key('rope.scaling.type')} {kind!r} is not supported")
-        params = llama3_from_rope_freqs(_to_float(freqs), params["rope_theta"], head_dim,
-                                        fraction, max_pos, where)
-    if arch.local_rope:  # llama.cpp's default swa base (and transformers' rope_local_base_freq)
-        local = _f32(meta.get(key("rope.freq_base_swa"), 1e4))
-        params = {"full_attention": params,
-                  "sliding_attention": {"rope_type": "default", "rope_theta": local}}
-    return {"rope_parameters": params, "partial_rotary_factor": fraction}
 
 
 def _split_experts(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -222,42 +179,9 @@ def _vocab_size(meta: dict, tensors: dict[str, GGUFTensor], key) -> int:
     return meta.get(key("vocab_size")) or len(meta.get("tokenizer.ggml.tokens", ()))
 
 
-def _f32(value: float) -> float:
-    """A float32 metadata value as the decimal it was written from (1e-06, not 9.99e-07)."""
-    return float(str(np.float32(value)))
-
-
-def _require(meta: dict[str, Any], key: str, path) -> Any:
-    if key not in meta:
-        raise CheckpointError(f"{path}: GGUF metadata has no {key!r}")
-    return meta[key]
-
-
-def _uniform(meta: dict[str, Any], key: str, path, default: Any = None) -> Any:
-    """A per-model value some files store per layer: one value, or an array of equal ones."""
-    value = meta.get(key, default) if default is not None else _require(meta, key, path)
-    if isinstance(value, list):
-        if len(set(value)) != 1:
-            raise CheckpointError(f"{path}: {key} differs between layers: not supported")
-        value = value[0]
-    return value
-
-
-def _to_float(tensor: GGUFTensor) -> torch.Tensor:
-    if tensor.qtype in _FLOAT_TYPES:
-        return torch.from_numpy(tensor.data.copy()).view(_FLOAT_TYPES[tensor.qtype]).reshape(
-            tensor.shape)
-    try:
-        values = dequantize(tensor.data, tensor.qtype)
-    except NotImplementedError:
-        raise CheckpointError(f"tensor {tensor.name}: the gguf package cannot dequantize "
-                              f"{tensor.qtype.name}") from None
-    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(tensor.shape)
-
-
 def tensor_to_torch(tensor: GGUFTensor, config: ModelConfig, arch: GGUFArch) -> torch.Tensor:
     """Dequantize one tensor and undo what the converter did to it."""
-    out = _to_float(tensor)
+    out = to_float(tensor)
     if arch.permuted_qk and ".attn_q." in tensor.name:
         out = unpermute_rope_rows(out, config.num_attention_heads)
     elif arch.permuted_qk and ".attn_k." in tensor.name:

@@ -2,10 +2,12 @@
 
 One `GGUFArch` row per `general.architecture`: the family it holds, how its tensors are named
 and transformed on the way in, and what llama.cpp assumes because the file does not say it;
-and the llama3 RoPE parameters back from the `rope_freqs` tensor the converter computes.
+and RoPE parameters back from the tensors the converter computes: llama3's `rope_freqs`,
+Phi-3 LongRoPE's `rope_factors_long` / `rope_factors_short`.
 Conventions checked against llama.cpp's converter (conversion/base.py, llama.py, qwen.py,
 gemma.py, phi.py, formerly one convert_hf_to_gguf.py), gguf-py's tensor_mapping.py and the
-hparam loaders in src/llama-model.cpp (src/models/qwen3moe.cpp for qwen3moe).
+hparam loaders in src/llama-model.cpp (src/models/qwen3moe.cpp for qwen3moe, phi3.cpp for
+phi3).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from tokenpool.errors import CheckpointError
@@ -59,9 +62,11 @@ MOE_NAMES = {
 }
 DENSE_FFN = ("ffn_gate", "ffn_up", "ffn_down")
 
-# Tensors that carry RoPE, not weights: read into the config (rope_freqs) or refused.
+# Tensors that carry RoPE, not weights: read into the config, or refused.
 ROPE_FREQS = "rope_freqs.weight"  # llama3 frequency factors (LlamaModel.generate_extra_tensors)
-LONGROPE = ("rope_factors_long.weight", "rope_factors_short.weight")  # Phi-3 128k
+# Phi-3 LongRoPE's per-frequency divisors (Phi3MiniModel.generate_extra_tensors), F32.
+LONGROPE_LONG, LONGROPE_SHORT = LONGROPE = ("rope_factors_long.weight",
+                                            "rope_factors_short.weight")
 
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
@@ -93,17 +98,21 @@ class GGUFArch:
     # renormalises the chosen experts' weights (build_moe_ffn's norm_w is hard-coded true):
     # norm_topk_prob is neither written nor read.
     moe: bool = False
+    # Loads LONGROPE's factor tensors (llama.cpp's phi3 does; its llama, qwen and gemma
+    # loaders do not).
+    longrope: bool = False
 
     def hf_name(self, gguf_name: str, path: str | Path = "") -> str | None:
         """The HF name of a tensor (with `{e}` for stacked experts), or None for one the
-        config consumes (rope_freqs)."""
+        config consumes (rope_freqs, LongRoPE's factors)."""
         if gguf_name in GLOBAL_NAMES:
             return GLOBAL_NAMES[gguf_name]
-        if gguf_name == ROPE_FREQS:
+        if gguf_name == ROPE_FREQS or (self.longrope and gguf_name in LONGROPE):
             return None
         if gguf_name in LONGROPE:
             raise CheckpointError(f"{path}: tensor {gguf_name!r} (LongRoPE scaling) is not "
-                                  "supported")
+                                  f"supported for {self.name} (llama.cpp's {self.name} does "
+                                  "not load it)")
         m = _LAYER_RE.fullmatch(gguf_name)
         names = {k: v for k, v in LAYER_NAMES.items() if not (self.moe and k in DENSE_FFN)}
         names |= self.names
@@ -128,7 +137,7 @@ ARCHS: dict[str, GGUFArch] = {a.name: a for a in (
     # Phi3MiniModel writes sliding_window (0 for none). llama.cpp currently switches Phi-3's
     # window off ("Phi SWA is currently disabled", llama.cpp#13676); we follow the window the
     # file records, as the HF config it came from does.
-    GGUFArch("phi3", "phi3", PHI3_NAMES, sliding=True),
+    GGUFArch("phi3", "phi3", PHI3_NAMES, sliding=True, longrope=True),
 )}
 
 
@@ -175,3 +184,35 @@ def llama3_from_rope_freqs(factors: torch.Tensor, theta: float, head_dim: int, f
             return params
     raise CheckpointError(f"{where}: {ROPE_FREQS} is not llama3 RoPE scaling with "
                           "low_freq_factor 1 and high_freq_factor 4: not supported")
+
+
+def longrope_from_factors(factors: dict[str, torch.Tensor], attn_factor: float, theta: float,
+                          rotary: int, original: int, max_pos: int, where) -> dict[str, Any]:
+    """transformers' longrope rope_parameters from what Phi3MiniModel writes: the two factor
+    tensors (GGUF name -> values, float32, one per rotary frequency) and
+    `rope.scaling.attn_factor`.
+
+    The factors are the float32 values exactly (Phi-3 configs list float32 values, and
+    transformers computes with float32 factors). `factor` is left out: transformers then takes
+    max_position_embeddings / original_max_position_embeddings, as Phi-3's configs (which
+    have none) mean. The converter stores as attn_factor the default transformers derives
+    from that ratio (never the config's own attention_factor); stored so, it is left out as
+    the HF config leaves it out. Any other value (llama.cpp's 1.0 when the key is absent) is
+    kept: llama.cpp scales cos and sin by it, as transformers does by attention_factor.
+    """
+    params = {"rope_type": "longrope", "rope_theta": theta,
+              "original_max_position_embeddings": original}
+    for name, key in ((LONGROPE_SHORT, "short_factor"), (LONGROPE_LONG, "long_factor")):
+        if name not in factors:
+            raise CheckpointError(f"{where}: tensor {name!r} is missing: LongRoPE needs both "
+                                  f"{LONGROPE_LONG} and {LONGROPE_SHORT}")
+        if tuple(factors[name].shape) != (rotary // 2,):
+            raise CheckpointError(f"{where}: tensor {name!r} has shape "
+                                  f"{list(factors[name].shape)}, not one factor per rotary "
+                                  f"frequency ([{rotary // 2}])")
+        params[key] = factors[name].double().tolist()
+    scale = max_pos / original
+    default = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1.0 else 1.0
+    if np.float32(attn_factor) != np.float32(default):
+        params["attention_factor"] = attn_factor
+    return params

@@ -8,7 +8,10 @@ from __future__ import annotations
 import gguf
 
 def rope_parameters(hp: dict) -> dict:
-    """TextModel.__init__ (base.py): rope_parameters, with rope_theta mirrored into it."""
+    """TextModel.__init__ (base.py): rope_parameters, with rope_theta, partial_rotary_factor
+    and original_max_position_embeddings mirrored into it where it lacks them (the nested
+    values win, where transformers lets Phi-3's top-level original win; transformers' own
+    to_dict has already put that one inside)."""
     rope = dict(hp.get("rope_parameters", hp.get("rope_scaling")) or {})
     if "full_attention" not in rope and "sliding_attention" not in rope:
         local = hp.get("rope_local_base_freq")
@@ -18,6 +21,9 @@ def rope_parameters(hp: dict) -> dict:
             rope["rope_theta"] = hp["rope_theta"]
         if "rope_type" not in rope and rope.get("type") is not None:
             rope["rope_type"] = rope["type"]
+        for k in ("partial_rotary_factor", "original_max_position_embeddings"):
+            if k not in rope and hp.get(k) is not None:
+                rope[k] = hp[k]
     return rope
 
 
@@ -131,12 +137,13 @@ def _gemma3(w: gguf.GGUFWriter, hp: dict, rope: dict) -> None:
 
 def _phi3(w: gguf.GGUFWriter, hp: dict, rope: dict) -> None:
     """Phi3MiniModel.set_gguf_parameters (phi.py): rotary dims from partial_rotary_factor,
-    sliding_window 0 for none."""
+    the original context always, sliding_window 0 for none; no RoPE scaling type or factor
+    (it does not call TextModel's). LongRoPE's factors and attn_factor come with the tensors
+    (gguf_twins.generated_tensors)."""
     n_embd, n_head = hp["hidden_size"], hp["num_attention_heads"]
-    rot_pct = rope.get("partial_rotary_factor", hp.get("partial_rotary_factor", 1.0))
+    rot_pct = rope.get("partial_rotary_factor", 1.0)
     w.add_context_length(hp["max_position_embeddings"])
-    w.add_rope_scaling_orig_ctx_len(rope.get("original_max_position_embeddings",
-                                             hp.get("original_max_position_embeddings")))
+    w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
     w.add_embedding_length(n_embd)
     w.add_feed_forward_length(hp["intermediate_size"])
     w.add_block_count(hp["num_hidden_layers"])

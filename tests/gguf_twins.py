@@ -4,7 +4,8 @@
 split into conversion/base.py, llama.py, qwen.py, gemma.py, phi.py) writes for the dir's
 model: the class it registers for the architecture, its `set_gguf_parameters` keys,
 `modify_tensors` transforms (Llama's Q/K row permutation, Gemma's `norm.weight + 1`,
-Qwen-MoE's stacking of experts), `generate_extra_tensors` (llama3's rope_freqs), gguf-py's
+Qwen-MoE's stacking of experts), `generate_extra_tensors` (llama3's rope_freqs, Phi-3
+LongRoPE's factors and attention factor), gguf-py's
 TensorNameMap names and `prepare_tensors`' choice of types (1-d tensors, norms and the MoE
 router stay F32). Each function names the converter code it follows. The tokenizer metadata
 is SmolLM2's GGUF's, whose tokenizer every case shares.
@@ -63,7 +64,7 @@ def write_twin(hf_dir: str | Path, path: str | Path, qtype: Q = Q.F32, *,
     w.add_file_type(FILE_TYPES[qtype])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _copy_tokenizer(w)
-    for name, data in _converted_tensors(hf_dir, hp, rope, arch):
+    for name, data in _converted_tensors(hf_dir, hp, rope, arch, w):
         if name not in drop_tensors:
             _add_tensor(w, name, data, qtype)
     for name, data in (extra_tensors or {}).items():
@@ -102,10 +103,10 @@ def _copy_tokenizer(w: gguf.GGUFWriter) -> None:
 
 # -- tensors -------------------------------------------------------------------------------
 
-def _converted_tensors(hf_dir: Path, hp: dict, rope: dict, arch: str):
+def _converted_tensors(hf_dir: Path, hp: dict, rope: dict, arch: str, w: gguf.GGUFWriter):
     """(GGUF name, float32 array) as prepare_tensors yields them: extra tensors first, then
     each checkpoint tensor through the arch's modify_tensors and gguf-py's TensorNameMap."""
-    yield from generated_tensors(hp, rope, arch)
+    yield from generated_tensors(hp, rope, arch, w)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], hp["num_hidden_layers"])
     for name, data in _modified(_checkpoint_tensors(hf_dir), hp, arch, hf_dir):
         new_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
@@ -177,12 +178,50 @@ def _permute(weights: torch.Tensor, n_head: int, n_head_kv: int | None) -> torch
             .reshape(weights.shape))
 
 
-def generated_tensors(hp: dict, rope: dict, arch: str):
+def generated_tensors(hp: dict, rope: dict, arch: str, w: gguf.GGUFWriter | None = None):
+    """The arch's generate_extra_tensors: (GGUF name, float32 array), and the keys it writes
+    to `w` on the way."""
+    if arch == "llama":
+        yield from _llama3_rope_freqs(hp, rope)
+    elif arch == "phi3":
+        yield from _phi3_longrope_factors(hp, rope, w)
+
+
+def _phi3_longrope_factors(hp: dict, rope: dict, w: gguf.GGUFWriter | None):
+    """Phi3MiniModel.generate_extra_tensors (phi.py): nothing without long factors; else
+    rope.scaling.attn_factor, computed from max_position_embeddings / original (the config's
+    own attention_factor and factor are not read), and both factor lists as F32 tensors."""
+    n_embd, n_head = hp["hidden_size"], hp["num_attention_heads"]
+    max_pos_embds = hp["max_position_embeddings"]
+    orig_max_pos_embds = rope["original_max_position_embeddings"]
+    rope_dims = int(rope.get("partial_rotary_factor", 1.0) * n_embd) // n_head
+    long_factors, short_factors = rope.get("long_factor"), rope.get("short_factor")
+    if not long_factors:
+        return
+    scale = max_pos_embds / orig_max_pos_embds
+    kind = rope.get("rope_type", "").lower()
+    if kind in ("su", "longrope"):
+        attn_factor = math.sqrt(1 + math.log(scale) / math.log(orig_max_pos_embds)) \
+            if scale > 1.0 else 1.0
+    elif kind == "yarn":
+        attn_factor = 0.1 * math.log(scale) + 1.0 if scale > 1.0 else 1.0
+    else:
+        raise NotImplementedError(f"The rope scaling type {kind} is not supported yet")
+    if w is not None:
+        w.add_rope_scaling_attn_factors(attn_factor)
+    if short_factors is None or len(long_factors) != len(short_factors) \
+            or len(long_factors) != rope_dims / 2:
+        raise ValueError(f"The length of rope long and short factors must be {rope_dims / 2}")
+    yield "rope_factors_long.weight", torch.tensor(long_factors, dtype=torch.float32).numpy()
+    yield "rope_factors_short.weight", torch.tensor(short_factors, dtype=torch.float32).numpy()
+
+
+def _llama3_rope_freqs(hp: dict, rope: dict):
     """LlamaModel.generate_extra_tensors (llama.py): llama3's rope_freqs. Note it reads
     original_max_position_embeddings from the top of the config (default 8192), where
     transformers keeps it inside rope_parameters."""
     params = rope.get("full_attention", rope)
-    if arch != "llama" or params.get("rope_type", "").lower() != "llama3":
+    if params.get("rope_type", "").lower() != "llama3":
         return
     base = params.get("rope_theta", 10000.0)
     dim = hp.get("head_dim") or hp["hidden_size"] // hp["num_attention_heads"]
