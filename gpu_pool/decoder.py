@@ -111,7 +111,7 @@ class DecoderForward:
                  meta: AttentionMetadata, kv: PagedKVCache,
                  rope_lens: torch.Tensor | None = None) -> torch.Tensor:
         """token_ids, positions: [N]; rope_lens: [N] each token's sequence length (dynamic
-        RoPE only). Returns final hidden states at `meta.logits_rows`."""
+        RoPE and LongRoPE only). Returns final hidden states at `meta.logits_rows`."""
         cfg, w = self.cfg, self.weights
         x = w.embed[token_ids]  # [N, hidden]
         if cfg.gemma_norms:
