@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from tokenpool.sampling import SamplingParams
@@ -35,7 +36,7 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
     if random_rows:
         idx = torch.tensor(random_rows, device=logits.device)
-        drawn = _sample_random(logits.index_select(0, idx), [rows[i] for i in random_rows])
+        drawn = _sample_random(_rows_of(logits, random_rows), [rows[i] for i in random_rows])
         tokens = tokens.index_copy(0, idx, drawn)
     token_list = tokens.tolist()
     return token_list, _logprobs(logits, token_list, rows)
@@ -44,7 +45,7 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list
 def _sample_random(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     device = logits.device
     temps = torch.tensor([r.params.temperature for r in rows], device=device)
-    logits = logits / temps.unsqueeze(1)
+    logits = _divided(logits, temps)
     top_ks = [r.params.top_k for r in rows]
     if any(k > 0 for k in top_ks):
         logits = _apply_top_k(logits, top_ks)
@@ -66,7 +67,7 @@ def _apply_top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
     kth = logits.topk(max(ks), dim=-1).values  # [B, max_k], sorted descending
     index = torch.tensor([k - 1 for k in ks], device=logits.device).unsqueeze(1)
     threshold = kth.gather(1, index)
-    return logits.masked_fill(logits < threshold, float("-inf"))
+    return _filled(logits, logits >= threshold, float("-inf"))
 
 
 def _apply_top_p(probs: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
@@ -85,8 +86,41 @@ def _apply_top_p(probs: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     kept_sorted = mass_before < top_ps.unsqueeze(1)
+    if probs.device.type == "cpu":
+        kept = np.zeros(probs.shape, dtype=bool)
+        np.put_along_axis(kept, order.numpy(), kept_sorted.numpy(), axis=1)
+        return _filled(probs, torch.from_numpy(kept), 0.0)
     kept = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, order, kept_sorted)
-    return probs.masked_fill(~kept, 0.0)
+    return _filled(probs, kept, 0.0)
+
+
+# Vocabulary-wide elementwise work goes through numpy on CPU, on the calling thread: torch's
+# multi-threaded kernels run ~10x slower right after the lm_head's OpenBLAS gemv, whose
+# threads still spin (docs/bench/families-2026-12-06). Division and selection are exact, so
+# the results are the same bits.
+
+def _rows_of(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    if len(rows) == x.shape[0]:
+        return x
+    if x.device.type == "cpu":
+        return torch.from_numpy(x.numpy()[rows])
+    return x.index_select(0, torch.tensor(rows, device=x.device))
+
+
+def _divided(x: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
+    """Each row of x divided by its entry of `by`."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(x.numpy() / by.numpy()[:, None])
+    return x / by.unsqueeze(1)
+
+
+def _filled(x: torch.Tensor, keep: torch.Tensor, fill: float) -> torch.Tensor:
+    """x where `keep`, else `fill`."""
+    if x.device.type == "cpu":
+        out = x.numpy().copy()
+        out[~keep.numpy()] = fill
+        return torch.from_numpy(out)
+    return x.masked_fill(~keep, fill)
 
 
 def _logprobs(logits: torch.Tensor, tokens: list[int], rows: list[SampleRow]) -> list:
@@ -94,8 +128,7 @@ def _logprobs(logits: torch.Tensor, tokens: list[int], rows: list[SampleRow]) ->
     out: list = [None] * len(rows)
     if not wanted:
         return out
-    idx = torch.tensor(wanted, device=logits.device)
-    logp = logits.index_select(0, idx).log_softmax(dim=-1)
+    logp = _rows_of(logits, wanted).log_softmax(dim=-1)
     max_n = max(rows[i].params.logprobs for i in wanted)
     top_vals, top_ids = logp.topk(max(max_n, 1), dim=-1)
     chosen = logp.gather(1, torch.tensor([[tokens[i]] for i in wanted], device=logits.device))
