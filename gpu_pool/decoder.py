@@ -73,8 +73,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 def cap_logits(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     """Gemma's final soft-capping, tanh(logits / cap) * cap, in place on float32 logits.
 
-    On CPU numpy does it on this thread: torch's multi-threaded tanh over a vocabulary, right
-    after cpu_ops' OpenBLAS gemv made the logits (its threads still spin), is ~30x slower.
+    On CPU numpy does it on this thread: torch's multi-threaded tanh over a vocabulary is much
+    slower right after cpu_ops' OpenBLAS gemv made the logits, while its threads still spin
+    (docs/bench/families-2026-12-06).
     """
     if cap is None:
         return logits

@@ -76,9 +76,8 @@ def _apply_top_p(probs: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
 
     Only the TOP_P_CANDIDATES most likely tokens are ordered when they hold top_p of the mass
     (with a margin for rounding), which is what a nucleus almost always is: every token
-    beyond them would be dropped anyway. A full sort of the vocabulary is several times
-    slower, and on CPU right after the lm_head's OpenBLAS gemv it is 15 ms (its threads
-    still spin), half a batch-1 decode step. Otherwise every token is sorted.
+    beyond them would be dropped anyway, and a full sort of the vocabulary is far slower
+    (docs/bench/families-2026-12-06). Otherwise every token is sorted.
     """
     k = min(TOP_P_CANDIDATES, probs.shape[-1])
     sorted_probs, order = probs.topk(k, dim=-1)  # sorted, descending
@@ -95,7 +94,7 @@ def _apply_top_p(probs: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
 
 
 # Vocabulary-wide elementwise work goes through numpy on CPU, on the calling thread: torch's
-# multi-threaded kernels run ~10x slower right after the lm_head's OpenBLAS gemv, whose
+# multi-threaded kernels are much slower right after the lm_head's OpenBLAS gemv, whose
 # threads still spin (docs/bench/families-2026-12-06). Division and selection are exact, so
 # the results are the same bits.
 
