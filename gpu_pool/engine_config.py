@@ -7,12 +7,16 @@ from dataclasses import dataclass
 
 from tokenpool.errors import ConfigError
 from tokenpool.gpu_pool.device import DTYPES
+from tokenpool.models.quant_plan import check_mode
 
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     device: str = "cpu"
     dtype: str = "auto"
+    # none: weights in `dtype` (a GGUF's quantized tensors dequantized); native: a GGUF's
+    # quantized tensors kept as stored; int8 / int4: quantized once at load (quant_formats.py)
+    quantization: str = "none"
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 8192
     kv_cache_bytes: int = 1 << 30
@@ -27,6 +31,7 @@ class EngineConfig:
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be auto or one of {', '.join(DTYPES)}; "
                               f"got {self.dtype!r}")
+        check_mode(self.quantization)
         for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

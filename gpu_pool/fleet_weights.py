@@ -23,8 +23,9 @@ from tokenpool.gpu_pool.worker_memory import (ModelLayout, kv_pages, max_model_l
 from tokenpool.memory.arena import ArenaLayout, ArenaTooSmallError
 from tokenpool.memory.host_cache import HostModelCache
 from tokenpool.memory.packing import PackIndex
-from tokenpool.models.checkpoint import load_checkpoint, read_model_info
+from tokenpool.models.checkpoint import load_checkpoint, read_model_info, read_weight_formats
 from tokenpool.models.locate import resolve_source
+from tokenpool.models.quant_plan import plan_formats
 
 
 def host_tensor(buffer) -> torch.Tensor:
@@ -47,10 +48,13 @@ class FleetModels:
         for spec in fleet.models:
             path = self.sources[spec.id]
             if path not in infos:
-                infos[path] = read_model_info(path)
-            config, tokenizer = infos[path]
-            dtype = resolve_dtype(fleet.engine_config(spec.id).dtype, self.device)
-            self.layouts[spec.id] = ModelLayout.of(spec.id, config, dtype)
+                infos[path] = (*read_model_info(path), read_weight_formats(path))
+            config, tokenizer, stored = infos[path]
+            engine = fleet.engine_config(spec.id)
+            dtype = resolve_dtype(engine.dtype, self.device)
+            tied = config.tie_word_embeddings
+            formats = plan_formats(config, engine.quantization, tied, stored)
+            self.layouts[spec.id] = ModelLayout.of(spec.id, config, dtype, tied, formats)
             self.tokenizers[spec.id] = tokenizer
 
     def arena(self) -> ArenaLayout:
@@ -127,6 +131,8 @@ class FleetWeights:
         return packed
 
     def _read(self, path: Path):
+        """The checkpoint at `path`, a GGUF's quantized tensors kept as they are: packing
+        dequantizes those its model holds in floats."""
         if self._checkpoint is None or self._checkpoint[0] != path:
-            self._checkpoint = (path, load_checkpoint(path, progress=False))
+            self._checkpoint = (path, load_checkpoint(path, progress=False, quantized=True))
         return self._checkpoint[1]

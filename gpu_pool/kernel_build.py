@@ -10,15 +10,19 @@ the flock is stale and is removed before torch looks for it.
 The build directory is named by the source's contents and the build flags, and the source is
 copied into it, so checkouts of the repository at different paths share one build: ninja
 rebuilds whenever a source path in build.ninja changes, and alternating checkouts would
-otherwise recompile on every start.
+otherwise recompile on every start. The CPU's instruction-set extensions are part of the name
+too: builds use -march=native, and one made on another CPU model (a home directory shared
+across machines, a copied cache) may hold instructions this one lacks and die of SIGILL.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import logging
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -26,6 +30,11 @@ from types import ModuleType
 log = logging.getLogger("tokenpool.gpu_pool")
 
 TORCH_BATON = "lock"  # the lock file torch.utils.cpp_extension.load creates and deletes
+
+# /proc/cpuinfo flags naming x86 instruction-set extensions that -march=native may use.
+_X86_ISA = re.compile(r"^(sse|ssse|avx|amx|fma|f16c|bmi|adx|aes|sha|vaes|vpclmul|pclmul|gfni"
+                      r"|movbe|popcnt|abm|lzcnt|xop|tbm|cx16|rdrand|rdseed|clflushopt|clwb"
+                      r"|movdir|serialize|waitpkg|xsave|fsgsbase)")
 
 
 def build_directory(name: str, source: Path, cflags: tuple[str, ...], ldflags: tuple[str, ...],
@@ -36,10 +45,28 @@ def build_directory(name: str, source: Path, cflags: tuple[str, ...], ldflags: t
     from torch.utils.cpp_extension import get_default_build_root
 
     key = hashlib.sha256(source.read_bytes())
-    flags = (tuple(cflags), tuple(ldflags), torch.__version__, sys.version_info[:2])
+    flags = (tuple(cflags), tuple(ldflags), torch.__version__, sys.version_info[:2],
+             cpu_isa_flags())
     key.update(repr(flags).encode())
     root = Path(build_root) if build_root is not None else Path(get_default_build_root())
     return root / f"{name}-{key.hexdigest()[:12]}"
+
+
+@functools.cache
+def cpu_isa_flags() -> tuple[str, ...]:
+    """The CPU's instruction-set extensions, sorted: x86 `flags` filtered to ISA names, an Arm
+    `Features` line whole. Empty where /proc/cpuinfo is absent (not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return tuple(sorted({f for f in value.split() if _X86_ISA.match(f)}))
+        if key.strip() == "Features":
+            return tuple(sorted(set(value.split())))
+    return ()
 
 
 def build_extension(name: str, source: Path, cflags: tuple[str, ...], ldflags: tuple[str, ...],

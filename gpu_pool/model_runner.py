@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from tokenpool.gpu_pool.attention import AttentionMetadata
@@ -24,9 +26,12 @@ class ModelRunner:
         rows = [SampleRow(s.params, s.generator) for s in batch.sequences]
         return sample(logits, rows)
 
-    def logits(self, batch: StepBatch) -> torch.Tensor:
-        """[num_seqs, vocab] float32 logits of each sequence's next token."""
+    def logits(self, batch: StepBatch, every_position: bool = False) -> torch.Tensor:
+        """[num_seqs, vocab] float32 logits of each sequence's next token; with
+        `every_position` (a batch of prefills), [tokens, vocab]: after every prompt token."""
         token_ids, positions, meta = self._prepare(batch)
+        if every_position:
+            meta = dataclasses.replace(meta, logits_rows=self._tensor(range(len(token_ids))))
         rope_lens = self._rope_lens(batch) if self.forward.rope_needs_lengths else None
         hidden = self.forward(token_ids, positions, meta, self.kv, rope_lens)
         return self.forward.logits(hidden)

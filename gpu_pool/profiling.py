@@ -71,12 +71,10 @@ def _run(engine, prompt_lens: list[int], max_tokens: int) -> list[float]:
 
 def engine_sizes(engine) -> tuple[int, int]:
     """(weight bytes as packed in a weight slot, KV bytes per token) of an engine's model."""
-    from tokenpool.gpu_pool.weights import packed_index
-
     cfg = engine.model_config
     itemsize = engine.dtype.itemsize
     kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * itemsize
-    return packed_index(cfg, engine.dtype).nbytes, kv_per_token
+    return engine.weight_bytes, kv_per_token
 
 
 def measure_copy_bytes_per_s(nbytes: int = 64 << 20, repeats: int = 5) -> float:
@@ -116,14 +114,14 @@ class WorkerProfile:
 def profile_worker(worker, plan: EngineProfilePlan = EngineProfilePlan()) -> WorkerProfile:
     """Samples of every model of `worker`, one engine per shape.
 
-    Models of one shape and dtype (aliases of one checkpoint, say) cost the same, so one
+    Models of one shape, dtype and packing (aliases of one checkpoint, say) cost the same, so one
     engine per shape is sampled and its samples shared. Leaves the last sampled model
     switched in. Takes a few seconds per shape on CPU.
     """
     by_shape: dict[tuple, EngineSamples] = {}
     models = {}
     for model_id, engine in worker.engines.items():
-        shape = (engine.model_config, engine.dtype)
+        shape = (engine.model_config, engine.dtype, worker.memory.models[model_id].index)
         if shape not in by_shape:
             worker.switch(model_id)
             by_shape[shape] = EngineSamples(*sample_engine(engine, plan), *engine_sizes(engine))

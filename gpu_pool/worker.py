@@ -45,7 +45,7 @@ class Worker:
             m.model_id: LLMEngine(
                 m.config, None, dataclasses.replace(engine_config, dtype=dtype_name(m.dtype)),
                 tokenizers.get(m.model_id), memory=self.memory.engine_memory(m.model_id),
-                model_id=m.model_id)
+                model_id=m.model_id, weight_bytes=m.index.nbytes)
             for m in models}
         self.active: str | None = None
         self.num_switches = 0

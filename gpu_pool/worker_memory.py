@@ -2,7 +2,8 @@
 
 `memory/` decides the layout and keeps the books; this module makes the two allocations a
 worker ever does (the arena on its device and the host swap space) and hands out views:
-KV caches per page shape, weight slots, and the CPU upcast scratch. Nothing here allocates
+KV caches per page shape, weight slots, and the scratch buffers (CPU bf16 upcast; quantized
+weights dequantized for batch-sized matmuls). Nothing here allocates
 again after start-up.
 """
 
@@ -14,7 +15,8 @@ import torch
 
 from tokenpool.gpu_pool.cpu_ops import upcast_scratch
 from tokenpool.gpu_pool.kv_cache import PagedKVCache
-from tokenpool.gpu_pool.weights import largest_tensor_numel, packed_index
+from tokenpool.gpu_pool.weights import (Formats, largest_quantized_numel,
+                                        largest_tensor_numel, packed_index)
 from tokenpool.memory.arena import ArenaLayout, ModelFootprint, plan_worker_arena
 from tokenpool.memory.config import MemoryConfig
 from tokenpool.memory.packing import PackIndex
@@ -33,8 +35,8 @@ class ModelLayout:
 
     @classmethod
     def of(cls, model_id: str, config: ModelConfig, dtype: torch.dtype,
-           tied: bool | None = None) -> "ModelLayout":
-        return cls(model_id, config, dtype, packed_index(config, dtype, tied))
+           tied: bool | None = None, formats: Formats | None = None) -> "ModelLayout":
+        return cls(model_id, config, dtype, packed_index(config, dtype, tied, formats))
 
     @property
     def page_shape(self) -> PageShape:
@@ -76,6 +78,7 @@ class EngineMemory:
     swap_kv: PagedKVCache | None  # host copy space for swapped-out pages; None: no swapping
     swap_pages: ShapePages | None
     scratch: torch.Tensor | None
+    quant_scratch: torch.Tensor | None
 
 
 class WorkerMemory:
@@ -96,6 +99,9 @@ class WorkerMemory:
                                        pin_memory=device.type == "cuda")
         self.swap_pool = SlabPool(swap_slabs, slab)
         self._scratch = self._make_scratch(models)
+        quant_numel = max(largest_quantized_numel(m.index) for m in models)
+        self._quant_scratch = torch.empty(quant_numel, dtype=torch.float32, device=device) \
+            if quant_numel else None
         self._engine_memory: dict[PageShape, tuple] = {}
 
     def _make_scratch(self, models: list[ModelLayout]) -> torch.Tensor | None:
@@ -118,7 +124,7 @@ class WorkerMemory:
                                           ShapePages(self.swap_pool, shape) if swap else None)
         kv, pages, swap, swap_pages = self._engine_memory[shape]
         scratch = self._scratch if m.dtype == torch.bfloat16 else None
-        return EngineMemory(kv, pages, swap, swap_pages, scratch)
+        return EngineMemory(kv, pages, swap, swap_pages, scratch, self._quant_scratch)
 
     def usage(self) -> dict[str, dict[str, int]]:
         """Bytes used and free per region, for metrics."""

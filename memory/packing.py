@@ -11,20 +11,31 @@ from dataclasses import dataclass
 from math import prod
 
 from tokenpool.memory.arena import ALIGN, align_up
+from tokenpool.memory.quant_formats import QUANT_FORMATS
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+# A tensor split by rows into parts of different formats is packed as one entry per part,
+# named `{tensor}#{part}` (a GGUF whose q, k and v projections differ in type).
+PART_SEP = "#"
 
 
 @dataclass(frozen=True, slots=True)
 class TensorEntry:
     name: str
     offset: int  # from the start of the packed buffer
-    dtype: str
-    shape: tuple[int, ...]
+    dtype: str  # a float dtype's name, or a quant_formats name
+    shape: tuple[int, ...]  # logical: a quantized [rows, cols] is [rows, cols] here too
 
     @property
     def nbytes(self) -> int:
+        if self.dtype in QUANT_FORMATS:
+            return QUANT_FORMATS[self.dtype].nbytes(prod(self.shape[:-1]), self.shape[-1])
         return prod(self.shape) * ITEMSIZE[self.dtype]
+
+    @property
+    def tensor_name(self) -> str:
+        """The tensor this entry is (part of)."""
+        return self.name.split(PART_SEP)[0]
 
     def to_dict(self) -> dict:
         return {"name": self.name, "offset": self.offset, "dtype": self.dtype,

@@ -16,19 +16,22 @@ from tokenpool.models.tokenizer import Tokenizer
 @dataclass
 class Checkpoint:
     config: ModelConfig
-    weights: dict[str, torch.Tensor]  # HF names (model.layers.{i}...), CPU, contiguous
+    # HF names (model.layers.{i}...), CPU, contiguous; QuantizedTensor where loaded quantized
+    weights: dict[str, torch.Tensor]
     tokenizer: Tokenizer
     source: str
 
 
-def load_checkpoint(path: str | Path, *, progress: bool = True) -> Checkpoint:
-    """Load a `.gguf` file or an HF-layout directory (config.json + *.safetensors)."""
+def load_checkpoint(path: str | Path, *, progress: bool = True,
+                    quantized: bool = False) -> Checkpoint:
+    """Load a `.gguf` file or an HF-layout directory (config.json + *.safetensors); with
+    `quantized`, a GGUF's tensors in formats the kernels serve stay QuantizedTensor."""
     from tokenpool.models.gguf_loader import load_gguf
     from tokenpool.models.hf_loader import load_hf_dir
 
     path = Path(path)
     if path.is_file() and path.suffix.lower() == ".gguf":
-        ckpt = load_gguf(path, progress=progress)
+        ckpt = load_gguf(path, progress=progress, quantized=quantized)
     elif path.is_dir() and (path / "config.json").is_file():
         ckpt = load_hf_dir(path, progress=progress)
     elif not path.exists():
@@ -38,6 +41,18 @@ def load_checkpoint(path: str | Path, *, progress: bool = True) -> Checkpoint:
             f"{path} is neither a .gguf file nor a directory with config.json")
     check_weights(ckpt.config, ckpt.weights, path)
     return ckpt
+
+
+def read_weight_formats(path: str | Path) -> dict[str, str]:
+    """HF tensor name -> quantized format, for a GGUF's tensors the kernels serve natively
+    (an HF directory: none), from the header alone."""
+    from tokenpool.models.gguf_file import read_gguf
+    from tokenpool.models.gguf_loader import gguf_weight_formats
+
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return gguf_weight_formats(read_gguf(path))
+    return {}
 
 
 def read_model_info(path: str | Path) -> tuple[ModelConfig, Tokenizer]:

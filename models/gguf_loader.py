@@ -1,4 +1,5 @@
-"""Load a GGUF file of any family we serve into HF-named, dequantized CPU tensors.
+"""Load a GGUF file of any family we serve into HF-named CPU tensors: dequantized, or with
+the formats the kernels serve (memory/quant_formats.py) kept as QuantizedTensor bytes.
 
 The metadata becomes the config.json that the file's HF twin had (as far as GGUF stores it,
 llama.cpp's own assumptions where it does not), read by the same `ModelConfig.from_hf_dict`;
@@ -16,12 +17,14 @@ import torch
 from tqdm import tqdm
 
 from tokenpool.errors import CheckpointError
+from tokenpool.memory.quant_formats import BY_GGML_TYPE
 from tokenpool.models.checkpoint import Checkpoint
 from tokenpool.models.config import ModelConfig
 from tokenpool.models.gguf_file import GGUFFile, GGUFTensor, read_gguf
 from tokenpool.models.gguf_names import MOE_NAMES, GGUFArch, gguf_arch
 from tokenpool.models.gguf_rope import longrope_tensors, rope_dict
 from tokenpool.models.gguf_values import f32, require, to_float, uniform
+from tokenpool.models.quantized import QuantizedTensor
 from tokenpool.models.tokenizer import Tokenizer
 
 # RoPE keys whose llama.cpp meaning has no HF counterpart we compute: refused unless one of
@@ -37,8 +40,10 @@ _NEUTRAL_MOE_KEYS = {"expert_gating_func": (1,), "expert_weights_norm": (True,),
                      "leading_dense_block_count": (0,)}
 
 
-def load_gguf(path: str | Path, *, progress: bool = True) -> Checkpoint:
-    """Read config, weights and tokenizer from a GGUF file."""
+def load_gguf(path: str | Path, *, progress: bool = True,
+              quantized: bool = False) -> Checkpoint:
+    """Read config, weights and tokenizer from a GGUF file; with `quantized`, tensors in a
+    format the kernels serve stay QuantizedTensor."""
     gguf = read_gguf(path)
     config = gguf_config(gguf)
     arch = gguf_arch(gguf.metadata, path)
@@ -47,7 +52,7 @@ def load_gguf(path: str | Path, *, progress: bool = True) -> Checkpoint:
                        delay=1.0, file=sys.stderr, disable=not progress):
         name = arch.hf_name(tensor.name, path)
         if name is not None:
-            weights |= _split_experts(name, tensor_to_torch(tensor, config, arch))
+            weights |= _split_experts(name, tensor_to_torch(tensor, config, arch, quantized))
     if config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     return Checkpoint(config, weights, Tokenizer.from_gguf(gguf.metadata), str(path))
@@ -179,9 +184,30 @@ def _vocab_size(meta: dict, tensors: dict[str, GGUFTensor], key) -> int:
     return meta.get(key("vocab_size")) or len(meta.get("tokenizer.ggml.tokens", ()))
 
 
-def tensor_to_torch(tensor: GGUFTensor, config: ModelConfig, arch: GGUFArch) -> torch.Tensor:
-    """Dequantize one tensor and undo what the converter did to it."""
-    out = to_float(tensor)
+def gguf_weight_formats(gguf: GGUFFile) -> dict[str, str]:
+    """HF tensor name -> the quant_formats name it is stored in, for the tensors whose type the
+    kernels serve; from the header alone."""
+    arch = gguf_arch(gguf.metadata, gguf.path)
+    formats = {}
+    for tensor in gguf.tensors:
+        name = arch.hf_name(tensor.name, gguf.path)
+        fmt = BY_GGML_TYPE.get(int(tensor.qtype))
+        if name is None or fmt is None:
+            continue
+        experts = range(tensor.shape[0]) if "{e}" in name else (None,)
+        formats |= {name.format(e=e): fmt.name for e in experts}
+    return formats
+
+
+def tensor_to_torch(tensor: GGUFTensor, config: ModelConfig, arch: GGUFArch,
+                    quantized: bool = False) -> torch.Tensor | QuantizedTensor:
+    """One tensor, dequantized unless `quantized` and the kernels serve its format, with what
+    the converter did to it undone (row permutations apply to quantized rows as they are)."""
+    fmt = BY_GGML_TYPE.get(int(tensor.qtype)) if quantized else None
+    if fmt is not None:
+        out = QuantizedTensor(torch.from_numpy(tensor.data.copy()), fmt.name, tensor.shape)
+    else:
+        out = to_float(tensor)
     if arch.permuted_qk and ".attn_q." in tensor.name:
         out = unpermute_rope_rows(out, config.num_attention_heads)
     elif arch.permuted_qk and ".attn_k." in tensor.name:
@@ -192,7 +218,7 @@ def tensor_to_torch(tensor: GGUFTensor, config: ModelConfig, arch: GGUFArch) -> 
     return out.contiguous()
 
 
-def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+def unpermute_rope_rows(w, n_heads: int):
     """Undo convert_hf_to_gguf.py's `permute` of Q/K output rows.
 
     HF checkpoints rotate the two halves of each head ([x0..x31 | x32..x63] for head_dim 64);
@@ -200,6 +226,8 @@ def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     [half0, half1] to interleaved [h0[0], h1[0], h0[1], h1[1], ...]. We read the interleaved
     order back into halves. Same result as transformers' `_reverse_permute_weights`.
     """
+    if isinstance(w, QuantizedTensor):
+        return QuantizedTensor(unpermute_rope_rows(w.data, n_heads), w.fmt, w.shape)
     out_features = w.shape[0]
     half = out_features // n_heads // 2
     return w.reshape(n_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)

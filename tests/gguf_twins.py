@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import gguf
@@ -41,11 +41,15 @@ FILE_TYPES = {Q.F32: gguf.LlamaFileType.ALL_F32, Q.F16: gguf.LlamaFileType.MOSTL
               Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}
 
 
-def write_twin(hf_dir: str | Path, path: str | Path, qtype: Q = Q.F32, *,
+def write_twin(hf_dir: str | Path, path: str | Path, qtype: Q | Callable[[str], Q] = Q.F32, *,
                extra_metadata: dict | None = None,
                extra_tensors: dict[str, np.ndarray] | None = None,
                drop_tensors: Collection[str] = ()) -> Path:
     """Write the GGUF llama.cpp's converter makes of `hf_dir` with `--outtype` `qtype`.
+
+`qtype` may instead map each GGUF tensor name to its type, as llama-quantize's mixed
+presets do (Q4_K_M keeps some attn_v and ffn_down in Q6_K). gguf-py cannot quantize to
+Q4_K or Q6_K: those tensors get random valid blocks of the weights' spread instead.
 
     `extra_metadata` (key -> str, list, or (value, GGUFValueType)) replaces or adds keys after
     the converter's; `extra_tensors` adds F32 tensors and `drop_tensors` leaves out converted
@@ -61,12 +65,12 @@ def write_twin(hf_dir: str | Path, path: str | Path, qtype: Q = Q.F32, *,
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(hf_dir.name)
     PARAMETERS[arch](w, hp, rope)
-    w.add_file_type(FILE_TYPES[qtype])
+    w.add_file_type(FILE_TYPES.get(qtype, gguf.LlamaFileType.MOSTLY_Q8_0))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _copy_tokenizer(w)
     for name, data in _converted_tensors(hf_dir, hp, rope, arch, w):
         if name not in drop_tensors:
-            _add_tensor(w, name, data, qtype)
+            _add_tensor(w, name, data, qtype(name) if callable(qtype) else qtype)
     for name, data in (extra_tensors or {}).items():
         w.add_tensor(name, np.asarray(data, dtype=np.float32))
     for key, value in (extra_metadata or {}).items():
@@ -251,9 +255,30 @@ def _add_tensor(w: gguf.GGUFWriter, name: str, data: np.ndarray, qtype: Q) -> No
     F32, the rest `qtype`, or F16 where `qtype` does not fit the rows."""
     if data.ndim <= 1 or name.endswith(("_norm.weight", ".ffn_gate_inp.weight")):
         qtype = Q.F32
+    if qtype in (Q.Q4_K, Q.Q6_K) and data.shape[-1] % 256 == 0:
+        w.add_tensor(name, random_k_blocks(data, qtype), raw_dtype=qtype)
+        return
     try:
         stored = gguf.quants.quantize(data, qtype)
     except gguf.QuantError:
         qtype = Q.F16
         stored = gguf.quants.quantize(data, qtype)
     w.add_tensor(name, stored, raw_dtype=qtype)
+
+
+def random_k_blocks(data: np.ndarray, qtype: Q) -> np.ndarray:
+    """Random valid Q4_K / Q6_K rows for a tensor shaped like `data`, whose weights have about
+    its spread (not its values: a stand-in, where gguf-py has no K-quant quantizer)."""
+    rng = np.random.default_rng(abs(hash((data.shape, int(qtype)))) % 2**32)
+    rows, cols = int(np.prod(data.shape[:-1])), data.shape[-1]
+    block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
+    blocks = rng.integers(0, 256, (rows, cols // 256, block_bytes), dtype=np.uint8)
+    std = float(data.std()) or 0.02
+    if qtype == Q.Q4_K:  # w = d * sc * q - dmin * m; sc, m 6-bit, q 4-bit
+        d = np.full(blocks.shape[:2], std / 147, dtype=np.float16)
+        scales = np.stack([d, (d.astype(np.float32) * 7.5).astype(np.float16)], -1)
+        blocks[..., 0:4] = scales.view(np.uint8).reshape(*blocks.shape[:2], 4)
+    else:  # w = d * sc * (q - 32); sc int8, q 6-bit
+        d = np.full(blocks.shape[:2], std / 1152, dtype=np.float16)
+        blocks[..., 208:210] = d.view(np.uint8).reshape(*blocks.shape[:2], 2)
+    return blocks.reshape(*data.shape[:-1], -1)
