@@ -43,6 +43,8 @@ class Timeline:
     t0: float
     first_token_at: dict[str, float] = field(default_factory=dict)
     steps: list[tuple[float, int]] = field(default_factory=list)  # (end time, tokens made)
+    request_ids: list[str] = field(default_factory=list)  # in prompt order
+    tokens: dict[str, list[int]] = field(default_factory=dict)  # request id -> new token ids
 
 
 # -- workload ----------------------------------------------------------------------------------
@@ -98,7 +100,7 @@ def run_timed(engine, prompts: list[list[int]], new_tokens: int) -> Timeline:
     params = greedy_params(new_tokens)
     timeline = Timeline(t0=time.perf_counter())
     for prompt in prompts:
-        engine.add_request(prompt, params)
+        timeline.request_ids.append(engine.add_request(prompt, params))
     while engine.has_unfinished():
         outputs = engine.step()
         now = time.perf_counter()
@@ -106,6 +108,7 @@ def run_timed(engine, prompts: list[list[int]], new_tokens: int) -> Timeline:
             raise RuntimeError("the engine made no progress (is the KV cache too small?)")
         for out in outputs:
             timeline.first_token_at.setdefault(out.request_id, now)
+            timeline.tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
         timeline.steps.append((now, sum(len(out.new_token_ids) for out in outputs)))
     return timeline
 
@@ -139,15 +142,29 @@ def warm_up(engine, prompts: list[list[int]]) -> None:
     run_timed(engine, warm, _WARMUP_TOKENS)
 
 
-def bench_engine(engine, workloads: dict[int, list[list[int]]], new_tokens: int
-                 ) -> list[BatchResult]:
-    """workloads: batch size -> its prompts. One timed run per batch size, in order."""
+def bench_engine(engine, workloads: dict[int, list[list[int]]], new_tokens: int,
+                 tokens: dict[int, list[list[int]]] | None = None) -> list[BatchResult]:
+    """workloads: batch size -> its prompts. One timed run per batch size, in order.
+    `tokens`, when given, receives batch size -> each prompt's generated token ids."""
     warm_up(engine, max(workloads.values(), key=len))
     results = []
     for batch, prompts in workloads.items():
         print(f"tokenpool: bench ours, batch {batch}", file=sys.stderr, flush=True)
-        results.append(summarize(run_timed(engine, prompts, new_tokens), prompts))
+        timeline = run_timed(engine, prompts, new_tokens)
+        results.append(summarize(timeline, prompts))
+        if tokens is not None:
+            tokens[batch] = [timeline.tokens.get(r, []) for r in timeline.request_ids]
     return results
+
+
+def leading_agreement(a: list[int], b: list[int]) -> int:
+    """How many tokens two greedy generations share before they first differ."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _rate(tokens: int, seconds: float) -> float:

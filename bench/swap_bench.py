@@ -121,6 +121,15 @@ def with_alias(fleet, model_id: str):
     return dataclasses.replace(fleet, models=[*fleet.models, alias]), alias.id
 
 
+def bytes_by_format(index) -> dict[str, int]:
+    """A packed index's tensor bytes per format (float dtype or quant_formats name), padding
+    between entries left out."""
+    sizes: dict[str, int] = {}
+    for entry in index.entries:
+        sizes[entry.dtype] = sizes.get(entry.dtype, 0) + entry.nbytes
+    return dict(sorted(sizes.items()))
+
+
 def run(fleet, a: str, b: str, repeats: int, hf: bool, namespace: str) -> dict:
     models = FleetModels(fleet)
     cache = host_cache_for(fleet, namespace)
@@ -149,10 +158,14 @@ def _measure(models, weights, a, b, repeats, hf) -> dict:
     del worker
     switch_s = statistics.median(switches)
     hf_s = hf_load_seconds(models.sources[a], layout.dtype) if hf else None
+    quant = {m: models.fleet.engine_config(m).quantization for m in (a, b)}
     return {
         "models": [a, b], "device": str(device), "dtype": str(layout.dtype).split(".")[-1],
         "families": [models.layouts[m].config.model_type for m in (a, b)],
+        "quant": quant[a],
+        "quant_by_model": quant,
         "weight_bytes": nbytes,
+        "weight_bytes_by_format": bytes_by_format(layout.index),
         "switch_bytes": {m: models.layouts[m].index.nbytes for m in (a, b)},
         "memcpy_gbps": memcpy_gbps,
         "switch_s": switch_s,

@@ -12,6 +12,7 @@ from pathlib import Path
 # The fleet file in this repository; `--config` falls back to it.
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fleet.yaml"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANT_MODES = ("none", "native", "int8", "int4")  # memory/quant_formats.py's, kept import-free
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
@@ -40,6 +41,15 @@ def add_dtype(parser: argparse.ArgumentParser, what: str) -> None:
         help=f"weight and compute dtype of {what}, overriding the fleet file "
              "(auto: bfloat16 on CUDA and on CPUs with AVX512-BF16/AMX, else float32; "
              "float16 needs CUDA)")
+
+
+def add_quant(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--quant", choices=QUANT_MODES, default=None,
+        help=f"weight format of {what}, overriding the fleet file's quantization: "
+             "none (floats in --dtype; a GGUF dequantized), native (a GGUF's Q8_0, Q4_0, "
+             "Q4_1, Q4_K and Q6_K tensors served as stored), int8 (per output channel) or "
+             "int4 (groups of 32, Q4_1 blocks), quantized at load")
 
 
 def add_device(parser: argparse.ArgumentParser) -> None:

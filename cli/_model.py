@@ -24,14 +24,17 @@ def find_model(config: Path, model_id: str) -> tuple[FleetConfig, ModelSpec]:
 
 
 def load_model(fleet: FleetConfig, spec: ModelSpec, *, dtype: str | None = None,
-               device: str | None = None, progress: bool = True) -> LoadedModel:
+               device: str | None = None, quantization: str | None = None,
+               progress: bool = True) -> LoadedModel:
     from tokenpool.gpu_pool.engine import LLMEngine
     from tokenpool.models import load_checkpoint, resolve_source
 
-    engine_config = fleet.engine_config(spec.id, dtype=dtype)
+    engine_config = fleet.engine_config(spec.id, dtype=dtype, quantization=quantization)
     if device:
         engine_config = dataclasses.replace(engine_config, device=device)
     path = resolve_source(spec.source, fleet.base_dir)
-    checkpoint = load_checkpoint(path, progress=progress)
+    # native keeps a GGUF's quantized tensors as bytes; the other modes start from floats
+    checkpoint = load_checkpoint(path, progress=progress,
+                                 quantized=engine_config.quantization == "native")
     engine = LLMEngine.from_checkpoint(checkpoint, engine_config)
     return LoadedModel(spec, path, checkpoint, engine)

@@ -1,5 +1,6 @@
-"""`tokenpool bench engine|swap|proxy`: engine throughput, model-switch cost and proxy
-overhead, as JSON (`serve` and `sweep` live in cli/bench_serve.py, `overload` in cli/bench_overload.py)."""
+"""`tokenpool bench engine|proxy`: engine throughput and proxy overhead, as JSON (`swap` lives
+in cli/bench_swap.py, `serve` and `sweep` in cli/bench_serve.py, `overload` in
+cli/bench_overload.py)."""
 
 from __future__ import annotations
 
@@ -12,30 +13,59 @@ from tokenpool.cli import _args
 ENGINE_DESCRIPTION = """\
 Measure our engine on batches of random prompts (greedy, ignore EOS, exactly --new-tokens
 tokens each) and, unless --no-hf, HF transformers' batched generate() on the same checkpoint,
-dtype, device and prompts. Prints a table to stdout and writes one JSON object to --json.
+dtype, device and prompts; on CPU, for a .gguf model, when llama-cpp-python is installed (the
+`bench` extra) and unless --no-llama-cpp, llama.cpp on the same GGUF file with the same
+thread count and the same batch-1 prompt. Prints a table to stdout and writes one JSON object
+to --json.
+
+Our engine serves --quant's weight format (none: floats in --dtype; native: a GGUF's
+quantized tensors as stored, e.g. Q4_1 and Q8_0; int8 / int4: quantized at load). HF always
+runs float weights (a GGUF dequantized) in --dtype: it has no quantized kernels to compare.
 
 For each batch size B the prompts are B random token sequences (fixed by --seed) whose
 lengths are spread evenly over --prompt-lens (a batch of one gets the midpoint).
   ttft_s                mean time from the start to a request's first token
-                        (HF: the time until generate() hands its streamer the first token)
+                        (HF: the time until generate() hands its streamer the first token;
+                        llama.cpp: until its generator yields the first token)
   prefill_tokens_per_s  prompt tokens / time until every request has its first token
                         (HF: unpadded prompt tokens / ttft)
   decode_tokens_per_s   the all-decode phase: tokens generated after the last request got
                         its first token / the time from then to the end
                         (HF: B*(N-1) / (time of the last token - time of the first),
-                        each step timestamped by a streamer in one generate() call)
-  speedup_vs_hf         ours / HF decode tokens per second, per batch size"""
+                        each step timestamped by a streamer in one generate() call;
+                        llama.cpp: (N-1) / (last token - first token), batch 1 only)
+  speedup_vs_hf         ours / HF decode tokens per second, per batch size
+  speedup_vs_llama_cpp  ours / llama.cpp decode tokens per second ({"1": ...} or {})"""
 
 ENGINE_EPILOG = """\
+other keys of the JSON object:
+  quant                 the weight format our engine served (--quant, else the fleet's)
+  weight_bytes          our packed weights, in that format (bytes)
+  kernel_isa            the quantized kernels' code path, picked from the CPU's features
+                        (avx512, avx2, generic; torch: dequantize + F.linear, as on CUDA;
+                        null with --quant none: torch's own float matmuls)
+  hf_weights            what HF ran: float weights, a GGUF dequantized to --dtype
+  llama_cpp             llama.cpp's results (batch 1; [] when it did not run, and then
+                        llama_cpp_skipped says why); llama_cpp_info its version and build
+  llama_cpp_tokens      llama.cpp's greedy token ids, per batch size ({} when not run)
+  llama_cpp_agreement   leading greedy tokens ours and llama.cpp's share, per batch size
+  threads               {"ours": torch threads, "llama_cpp": its n_threads (null: not run)}
+  cpu                   name, cores, fast_bf16 and isa: avx2, avx512f, avx512_vnni,
+                        avx512_bf16, amx_tile, amx_bf16, amx_int8... as /proc/cpuinfo has them
+
 examples:
   tokenpool bench engine --model smollm2-135m-instruct --json bench-engine.json
+  tokenpool bench engine --model smollm2-135m-instruct --quant native --batch 1,8,32 \\
+      --prompt-lens 64 --new-tokens 64 --threads 4 --json bench-q4_1.json
   tokenpool bench engine --model smollm2-135m-instruct --batch 1,8,32 \\
       --prompt-lens 64-512 --new-tokens 64 --dtype float32 --json bench-engine.json
   tokenpool bench engine --config synth.yaml --model synth-l2-h64-nh4-kv2-f192 \\
-      --batch 1,2 --prompt-lens 16-32 --new-tokens 4 --no-hf --json /tmp/b.json"""
+      --batch 1,2 --prompt-lens 16-32 --new-tokens 4 --quant int8 --no-hf --json /tmp/b.json"""
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
+    from tokenpool.cli import bench_overload, bench_serve, bench_swap
+
     p = commands.add_parser(
         "bench", help="benchmarks that write one JSON object (engine, swap, proxy, serve, sweep, overload)",
         description="Benchmarks. Each prints a short table to stdout and writes one JSON "
@@ -43,10 +73,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         formatter_class=_args.HelpFormatter)
     kinds = p.add_subparsers(dest="bench_command", metavar="KIND", required=True)
     _add_engine(kinds)
-    _add_swap(kinds)
+    bench_swap.add_parser(kinds)
     _add_proxy(kinds)
-    from tokenpool.cli import bench_overload, bench_serve
-
     bench_serve.add_parsers(kinds)
     bench_overload.add_parser(kinds)
 
@@ -70,14 +98,18 @@ def _add_engine(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", metavar="N", default=64,
                    type=_args.checked(_at_least_two, "new tokens"),
                    help="tokens generated per request, at least 2 (default: 64)")
-    _args.add_dtype(p, "both engines")
+    _args.add_dtype(p, "our engine and HF")
+    _args.add_quant(p, "our engine (HF runs floats; llama.cpp runs the GGUF as stored)")
     _args.add_device(p)
     p.add_argument("--seed", metavar="N", type=_args.any_int, default=0,
                    help="seed of the random prompts (default: 0)")
     p.add_argument("--threads", metavar="N", type=_args.positive_int, default=None,
-                   help="torch CPU threads (default: torch's choice)")
+                   help="torch CPU threads, and llama.cpp's (default: torch's choice)")
     p.add_argument("--no-hf", action="store_true",
                    help="skip the HF transformers reference (hf is [], speedup_vs_hf {})")
+    p.add_argument("--no-llama-cpp", action="store_true",
+                   help="skip the llama.cpp reference (llama_cpp is [], "
+                        "speedup_vs_llama_cpp {})")
     _args.add_json_out(p)
     p.set_defaults(func=run_engine)
 
@@ -85,14 +117,16 @@ def _add_engine(kinds: argparse._SubParsersAction) -> None:
 def run_engine(args: argparse.Namespace) -> int:
     import torch
 
-    from tokenpool.bench import engine_bench, report
+    from tokenpool.bench import engine_bench, llama_cpp_reference, report
     from tokenpool.cli._model import find_model, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
     fleet, spec = find_model(args.config, args.model)
-    model = load_model(fleet, spec, dtype=args.dtype, device=args.device)
-    engine = model.engine
+    model = load_model(fleet, spec, dtype=args.dtype, device=args.device,
+                       quantization=args.quant)
+    engine, source = model.engine, model.path
     low, high = args.prompt_lens
     engine_bench.check_fits(engine, high, args.new_tokens)
     if max(args.batch) > engine.config.max_num_seqs:
@@ -100,17 +134,51 @@ def run_engine(args: argparse.Namespace) -> int:
               f"{engine.config.max_num_seqs} run in waves", file=sys.stderr)
     workloads = {b: engine_bench.make_prompts(b, low, high, model.checkpoint.config.vocab_size,
                                               args.seed) for b in args.batch}
-    ours = engine_bench.bench_engine(engine, workloads, args.new_tokens)
+    our_tokens: dict[int, list[list[int]]] = {}
+    ours = engine_bench.bench_engine(engine, workloads, args.new_tokens, our_tokens)
     device, dtype = engine.device, engine.dtype
+    quant, weight_bytes = engine.config.quantization, engine.weight_bytes
+    kernel_isa = _kernel_isa(quant, device)
     del model, engine  # free our weights and KV cache before HF loads its own copy
+    dtype_name = str(dtype).removeprefix("torch.")
     hf = [] if args.no_hf else _bench_hf(fleet, spec, dtype, device, workloads, args.new_tokens)
+    skipped = llama_cpp_reference.skip_reason(source, device, args.no_llama_cpp, workloads)
+    lcpp = None if skipped else llama_cpp_reference.bench_llama_cpp(
+        source, workloads, args.new_tokens, threads)
     result = report.engine_report(
-        model=spec.id, device=str(device), dtype=str(dtype).removeprefix("torch."),
+        model=spec.id, device=str(device), dtype=dtype_name,
         new_tokens=args.new_tokens, prompt_lens=(low, high), ours=ours, hf=hf,
-        torch_threads=torch.get_num_threads(), command=_args.command_line(args))
+        torch_threads=threads, command=_args.command_line(args),
+        quant=quant, weight_bytes=weight_bytes, kernel_isa=kernel_isa,
+        hf_weights=_hf_weights(source, dtype_name),
+        llama_cpp=lcpp.results if lcpp else [],
+        llama_cpp_threads=lcpp.threads if lcpp else None,
+        llama_cpp_info=lcpp.info if lcpp else None, llama_cpp_skipped=skipped)
+    tokens = lcpp.tokens if lcpp else {}
+    result["llama_cpp_tokens"] = {str(b): t for b, t in tokens.items()}
+    result["llama_cpp_agreement"] = {
+        str(b): engine_bench.leading_agreement(our_tokens[b][0], t) for b, t in tokens.items()}
     report.write_json(args.json, result)
     sys.stdout.write(report.engine_table(result))
     return 0
+
+
+def _kernel_isa(quant: str, device) -> str | None:
+    """The quantized kernels' code path (None when the weights are floats): the CPU
+    extension's vector ISA, or "torch" (dequantize + F.linear, as on CUDA)."""
+    if quant == "none":
+        return None
+    if device.type != "cpu":
+        return "torch"
+    from tokenpool.gpu_pool.quant_kernels import kernel_isa
+
+    return kernel_isa()
+
+
+def _hf_weights(source, dtype_name: str) -> str:
+    if str(source).lower().endswith(".gguf"):
+        return f"dequantized float: the GGUF's tensors dequantized to {dtype_name}"
+    return f"float: the checkpoint's tensors in {dtype_name}"
 
 
 def _bench_hf(fleet, spec, dtype, device, workloads, new_tokens):
@@ -120,83 +188,6 @@ def _bench_hf(fleet, spec, dtype, device, workloads, new_tokens):
     print("tokenpool: loading the HF transformers reference", file=sys.stderr, flush=True)
     model = hf_reference.load_hf_model(resolve_source(spec.source, fleet.base_dir), dtype, device)
     return hf_reference.bench_hf(model, workloads, new_tokens)
-
-
-SWAP_EPILOG = """\
-keys of the JSON object:
-  weight_bytes            packed weights of the first model
-  memcpy_gbps             a plain copy of weight_bytes host -> device memory
-  switch_s                median switch time, one weight slot (every switch copies)
-  prefetched_switch_s     median switch time to a model already in the spare slot
-  hf_load_s               transformers from_pretrained of the same checkpoint, page cache warm
-  ratio_to_memcpy_bound   switch_s / (weight_bytes / memcpy bandwidth)
-  speedup_vs_hf_load      hf_load_s / switch_s
-  kv_swap_gbps            one sequence's KV pages out to host swap slabs and back, per second
-
-examples:
-  tokenpool bench swap --json bench-swap.json
-  tokenpool bench swap --config fleet.yaml --models llama-a,llama-b --dtype float32 \\
-      --repeats 20 --json bench-swap.json"""
-
-
-SWAP_DESCRIPTION = """\
-What a model switch costs, against a plain copy and an HF load. Everything is measured in one
-run, side by side, so ratios hold on a noisy machine:
-  memcpy      a copy of weight_bytes between two buffers of the kind a switch copies between
-              (host cache -> arena: host to host on CPU, pinned host to device on CUDA)
-  switch      Worker.switch between two models with one weight slot, so every switch copies
-  prefetched  Worker.switch to a model already copied into the spare slot in the background
-  hf load     transformers' from_pretrained of the same checkpoint, file in the page cache
-  kv swap     one sequence's KV pages to host swap slabs and back, through the engine"""
-
-
-def _add_swap(kinds: argparse._SubParsersAction) -> None:
-    p = kinds.add_parser(
-        "swap", help="model switch cost against a plain copy and an HF load",
-        description=SWAP_DESCRIPTION, epilog=SWAP_EPILOG,
-        formatter_class=_args.HelpFormatter)
-    _args.add_config(p)
-    p.add_argument("--models", metavar="A,B", default=None,
-                   help="the two model ids to switch between (default: the fleet's first two; "
-                        "with a one-model fleet, that model and an alias of it)")
-    _args.add_dtype(p, "the models")
-    _args.add_device(p)
-    p.add_argument("--repeats", metavar="N", type=_args.checked(_at_least(10), "repeats"),
-                   default=10, help="switches timed per kind, at least 10 (default: 10)")
-    p.add_argument("--no-hf", action="store_true",
-                   help="skip the HF from_pretrained timing (hf_load_s is null)")
-    _args.add_json_out(p)
-    p.set_defaults(func=run_swap)
-
-
-def run_swap(args: argparse.Namespace) -> int:
-    import dataclasses
-    import os
-
-    from tokenpool.bench import report, swap_bench
-    from tokenpool.errors import ConfigError
-    from tokenpool.fleet import load_fleet
-
-    fleet = load_fleet(args.config)
-    engine = dataclasses.replace(fleet.engine, **{k: v for k, v in (
-        ("dtype", args.dtype), ("device", args.device)) if v})
-    fleet = dataclasses.replace(fleet, engine=engine,
-                                models=[dataclasses.replace(m, dtype=None) if args.dtype else m
-                                        for m in fleet.models])
-    ids = args.models.split(",") if args.models else [m.id for m in fleet.models[:2]]
-    for model_id in ids:
-        fleet.model(model_id)
-    if len(ids) == 1:
-        fleet, alias = swap_bench.with_alias(fleet, ids[0])
-        ids.append(alias)
-    if len(ids) != 2 or ids[0] == ids[1]:
-        raise ConfigError(f"--models: expected two different model ids, got {args.models!r}")
-    result = swap_bench.run(fleet, ids[0], ids[1], args.repeats, not args.no_hf,
-                            namespace=f"bench{os.getpid()}")
-    result |= {"cpu": report.cpu_info(), "command": _args.command_line(args)}
-    report.write_json(args.json, result)
-    sys.stdout.write(report.swap_table(result))
-    return 0
 
 
 PROXY_DESCRIPTION = """\
@@ -228,16 +219,6 @@ def _run_proxy(args: argparse.Namespace) -> int:
                                 progress=True)
     print(json.dumps({k: v for k, v in result.items() if k.endswith("_ms")}, indent=1))
     return 0
-
-
-def _at_least(low: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < low:
-            raise ValueError(f"must be at least {low}, got {value}")
-        return value
-    return parse
-
 
 
 def _at_least_two(text: str) -> int:

@@ -194,11 +194,15 @@ def test_synth_bad_shape_exits_2(tmp_path, shape, message):
 
 
 # -- bench engine ------------------------------------------------------------------------------
+# (--quant int8/int4/native and the llama.cpp comparator: tests/test_bench_quant.py)
 
 # What `dtype: auto` resolves to here: bfloat16 on CPUs with AVX512-BF16/AMX, else float32.
 AUTO_DTYPE = dtype_name(resolve_dtype("auto", torch.device("cpu")))
-REPORT_KEYS = {"model", "device", "dtype", "new_tokens", "prompt_lens", "results", "hf",
-               "speedup_vs_hf", "torch_threads", "cpu", "timestamp", "command"}
+REPORT_KEYS = {"model", "device", "dtype", "quant", "weight_bytes", "kernel_isa", "new_tokens",
+               "prompt_lens", "results", "hf", "hf_weights", "speedup_vs_hf", "llama_cpp",
+               "speedup_vs_llama_cpp", "llama_cpp_skipped", "llama_cpp_info",
+               "llama_cpp_tokens", "llama_cpp_agreement", "threads", "torch_threads", "cpu",
+               "timestamp", "command"}
 RESULT_KEYS = {"batch", "decode_tokens_per_s", "prefill_tokens_per_s", "ttft_s"}
 
 
@@ -227,12 +231,17 @@ def test_bench_engine_writes_the_report_with_hf(synth_fleet, tmp_path):
     assert set(report["speedup_vs_hf"]) == {"1", "2"}
     assert all(v > 0 for v in report["speedup_vs_hf"].values())
     assert report["torch_threads"] >= 1 and report["command"].startswith("tokenpool bench engine")
+    # floats, as the fleet file says; HF runs the same floats; no GGUF for llama.cpp
+    assert (report["quant"], report["kernel_isa"]) == ("none", None)
+    assert report["weight_bytes"] > 0 and report["hf_weights"].startswith("float")
+    assert report["llama_cpp"] == [] and ".gguf" in report["llama_cpp_skipped"]
+    assert report["threads"] == {"ours": report["torch_threads"], "llama_cpp": None}
 
 
 def test_bench_engine_without_hf(synth_fleet, tmp_path):
     report = run_bench(synth_fleet, tmp_path / "sub" / "b.json", "--no-hf")
     assert_results(report["results"])
-    assert (report["hf"], report["speedup_vs_hf"]) == ([], {})
+    assert (report["hf"], report["speedup_vs_hf"], report["hf_weights"]) == ([], {}, None)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -241,6 +250,7 @@ def test_bench_engine_without_hf(synth_fleet, tmp_path):
     (["--prompt-lens", "64-16"], "prompt lengths must be N or LOW-HIGH"),
     (["--new-tokens", "1"], "must be at least 2"),
     (["--prompt-lens", "9000"], "exceed the engine's context"),
+    (["--quant", "int3"], "invalid choice: 'int3'"),
 ])
 def test_bench_bad_input_exits_2(synth_fleet, tmp_path, args, message):
     result = tokenpool("bench", "engine", "--config", synth_fleet, "--model", SYNTH,
