@@ -42,6 +42,7 @@ class ModelView:
     switch_counts: tuple[int, ...]  # per SWITCH_BUCKETS bound
     kv_swap_bytes: int
     rejected: int
+    switch_bytes: int = 0  # weight bytes its switches copied (0 for one already prefetched)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +87,9 @@ def _model_json(m: ModelView) -> dict:
     return {"id": m.id, "waiting": m.waiting, "running": m.running,
             "slo": {"ttft_s": m.slo.ttft_s, "tbt_s": m.slo.tbt_s}, "switches": m.switches,
             "switch_seconds": m.switch_seconds, "switch_counts": list(m.switch_counts),
-            "kv_swap_bytes": m.kv_swap_bytes, "rejected": m.rejected}
+            "kv_swap_bytes": m.kv_swap_bytes, "rejected": m.rejected,
+            "switch_bytes": m.switch_bytes,
+            "bytes_per_switch": m.switch_bytes / m.switches if m.switches else None}
 
 
 @dataclass(slots=True)
@@ -100,6 +103,7 @@ class ModelCounters:
     switch_counts: list[int] = field(default_factory=lambda: [0] * len(SWITCH_BUCKETS))
     kv_swap_bytes: int = 0
     rejected: int = 0
+    switch_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -166,6 +170,7 @@ class PoolStats:
             counters = self.models[switch.model]
             counters.switches += 1
             counters.switch_seconds += switch.seconds
+            counters.switch_bytes += switch.bytes_copied
             w.switches += 1
             bucket = bisect_left(SWITCH_BUCKETS, switch.seconds)
             if bucket < len(SWITCH_BUCKETS):
@@ -200,7 +205,7 @@ class PoolStats:
                         for info in infos)
         models = tuple(ModelView(model, c.waiting, c.running, self.slos[model], c.switches,
                                  c.switch_seconds, tuple(c.switch_counts), c.kv_swap_bytes,
-                                 c.rejected)
+                                 c.rejected, c.switch_bytes)
                        for model, c in self.models.items())
         return PoolSnapshot(workers, models, self.cancelled, self.loop_errors,
                             self.recomputed, self.lost, self.decode_step_ratio)

@@ -194,14 +194,17 @@ class PoolCollector(Collector):
                                     labels=[MODEL])
         switches = CounterMetricFamily(PREFIX + "model_switches",
                                        "Switches of a worker to the model.", labels=[MODEL])
+        switch_bytes = CounterMetricFamily(PREFIX + "model_switch_bytes", "Weight bytes copied "
+                                           "by switches to the model.", labels=[MODEL])
         swapped = CounterMetricFamily(PREFIX + "kv_swap_bytes", "KV bytes swapped out to "
                                       "and in from host memory.", labels=[MODEL])
         for m in models:
             running.add_metric([m.id], m.running)
             waiting.add_metric([m.id], m.waiting)
             switches.add_metric([m.id], m.switches)
+            switch_bytes.add_metric([m.id], m.switch_bytes)
             swapped.add_metric([m.id], m.kv_swap_bytes)
-        return running, waiting, switches, swapped
+        return running, waiting, switches, switch_bytes, swapped
 
     def _kv_usage(self, workers) -> GaugeMetricFamily:
         """Per worker, labelled with the model it has loaded: its KV pages in use over what
