@@ -31,6 +31,10 @@ class WeightSlots:
         self.holds: list[str | None] = [None] * len(self.allocators)
         self.active = 0
         self._weights: dict[int, DecoderWeights] = {}
+        # A model lands at the same offset of a slot every time (the slot's allocator is reset
+        # first), so its views there are made once: binding hundreds of views costs a few ms,
+        # about half a quantized model's whole copy.
+        self._views: dict[tuple[int, str], DecoderWeights] = {}
         self._copy_done: dict[int, object] = {}  # CUDA events of copies still in flight
         self._prefetch: threading.Thread | None = None
         self._prefetch_error: BaseException | None = None
@@ -97,5 +101,7 @@ class WeightSlots:
         start = allocator.alloc(nbytes)
         dst = self.memory.arena[start: start + nbytes]
         self._copy_done[slot] = self.copier.copy(self.host_bytes(model_id), dst)
-        self._weights[slot] = bind_weights(layout.config, layout.index, dst)
+        if (slot, model_id) not in self._views:
+            self._views[slot, model_id] = bind_weights(layout.config, layout.index, dst)
+        self._weights[slot] = self._views[slot, model_id]
         self.holds[slot] = model_id
