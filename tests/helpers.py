@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import pytest
@@ -101,3 +102,21 @@ def worker_over(checkpoints: dict, *, kv_cache_bytes: int = 4 << 20, slab_bytes:
     memory = MemoryConfig(slab_bytes=slab_bytes, swap_bytes=swap_bytes, prefetch=prefetch)
     return Worker(layouts, packed.__getitem__, config, memory,
                   {name: ckpt.tokenizer for name, ckpt in checkpoints.items()})
+
+
+@contextmanager
+def packed_fleet(fleet, namespace: str, budget_bytes: int | None = None):
+    """A fleet's FleetWeights over a real /dev/shm host cache (`budget_bytes`, else the
+    fleet's), populated; the cache's files are removed afterwards."""
+    from tokenpool.gpu_pool.fleet_weights import FleetModels, FleetWeights
+    from tokenpool.memory.host_cache import HostModelCache
+
+    budget = fleet.memory.host_cache_bytes if budget_bytes is None else budget_bytes
+    cache = HostModelCache(budget, f"{namespace}{os.getpid()}")
+    try:
+        weights = FleetWeights(FleetModels(fleet), cache)
+        weights.populate(progress=False)
+        yield weights
+    finally:
+        cache.close()
+        cache.destroy()

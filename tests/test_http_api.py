@@ -183,7 +183,8 @@ REQUIRED = {
     "tokenpool:time_to_first_token_seconds_count", "tokenpool:inter_token_latency_seconds_count",
     "tokenpool:e2e_request_latency_seconds_count", "tokenpool:model_switch_seconds_count",
     "tokenpool:prompt_tokens_total", "tokenpool:generation_tokens_total",
-    "tokenpool:model_switches_total", "tokenpool:kv_swap_bytes_total",
+    "tokenpool:model_switches_total", "tokenpool:model_switch_bytes_total",
+    "tokenpool:kv_swap_bytes_total",
     "tokenpool:request_success_total", "tokenpool:num_requests_running",
     "tokenpool:num_requests_waiting", "tokenpool:kv_cache_usage_perc",
     "tokenpool:slo_attainment",
@@ -230,6 +231,12 @@ def test_metrics_expose_the_required_names_and_move(http, client, caplog):
     assert total(after, "tokenpool:model_switches_total") >= 1
     assert total(after, "tokenpool:model_switch_seconds_count") == \
         total(after, "tokenpool:model_switches_total")
+    # ...and copied its weights, unless it had them prefetched: /pool says the same
+    pool = {m["id"]: m for m in http.get("/pool").json()["models"]}
+    for model_id, m in pool.items():
+        assert total(after, "tokenpool:model_switch_bytes_total", model_name=model_id) <= \
+            m["switch_bytes"]
+    assert sum(m["switch_bytes"] for m in pool.values()) > 0
     attainment = total(after, "tokenpool:slo_attainment", model_name=model)
     assert 0.0 <= attainment <= 1.0
 

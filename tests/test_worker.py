@@ -8,7 +8,6 @@ swapping must never change a single token.
 
 from __future__ import annotations
 
-import os
 import uuid
 
 import pytest
@@ -16,9 +15,8 @@ import torch
 
 from tokenpool.errors import ConfigError
 from tokenpool.fleet import load_fleet
-from tokenpool.gpu_pool.fleet_weights import FleetModels, FleetWeights
+from tokenpool.gpu_pool.fleet_weights import FleetWeights
 from tokenpool.gpu_pool.worker import Worker
-from tokenpool.memory.host_cache import HostModelCache
 from tokenpool.models.checkpoint import load_checkpoint
 from tokenpool.models.synth import write_synthetic_checkpoint
 from tokenpool.sampling import SamplingParams
@@ -54,14 +52,11 @@ def fleet_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fleet_weights(fleet_dir):
+    from helpers import packed_fleet
+
     fleet = load_fleet(fleet_yaml(fleet_dir, "{slab_bytes: 4MiB, swap_bytes: 32MiB}"))
-    models = FleetModels(fleet)
-    cache = HostModelCache(fleet.memory.host_cache_bytes, f"test{os.getpid()}")
-    weights = FleetWeights(models, cache)
-    weights.populate(progress=False)
-    yield weights
-    cache.close()
-    cache.destroy()
+    with packed_fleet(fleet, "test") as weights:
+        yield weights
 
 
 def make_worker(weights: FleetWeights, **memory) -> Worker:
