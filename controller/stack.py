@@ -9,6 +9,7 @@ a core whose policy runs on that cost model.
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -45,13 +46,16 @@ class ServingStack:
 
 
 def cache_namespace(fleet, models: FleetModels) -> str:
-    """The same fleet on the same node maps the same cache files: a restart finds them."""
+    """The same fleet on the same node maps the same cache files: a restart finds them. The
+    packed layout is part of the name, so a model served in another dtype or quantization
+    never maps bytes packed for the old one."""
     digest = hashlib.sha1()
     for spec in fleet.models:
         path = Path(models.sources[spec.id])
         stat = path.stat()
-        digest.update(f"{spec.id}|{path}|{stat.st_size}|{stat.st_mtime_ns}|"
-                      f"{models.layouts[spec.id].dtype}\n".encode())
+        layout = models.layouts[spec.id]
+        digest.update(f"{spec.id}|{path}|{stat.st_size}|{stat.st_mtime_ns}|{layout.dtype}|"
+                      f"{json.dumps(layout.index.to_dict())}\n".encode())
     return f"serve_{digest.hexdigest()[:12]}"  # host cache namespaces are [A-Za-z0-9_]+
 
 

@@ -99,7 +99,10 @@ class FleetWeights:
         self._checkpoint = None  # the last checkpoint read, reused by its aliases
 
     def host_bytes(self, model_id: str) -> torch.Tensor:
-        _, buffer = self.cache.get(model_id)
+        index, buffer = self.cache.get(model_id)
+        if index != self.models.layouts[model_id].index:
+            raise ValueError(f"the host cache {self.cache.namespace!r} holds {model_id!r} "
+                             "packed in another layout (dtype or quantization)")
         return host_tensor(buffer)
 
     def load(self, model_id: str) -> tuple[PackIndex, object]:

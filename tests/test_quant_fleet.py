@@ -12,6 +12,8 @@ import torch
 from helpers import packed_fleet
 from tokenpool.errors import ConfigError
 from tokenpool.fleet import load_fleet
+from tokenpool.gpu_pool.fleet_weights import FleetModels, FleetWeights
+from tokenpool.memory.host_cache import HostModelCache
 from tokenpool.gpu_pool.worker import Worker
 from tokenpool.models.checkpoint import load_checkpoint
 from tokenpool.models.synth import write_synthetic_checkpoint
@@ -156,3 +158,23 @@ def test_quantized_weights_dequantize_to_within_half_a_step(fleet_weights):
     step = (groups.amax(-1) - groups.amin(-1)) / 15
     err = (down.view_as(groups) - groups).abs()
     assert torch.all(err <= step.unsqueeze(-1) / 2 * 1.01 + 1e-3 * step.unsqueeze(-1))
+
+
+def test_a_fleet_quantized_differently_uses_its_own_host_cache(fleet_dir, fleet_weights):
+    """Servers of one fleet share cache files across restarts; the same model ids served in
+    another quantization must not map them (they hold other bytes)."""
+    import dataclasses
+
+    from tokenpool.controller.stack import cache_namespace
+
+    fleet = fleet_weights.models.fleet
+    requantized = dataclasses.replace(fleet, models=[
+        dataclasses.replace(m, quantization="int8") for m in fleet.models])
+    assert cache_namespace(fleet, FleetModels(fleet)) != \
+        cache_namespace(requantized, FleetModels(requantized))
+    same_files = HostModelCache(fleet.memory.host_cache_bytes, fleet_weights.cache.namespace)
+    try:
+        with pytest.raises(ValueError, match="another layout"):
+            FleetWeights(FleetModels(requantized), same_files).host_bytes("smol-f32")
+    finally:
+        same_files.close()
