@@ -1,6 +1,7 @@
 """The start-up cost profile, kept beside the host cache so a restart need not profile again.
 
-The key covers what the fitted costs depend on: every model's shape and dtype, the device,
+The key covers what the fitted costs depend on: every model's shape, dtype and packing
+(quantized formats cost differently and copy fewer bytes), the device,
 the torch thread count, the CPU model and the profile plan. A different machine or fleet
 misses and profiles afresh. The file lives in the host cache's tmpfs, so a reboot clears it.
 """
@@ -21,7 +22,8 @@ def profile_key(fleet, models, plan) -> str:
     parts = [repr(plan), fleet.engine.device, str(fleet.pool.torch_threads), cpu_name(),
              str(fleet.engine.kv_cache_bytes)]
     for model_id, layout in sorted(models.layouts.items()):
-        parts.append(f"{model_id}|{layout.config!r}|{layout.dtype}")
+        packing = hashlib.sha1(json.dumps(layout.index.to_dict()).encode()).hexdigest()
+        parts.append(f"{model_id}|{layout.config!r}|{layout.dtype}|{packing}")
     return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
 
 

@@ -40,6 +40,9 @@ def test_the_key_changes_with_what_the_costs_depend_on(tmp_path):
     assert key == profile_key(fleet, FleetModels(fleet), plan)
     bf16 = dataclasses.replace(fleet, engine=dataclasses.replace(fleet.engine, dtype="bfloat16"))
     assert profile_key(bf16, FleetModels(bf16), plan) != key
+    int8 = dataclasses.replace(fleet, engine=dataclasses.replace(fleet.engine,
+                                                                 quantization="int8"))
+    assert profile_key(int8, FleetModels(int8), plan) != key
     assert profile_key(fleet, FleetModels(fleet), dataclasses.replace(plan, repeats=9)) != key
     threads = dataclasses.replace(fleet, pool=dataclasses.replace(fleet.pool, torch_threads=2))
     assert profile_key(threads, FleetModels(threads), plan) != key
