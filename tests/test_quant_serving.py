@@ -110,9 +110,9 @@ def test_int8_costs_at_most_one_percent_perplexity(engines, smollm2):
     base = perplexity(engines["none"], ids)
     assert 2 < base < 40  # the real model reading English, not noise
     assert perplexity(engines["int8"], ids) <= 1.01 * base
-    # int4 rounds SmolLM2's dequantized Q4_1 weights into the same groups of 32 again, so it
-    # costs little here; on float checkpoints expect more (docs/bench/quant-2026-12-06)
-    assert perplexity(engines["int4"], ids) <= 1.05 * base
+    # int4 re-rounds the layers' Q4_1 weights into the same groups of 32 (nearly lossless)
+    # but the Q8_0 embedding to 4 bits: measured +4.6% (docs/bench/quant-2026-12-06)
+    assert perplexity(engines["int4"], ids) <= 1.06 * base
 
 
 def test_quantized_engines_batch_and_decode_like_single_requests(engines, prompts):
