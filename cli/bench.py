@@ -117,7 +117,7 @@ def _add_engine(kinds: argparse._SubParsersAction) -> None:
 def run_engine(args: argparse.Namespace) -> int:
     import torch
 
-    from tokenpool.bench import engine_bench, llama_cpp_reference, report
+    from tokenpool.bench import engine_bench, report
     from tokenpool.cli._model import find_model, load_model
 
     if args.threads:
@@ -142,22 +142,15 @@ def run_engine(args: argparse.Namespace) -> int:
     del model, engine  # free our weights and KV cache before HF loads its own copy
     dtype_name = str(dtype).removeprefix("torch.")
     hf = [] if args.no_hf else _bench_hf(fleet, spec, dtype, device, workloads, args.new_tokens)
-    skipped = llama_cpp_reference.skip_reason(source, device, args.no_llama_cpp, workloads)
-    lcpp = None if skipped else llama_cpp_reference.bench_llama_cpp(
-        source, workloads, args.new_tokens, threads)
+    lcpp_keys, lcpp_tokens = _run_llama_cpp(args, source, device, workloads, threads,
+                                            our_tokens)
     result = report.engine_report(
         model=spec.id, device=str(device), dtype=dtype_name,
         new_tokens=args.new_tokens, prompt_lens=(low, high), ours=ours, hf=hf,
         torch_threads=threads, command=_args.command_line(args),
         quant=quant, weight_bytes=weight_bytes, kernel_isa=kernel_isa,
-        hf_weights=_hf_weights(source, dtype_name),
-        llama_cpp=lcpp.results if lcpp else [],
-        llama_cpp_threads=lcpp.threads if lcpp else None,
-        llama_cpp_info=lcpp.info if lcpp else None, llama_cpp_skipped=skipped)
-    tokens = lcpp.tokens if lcpp else {}
-    result["llama_cpp_tokens"] = {str(b): t for b, t in tokens.items()}
-    result["llama_cpp_agreement"] = {
-        str(b): engine_bench.leading_agreement(our_tokens[b][0], t) for b, t in tokens.items()}
+        hf_weights=_hf_weights(source, dtype_name), **lcpp_keys)
+    result |= lcpp_tokens
     report.write_json(args.json, result)
     sys.stdout.write(report.engine_table(result))
     return 0
@@ -179,6 +172,24 @@ def _hf_weights(source, dtype_name: str) -> str:
     if str(source).lower().endswith(".gguf"):
         return f"dequantized float: the GGUF's tensors dequantized to {dtype_name}"
     return f"float: the checkpoint's tensors in {dtype_name}"
+
+
+def _run_llama_cpp(args, source, device, workloads, threads, our_tokens):
+    """llama.cpp on the same GGUF, when it can run here: engine_report's llama.cpp keyword
+    arguments, and the JSON's token keys (its greedy tokens, and how long they agree)."""
+    from tokenpool.bench import engine_bench, llama_cpp_reference
+
+    skipped = llama_cpp_reference.skip_reason(source, device, args.no_llama_cpp, workloads)
+    lcpp = None if skipped else llama_cpp_reference.bench_llama_cpp(
+        source, workloads, args.new_tokens, threads)
+    keys = dict(llama_cpp=lcpp.results if lcpp else [],
+                llama_cpp_threads=lcpp.threads if lcpp else None,
+                llama_cpp_info=lcpp.info if lcpp else None, llama_cpp_skipped=skipped)
+    tokens = lcpp.tokens if lcpp else {}
+    return keys, {
+        "llama_cpp_tokens": {str(b): t for b, t in tokens.items()},
+        "llama_cpp_agreement": {str(b): engine_bench.leading_agreement(our_tokens[b][0], t)
+                                for b, t in tokens.items()}}
 
 
 def _bench_hf(fleet, spec, dtype, device, workloads, new_tokens):
