@@ -45,11 +45,11 @@ def add_dtype(parser: argparse.ArgumentParser, what: str) -> None:
 
 def add_quant(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
-        "--quant", choices=QUANT_MODES, default=None,
-        help=f"weight format of {what}, overriding the fleet file's quantization: "
-             "none (floats in --dtype; a GGUF dequantized), native (a GGUF's Q8_0, Q4_0, "
-             "Q4_1, Q4_K and Q6_K tensors served as stored), int8 (per output channel) or "
-             "int4 (groups of 32, Q4_1 blocks), quantized at load")
+        "--quant", choices=QUANT_MODES, default="none",
+        help=f"weight format of {what}, whatever the fleet file's quantization says: "
+             "none (default: floats in --dtype; a GGUF dequantized), native (a GGUF's Q8_0, "
+             "Q4_0, Q4_1, Q4_K and Q6_K tensors served as stored), int8 (per output channel) "
+             "or int4 (groups of 32, Q4_1 blocks), quantized at load")
 
 
 def add_device(parser: argparse.ArgumentParser) -> None:

@@ -231,7 +231,7 @@ def test_bench_engine_writes_the_report_with_hf(synth_fleet, tmp_path):
     assert set(report["speedup_vs_hf"]) == {"1", "2"}
     assert all(v > 0 for v in report["speedup_vs_hf"].values())
     assert report["torch_threads"] >= 1 and report["command"].startswith("tokenpool bench engine")
-    # floats, as the fleet file says; HF runs the same floats; no GGUF for llama.cpp
+    # floats (--quant's default); HF runs the same floats; no GGUF for llama.cpp
     assert (report["quant"], report["kernel_isa"]) == ("none", None)
     assert report["weight_bytes"] > 0 and report["hf_weights"].startswith("float")
     assert report["llama_cpp"] == [] and ".gguf" in report["llama_cpp_skipped"]
