@@ -32,8 +32,7 @@ class WeightSlots:
         self.active = 0
         self._weights: dict[int, DecoderWeights] = {}
         # A model lands at the same offset of a slot every time (the slot's allocator is reset
-        # first), so its views there are made once: binding hundreds of views costs a few ms,
-        # about half a quantized model's whole copy.
+        # first), so its views there are made once rather than on every switch.
         self._views: dict[tuple[int, str], DecoderWeights] = {}
         self._copy_done: dict[int, object] = {}  # CUDA events of copies still in flight
         self._prefetch: threading.Thread | None = None

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from helpers import NEAR_TIE, make_engine
+from tokenpool.gpu_pool.quant_kernels import FUSED_MAX_ROWS
 from tokenpool.models.checkpoint import load_checkpoint
 from tokenpool.models.locate import smollm2_gguf_path
 from tokenpool.models.quantized import QuantizedTensor
@@ -116,12 +117,13 @@ def test_int8_costs_at_most_one_percent_perplexity(engines, smollm2):
 
 
 def test_quantized_engines_batch_and_decode_like_single_requests(engines, prompts):
-    """Batched decode runs the batch-sized matmul path (dequantize into scratch + GEMM), a
-    single request the fused kernel: both must give each request the same tokens."""
+    """A batch's prefill has more rows than the fused kernel takes (dequantize into scratch
+    + GEMM), a single request's does not: both must give each request the same tokens."""
     many = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    batch = prompts * 5
+    assert sum(map(len, batch)) > FUSED_MAX_ROWS
     for quant in ("native", "int8", "int4"):
         engine = engines[quant]
-        batch = prompts * 5  # 20 sequences: past the fused kernel's row limit
         together = engine.generate(batch, many)
         alone = [engine.generate([p], many)[0] for p in prompts]
         assert together[: len(prompts)] == alone, quant
