@@ -33,7 +33,10 @@ from tokenpool.gpu_pool.protocol import JobInput
 from tokenpool.gpu_pool.ray_link import WorkerLink, WorkerRestarted, ray_module
 from tokenpool.gpu_pool.pool_config import PoolConfig
 
+log = logging.getLogger(__name__)
+
 CLOSE_GRACE_S = 30.0  # how long close() lets queued jobs finish before killing actors
+LOCAL_START_ATTEMPTS = 3  # tries at starting the pool's own Ray node
 
 
 class WorkerActor:
@@ -179,15 +182,27 @@ def _connect(ray, config: PoolConfig, cpus_needed: int) -> bool:
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no prompt, nothing sent home
     quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
-    if config.ray_address is None:
-        # "local", not None: None would join a cluster found through RAY_ADDRESS or
-        # /tmp/ray, and this pool is meant to own its cluster.
-        ray.init(address="local", num_cpus=config.num_cpus or cpus_needed,
+    if config.ray_address is not None:
+        ray.init(address=config.ray_address, **quiet)
+        return True
+    # "local", not None: None would join a cluster found through RAY_ADDRESS or /tmp/ray,
+    # and this pool is meant to own its cluster.
+    local = dict(address="local", num_cpus=config.num_cpus or cpus_needed,
                  include_dashboard=False, object_store_memory=config.object_store_bytes,
                  _system_config={"task_events_max_num_task_in_gcs": config.ray_task_events},
                  **quiet)
-    else:
-        ray.init(address=config.ray_address, **quiet)
+    for _ in range(LOCAL_START_ATTEMPTS - 1):
+        try:
+            ray.init(**local)
+            return True
+        except Exception as exc:
+            # Ray gives a new raylet a fixed 30 s to register; on a loaded host it can miss
+            # that once and start fine the next time.
+            if "timed out during startup" not in str(exc):
+                raise
+            log.warning("the pool's Ray node timed out starting (%s); starting it again", exc)
+            ray.shutdown()
+    ray.init(**local)
     return True
 
 
