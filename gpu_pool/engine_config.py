@@ -23,6 +23,12 @@ class EngineConfig:
     max_model_len: int | None = None  # defaults to the model's context length
     seed: int = 0  # for requests that bring no seed of their own
     fused_kernels: bool = True  # CPU: compiled paged decode attention (falls back if unbuildable)
+    # Full KV pages named by their prefix and kept after their requests end, so a prompt
+    # that repeats a cached prefix computes only the rest (memory/prefix_cache.py).
+    prefix_caching: bool = True
+    # A prompt longer than a step's token budget is computed in chunks that share steps with
+    # running decodes; off: it runs alone in one step.
+    chunked_prefill: bool = True
 
     def __post_init__(self):
         # Checked when the fleet file loads, long before a checkpoint is read.

@@ -26,6 +26,8 @@ class RequestOutput:
     logprobs: tuple = ()  # TokenLogprobs per new token when asked for
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    # Prompt tokens whose KV came from the prefix cache when the request was admitted.
+    num_cached_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,3 +95,4 @@ class JobDone:
     # or a handoff it could not take). Each is also reported finished in `results`.
     errors: dict = field(default_factory=dict)
     decode_timings: tuple[DecodeTiming, ...] = ()
+    cached_pages: dict = field(default_factory=dict)  # model -> prefix-cache pages after the job

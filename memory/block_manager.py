@@ -45,8 +45,8 @@ class BlockManager:
 
     @property
     def num_used(self) -> int:
-        """Pages held by this manager's sequences."""
-        return sum(len(t) for t in self._tables.values())
+        """Distinct pages held by this manager's sequences (a shared prefix page once)."""
+        return len(set().union(*self._tables.values()))
 
     def has(self, seq_id: str) -> bool:
         return seq_id in self._tables
@@ -61,6 +61,13 @@ class BlockManager:
 
     def can_grow(self, seq_id: str, num_tokens: int) -> bool:
         return self.pages_to_grow(seq_id, num_tokens) <= self.pages.num_free
+
+    def adopt(self, seq_id: str, pages: list[int]) -> list[int]:
+        """Start `seq_id`'s table with pages it already holds (a cached prefix's)."""
+        if seq_id in self._tables:
+            raise ValueError(f"sequence {seq_id!r} already has pages")
+        self._tables[seq_id] = list(pages)
+        return self._tables[seq_id]
 
     def grow(self, seq_id: str, num_tokens: int) -> list[int]:
         """Make `seq_id` able to hold `num_tokens` tokens; returns its block table."""

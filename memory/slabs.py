@@ -8,10 +8,18 @@ class keeps the device's KV region and the host's swap space.
 Page ids are per shape: page `p` of a shape with `n` pages per slab is page `p % n` of slab
 `p // n`. Its bytes start at `slab * slab_bytes + (p % n) * page_bytes`. Pure bookkeeping: it
 owns no memory and imports no framework.
+
+A page in use may be *retained*: no one holds it, but its bytes are kept (a prefix cache's
+page) until the memory is needed. Retained pages count as free, and `alloc` takes them, least
+recently retained first, only once truly free pages and empty slabs are gone, then empties
+slabs of other shapes that hold nothing but retained pages. Each shape's `evict` callback
+hears of the retained pages it loses.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 BLOCK_SIZE = 16
@@ -60,6 +68,9 @@ class SlabPool:
         self._shape: dict[int, PageShape] = {}  # slabs in use -> their page shape
         self._free: dict[int, list[int]] = {}  # slabs in use -> free page slots, lowest last
         self._partial: dict[PageShape, list[int]] = {}  # slabs of a shape with free slots
+        self._retained: dict[PageShape, OrderedDict[int, None]] = {}  # oldest first
+        self._retained_in: dict[int, int] = {}  # slab -> its retained pages
+        self._evict: dict[PageShape, Callable[[list[int]], None]] = {}
 
     # -- capacity ---------------------------------------------------------------------------
 
@@ -71,9 +82,14 @@ class SlabPool:
         return self.num_slabs * self.pages_per_slab(shape)
 
     def num_free(self, shape: PageShape) -> int:
-        """Pages of `shape` that can be allocated now."""
+        """Pages of `shape` that can be allocated now, retained ones included."""
         partial = sum(len(self._free[s]) for s in self._partial.get(shape, ()))
-        return partial + len(self._empty) * self.pages_per_slab(shape)
+        slabs = len(self._empty) + sum(1 for slab in self._retained_in
+                                       if self._shape[slab] != shape and self._reclaimable(slab))
+        return partial + len(self._retained.get(shape, ())) + slabs * self.pages_per_slab(shape)
+
+    def num_retained(self, shape: PageShape) -> int:
+        return len(self._retained.get(shape, ()))
 
     def num_used(self, shape: PageShape) -> int:
         per_slab = self.pages_per_slab(shape)
@@ -95,7 +111,8 @@ class SlabPool:
     # -- pages ------------------------------------------------------------------------------
 
     def alloc(self, shape: PageShape, n: int) -> list[int]:
-        """`n` page ids of `shape`, filling slabs already holding that shape first."""
+        """`n` page ids of `shape`, filling slabs already holding that shape first; retained
+        pages are taken only when free ones run out."""
         if n > self.num_free(shape):
             raise OutOfPagesError(f"{n} pages of {shape.page_bytes} B asked, "
                                   f"{self.num_free(shape)} free")
@@ -103,6 +120,11 @@ class SlabPool:
         partial = self._partial.setdefault(shape, [])
         pages = []
         while len(pages) < n:
+            if not partial and not self._empty:
+                if self._retained.get(shape):
+                    pages.append(self._evict_oldest(shape))
+                    continue
+                self._reclaim_slab(shape)
             if not partial:
                 partial.append(self._take_slab(shape))
             slab = partial[-1]
@@ -117,8 +139,9 @@ class SlabPool:
         """Return pages; checks them all first, so a bad list changes nothing."""
         per_slab = self.pages_per_slab(shape)
         located = [divmod(page, per_slab) for page in pages]
+        retained = self._retained.get(shape, {})
         for page, (slab, slot) in zip(pages, located):
-            if self._shape.get(slab) != shape or slot in self._free[slab]:
+            if self._shape.get(slab) != shape or slot in self._free[slab] or page in retained:
                 raise PageOwnershipError(f"page {page} of {shape} is not in use")
         if len(set(pages)) != len(pages):
             raise PageOwnershipError(f"pages freed twice in one call: {sorted(pages)}")
@@ -129,6 +152,77 @@ class SlabPool:
             slots.append(slot)
             if len(slots) == per_slab:
                 self._release_slab(slab)
+
+    # -- retained pages -------------------------------------------------------------------
+
+    def on_evict(self, shape: PageShape, callback: Callable[[list[int]], None]) -> None:
+        """`callback(pages)` hears of `shape`'s retained pages as `alloc` takes them."""
+        self._evict[shape] = callback
+
+    def retain(self, shape: PageShape, pages: list[int]) -> None:
+        """In-use pages no one holds any more, kept until their memory is needed."""
+        per_slab = self.pages_per_slab(shape)
+        retained = self._retained.setdefault(shape, OrderedDict())
+        for page in pages:
+            slab, slot = divmod(page, per_slab)
+            if self._shape.get(slab) != shape or slot in self._free[slab] or page in retained:
+                raise PageOwnershipError(f"page {page} of {shape} is not in use")
+            retained[page] = None
+            self._retained_in[slab] = self._retained_in.get(slab, 0) + 1
+
+    def reuse(self, shape: PageShape, page: int) -> None:
+        """A retained page is held again (a cache hit): it is in use, no longer evictable."""
+        del self._retained[shape][page]
+        self._forget_retained(page // self.pages_per_slab(shape))
+
+    def drop_retained(self, shape: PageShape) -> int:
+        """Free every retained page of `shape` (a cache flush); how many."""
+        pages = list(self._retained.get(shape, ()))
+        for page in pages:
+            self.reuse(shape, page)
+        self._notify(shape, pages)
+        if pages:
+            self.free(shape, pages)
+        return len(pages)
+
+    def _forget_retained(self, slab: int) -> None:
+        left = self._retained_in[slab] - 1
+        if left:
+            self._retained_in[slab] = left
+        else:
+            del self._retained_in[slab]
+
+    def _reclaimable(self, slab: int) -> bool:
+        """A slab whose pages in use are all retained: emptied, it serves any shape."""
+        return len(self._free[slab]) + self._retained_in[slab] == \
+            self.pages_per_slab(self._shape[slab])
+
+    def _evict_oldest(self, shape: PageShape) -> int:
+        """The least recently retained page of `shape`, now in use by the caller."""
+        page, _ = self._retained[shape].popitem(last=False)
+        self._forget_retained(page // self.pages_per_slab(shape))
+        self._notify(shape, [page])
+        return page
+
+    def _reclaim_slab(self, shape: PageShape) -> None:
+        """Empty a slab of another shape that holds only retained pages (the one retained
+        longest ago first)."""
+        for other, retained in self._retained.items():
+            for page in retained:
+                slab = page // self.pages_per_slab(other)
+                if other != shape and self._reclaimable(slab):
+                    per_slab = self.pages_per_slab(other)
+                    lost = [p for p in retained if p // per_slab == slab]
+                    for p in lost:
+                        self.reuse(other, p)
+                    self._notify(other, lost)
+                    self.free(other, lost)
+                    return
+        raise OutOfPagesError(f"no slab can be freed for {shape}")
+
+    def _notify(self, shape: PageShape, pages: list[int]) -> None:
+        if pages and shape in self._evict:
+            self._evict[shape](pages)
 
     def byte_offset(self, shape: PageShape, page: int) -> int:
         slab, slot = divmod(page, self.pages_per_slab(shape))

@@ -23,6 +23,9 @@ class RequestInfo:
     prompt_len: int
     arrival: float
     max_tokens: int
+    # Names of the prompt's full KV pages (memory.prefix_cache.page_hashes), for cache-aware
+    # placement; empty when prefix caching is off.
+    page_hashes: tuple[int, ...] = ()
 
 
 # -- work units: what a worker is told to do, in order ----------------------------------------
@@ -103,8 +106,10 @@ class PrefillDone:
     request_ids: tuple[str, ...]
     # Requests whose first token was also their last, and decode_ids that ended in the unit.
     finished: tuple[str, ...]
-    # The unit's decode_ids that got their token, or ended; the others did not run (no pages).
+    # The unit's decode_ids that got their tokens, or ended; the others did not run (no pages).
     decoded: tuple[str, ...] = ()
+    # Tokens each of `decoded` got: decodes ride every step of a chunked prefill.
+    decode_steps: int = 1
 
 
 @dataclass(frozen=True, slots=True)
