@@ -27,7 +27,7 @@ class LayerAttention:
 @dataclass(slots=True)
 class AttentionMetadata:
     write_index: tuple  # where each token's K/V is written: PagedKVCache.token_index
-    prefill_lens: list[int]  # tokens of each prefill sequence, in batch order
+    prefill_lens: list[int]  # tokens each prefill computes this step, in batch order
     num_decodes: int
     decode_tables: torch.Tensor | None  # [num_decodes, max_pages] page ids, padded with 0;
     # for the fused kernel, element offsets of those pages instead (PagedKVCache.page_offsets)
@@ -35,6 +35,10 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_pages * BLOCK_SIZE]; gather path
     logits_rows: torch.Tensor  # [num_seqs] rows whose next token is sampled
     decode_kernel: object | None = None  # compiled CPU kernel module, when in use
+    # Per prefill: the position of its first token this step, and (when that is past 0) its
+    # block table, through which its queries also read the keys of the earlier tokens.
+    prefill_starts: list[int] | None = None
+    prefill_tables: list[torch.Tensor | None] | None = None
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: PagedKVCache,
@@ -44,9 +48,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: Paged
         return _decode(q, kv, layer, meta, spec)
     parts = []
     start = 0
-    for n in meta.prefill_lens:
+    for i, n in enumerate(meta.prefill_lens):
         end = start + n
-        parts.append(_prefill_one(q[start:end], k[start:end], v[start:end], spec))
+        table = meta.prefill_tables[i] if meta.prefill_tables else None
+        if table is None:
+            parts.append(_prefill_one(q[start:end], k[start:end], v[start:end], spec))
+        else:
+            parts.append(_prefill_past(q[start:end], kv, layer, table,
+                                       meta.prefill_starts[i], spec))
         start = end
     if meta.num_decodes:
         parts.append(_decode(q[start:], kv, layer, meta, spec))
@@ -66,6 +75,23 @@ def _prefill_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if spec.window is not None:
             visible &= pos[None, :] > pos[:, None] - spec.window
         out = _attend(q, k, v, visible, spec)
+    return out[0].transpose(0, 1)
+
+
+def _prefill_past(q: torch.Tensor, kv: PagedKVCache, layer: int, table: torch.Tensor,
+                  start: int, spec: LayerAttention) -> torch.Tensor:
+    """Queries of tokens `start..start + n` over the keys of tokens `0..start + n`, read back
+    from the pages (this step's own K/V are written there already)."""
+    n = q.shape[0]
+    context = start + n
+    keys, values = kv.gather(layer, table[None, : -(-context // kv.block_size)])
+    keys, values = (t[:, :context].transpose(1, 2) for t in (keys, values))  # [1, KVH, T, D]
+    pos = torch.arange(context, device=q.device)
+    query_pos = pos[start:, None]
+    visible = pos[None, :] <= query_pos
+    if spec.window is not None:
+        visible &= pos[None, :] > query_pos - spec.window
+    out = _attend(q.transpose(0, 1).unsqueeze(0), keys, values, visible, spec)
     return out[0].transpose(0, 1)
 
 

@@ -25,6 +25,7 @@ from tokenpool.gpu_pool.rotary import rotary_tables
 from tokenpool.gpu_pool.kv_swap import KVSwapper
 from tokenpool.gpu_pool.decoder import DecoderForward, DecoderWeights
 from tokenpool.gpu_pool.model_runner import ModelRunner
+from tokenpool.gpu_pool.prefix_pages import PrefixPages
 from tokenpool.gpu_pool.sequence import Sequence
 from tokenpool.gpu_pool.weights import bind_weights, is_tied, pack_weights
 from tokenpool.gpu_pool.worker_memory import (EngineMemory, ModelLayout, WorkerMemory,
@@ -62,8 +63,12 @@ class LLMEngine:
         self.memory = memory
         blocks = BlockManager(memory.pages)
         host_blocks = None if memory.swap_kv is None else BlockManager(memory.swap_pages)
+        prefix = PrefixPages(memory.pages, model_id) if config.prefix_caching else None
         self.scheduler = EngineScheduler(blocks, host_blocks, config.max_num_seqs,
-                                         config.max_num_batched_tokens)
+                                         config.max_num_batched_tokens, prefix,
+                                         config.chunked_prefill)
+        self.last_step_size = 0  # sequences the last step computed, sampled or mid-prompt
+        self.last_step_prompt_tokens = 0  # of which prompt tokens (prefills and their chunks)
         self.swapper = None if host_blocks is None else KVSwapper(
             memory.kv, blocks, memory.swap_kv, host_blocks)
         self.max_model_len = max_model_len(mc, config.max_model_len, memory.pages.capacity)
@@ -204,15 +209,20 @@ class LLMEngine:
     # -- the step ---------------------------------------------------------------------------
 
     def step(self, request_ids: Collection[str] | None = None) -> list[RequestOutput]:
-        """One step of the named requests (None: of all); an output per request stepped.
+        """One step of the named requests (None: of all); an output per request that sampled
+        a token (a prompt computing a chunk that is not its last has none: `last_step_size`
+        says whether the step ran anything).
 
         Requests named but not held here are ignored; named ones that cannot run now (no
         pages or batch slot) get no output."""
         batch = self.scheduler.schedule(request_ids)
         self._copy(batch.swaps)
+        self.last_step_size = len(batch.prefills) + len(batch.decodes)
+        self.last_step_prompt_tokens = sum(batch.chunk(i)[1] for i in range(len(batch.prefills)))
         if not batch:
             return []
         tokens, logprobs = self.runner.run(batch)
+        self.scheduler.computed(batch)
         return self._postprocess(batch, tokens, logprobs)
 
     def swap_out(self, request_ids: list[str] | None = None) -> int:
@@ -237,7 +247,8 @@ class LLMEngine:
                 self.scheduler.finish(seq)
             outputs.append(RequestOutput(
                 seq.seq_id, (token,), text, reason is not None, reason,
-                (lp,) if lp is not None else (), len(seq.prompt_ids), len(seq.output_ids)))
+                (lp,) if lp is not None else (), len(seq.prompt_ids), len(seq.output_ids),
+                seq.num_cached))
         return outputs
 
     def _check_finish(self, seq: Sequence, token: int) -> tuple[str, str | None]:

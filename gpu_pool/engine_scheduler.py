@@ -11,6 +11,12 @@ under `max_num_seqs` and `max_num_batched_tokens`. When pages run short, sequenc
 does not name are preempted first (newest first), then the newest named ones. A preempted
 sequence is swapped out to host pages when they have room, else recomputed later from its
 prompt plus its tokens so far.
+
+Prompts are computed from `num_computed` on: a prompt admitted with cached prefix pages
+(`PrefixPages`) starts past them. With `chunked` prefill the step's token budget is shared:
+decodes first, one token each, then prompts already started, then new ones, each computing
+as many tokens as the budget has left; a prompt samples its first token in the step that
+computes its last.
 """
 
 from __future__ import annotations
@@ -19,8 +25,12 @@ from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
+from tokenpool.gpu_pool.prefix_pages import PrefixPages
 from tokenpool.gpu_pool.sequence import Sequence, SeqStatus
 from tokenpool.memory.block_manager import BlockManager
+
+# (seq, start, count): a prompt computing `count` tokens from `start` this step
+Chunk = tuple[Sequence, int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,19 +45,30 @@ class SwapOp:
 
 @dataclass(frozen=True, slots=True)
 class StepBatch:
-    """Sequences to run this step: prefills first (whole token lists), then one-token decodes.
+    """Sequences to run this step: prefills first, then one-token decodes.
 
-    `swaps` are made before the step runs, in order: the bookkeeping already moved the pages,
-    so a later copy may write a page an earlier one read."""
+    Prefill `i` computes tokens `[start, start + count)` of its sequence, `chunks[i]` (no
+    chunks: every prefill computes all its tokens). `swaps` are made before the step runs,
+    in order: the bookkeeping already moved the pages, so a later copy may write a page an
+    earlier one read."""
 
     prefills: tuple[Sequence, ...]
     decodes: tuple[Sequence, ...]
     block_tables: dict[str, list[int]]
     swaps: tuple[SwapOp, ...] = ()
+    chunks: tuple[tuple[int, int], ...] = ()
+
+    def chunk(self, i: int) -> tuple[int, int]:
+        return self.chunks[i] if self.chunks else (0, self.prefills[i].num_tokens)
 
     @property
     def sequences(self) -> tuple[Sequence, ...]:
-        return self.prefills + self.decodes
+        """The sequences that sample a token this step, in batch order."""
+        if not self.chunks:
+            return self.prefills + self.decodes
+        done = tuple(s for s, (start, n) in zip(self.prefills, self.chunks)
+                     if start + n == s.num_tokens)
+        return done + self.decodes
 
     def __bool__(self) -> bool:
         return bool(self.prefills or self.decodes)
@@ -66,11 +87,14 @@ def move_pages(seq_id: str, src: BlockManager, dst: BlockManager, out: bool) -> 
 
 class EngineScheduler:
     def __init__(self, blocks: BlockManager, host_blocks: BlockManager | None,
-                 max_num_seqs: int, max_num_batched_tokens: int):
+                 max_num_seqs: int, max_num_batched_tokens: int,
+                 prefix: PrefixPages | None = None, chunked: bool = False):
         self.blocks = blocks  # device pages
         self.host_blocks = host_blocks  # host swap pages; None: preemption always recomputes
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.prefix = prefix  # None: no prefix caching
+        self.chunked = chunked
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # oldest first: preemption takes from the end
         self.swapped: deque[Sequence] = deque()
@@ -85,8 +109,10 @@ class EngineScheduler:
         self.waiting.append(seq)
 
     def place(self, seq: Sequence, status: SeqStatus) -> None:
-        """Queue a sequence whose pages (device, host, or none) the caller already set up."""
+        """Queue a sequence whose pages (device, host, or none) the caller already set up:
+        running or swapped ones hold the KV of every token but the last."""
         seq.status = status
+        seq.num_computed = 0 if status is SeqStatus.WAITING else seq.num_tokens - 1
         if status is SeqStatus.RUNNING:
             self.running.append(seq)
         elif status is SeqStatus.SWAPPED:
@@ -112,7 +138,7 @@ class EngineScheduler:
         queue = self._queue_of(seq)
         if seq in queue:
             queue.remove(seq)
-        self.blocks.free(seq.seq_id)
+        self._free_device(seq)
         if self.host_blocks is not None:
             self.host_blocks.free(seq.seq_id)
         seq.status = SeqStatus.FINISHED
@@ -134,13 +160,30 @@ class EngineScheduler:
         self._swaps = []
         self._victims = [s for s in self.running if not named(s)]
         self._swap_in(named)
-        decodes = self._reserve_decodes([s for s in self.running if named(s)])
+        mine = [s for s in self.running if named(s)]
+        decodes = self._reserve_decodes([s for s in mine if s.pending == 1])
+        budget = self.max_num_batched_tokens - len(decodes)
+        chunks = self._continue_prompts([s for s in mine if s.pending > 1], budget)
         # Swapped-out sequences come back before new prompts start, so none starves.
-        prefills = [] if any(named(s) for s in self.swapped) else \
-            self._admit(named, len(decodes))
-        self.running += prefills
-        tables = {s.seq_id: self.blocks.block_table(s.seq_id) for s in prefills + decodes}
-        return StepBatch(tuple(prefills), tuple(decodes), tables, tuple(self._swaps))
+        if not any(named(s) for s in self.swapped):
+            budget -= sum(n for _, _, n in chunks)
+            chunks += self._admit(named, len(decodes) + len(chunks), budget)
+        prefills = tuple(seq for seq, _, _ in chunks)
+        tables = {s.seq_id: self.blocks.block_table(s.seq_id) for s in prefills + tuple(decodes)}
+        return StepBatch(prefills, tuple(decodes), tables, tuple(self._swaps),
+                         tuple((start, n) for _, start, n in chunks))
+
+    def computed(self, batch: StepBatch) -> None:
+        """The batch ran: its sequences' KV is written up to where each computed, and full
+        pages are named in the prefix cache. Called before sampled tokens are appended."""
+        for i, seq in enumerate(batch.prefills):
+            start, n = batch.chunk(i)
+            seq.num_computed = start + n
+        for seq in batch.decodes:
+            seq.num_computed = seq.num_tokens
+        if self.prefix is not None:
+            for seq in batch.prefills + batch.decodes:
+                self.prefix.name_computed(seq, batch.block_tables[seq.seq_id])
 
     def _swap_in(self, named: Callable[[Sequence], bool]) -> None:
         """Bring named swapped sequences back, oldest first, while slots and pages (with one
@@ -171,24 +214,62 @@ class EngineScheduler:
                 self._preempt(seq)
         return kept
 
-    def _admit(self, named: Callable[[Sequence], bool], num_decodes: int) -> list[Sequence]:
+    def _continue_prompts(self, prompts: list[Sequence], budget: int) -> list[Chunk]:
+        """The next chunk of each prompt started in an earlier step, oldest first."""
+        chunks: list[Chunk] = []
+        for seq in prompts:
+            n = min(seq.pending, budget) if self.chunked else seq.pending
+            if n < 1 or not self._make_room(
+                    self.blocks.pages_to_grow(seq.seq_id, seq.num_computed + n)):
+                break
+            self.blocks.grow(seq.seq_id, seq.num_computed + n)
+            chunks.append((seq, seq.num_computed, n))
+            budget -= n
+        return chunks
+
+    def _admit(self, named: Callable[[Sequence], bool], num_running: int,
+               budget: int) -> list[Chunk]:
         """Named waiting sequences, oldest first, as prompts within the step's budgets."""
-        budget = self.max_num_batched_tokens - num_decodes
-        admitted: list[Sequence] = []
+        admitted: list[Chunk] = []
         for seq in [s for s in self.waiting if named(s)]:
-            if num_decodes + len(admitted) >= self.max_num_seqs:
+            if num_running + len(admitted) >= self.max_num_seqs:
                 break
-            # A prompt longer than the budget still runs, alone, so nothing waits forever.
-            if seq.num_tokens > budget and (admitted or num_decodes):
-                break
-            if not self._make_room(self.blocks.pages_to_grow(seq.seq_id, seq.num_tokens)):
+            cached = self._hold_cached_prefix(seq)
+            n = seq.num_tokens - seq.num_computed
+            if self.chunked:
+                n = min(n, budget)
+            # Unchunked, a prompt longer than the budget still runs, alone, so nothing waits
+            # forever.
+            fits = n >= 1 and (n <= budget or not (admitted or num_running))
+            if not fits or not self._make_room(
+                    self.blocks.pages_to_grow(seq.seq_id, seq.num_computed + n)):
+                self._release_cached_prefix(seq, cached)
                 break
             self.waiting.remove(seq)
-            self.blocks.grow(seq.seq_id, seq.num_tokens)
+            self.blocks.grow(seq.seq_id, seq.num_computed + n)
             seq.status = SeqStatus.RUNNING
-            admitted.append(seq)
-            budget -= seq.num_tokens
+            self.running.append(seq)
+            admitted.append((seq, seq.num_computed, n))
+            budget -= n
         return admitted
+
+    def _hold_cached_prefix(self, seq: Sequence) -> int:
+        """Give a waiting `seq` its cached prefix pages (held, so room-making cannot evict
+        them) and start it past them; how many pages."""
+        if self.prefix is None:
+            return 0
+        pages = self.prefix.reusable(seq)
+        if pages:
+            self.blocks.adopt(seq.seq_id, self.prefix.acquire(seq, pages))
+        seq.num_computed, seq.num_named = pages * self.blocks.block_size, pages
+        if not seq.output_ids:
+            seq.num_cached = seq.num_computed
+        return pages
+
+    def _release_cached_prefix(self, seq: Sequence, pages: int) -> None:
+        if pages:
+            self.blocks.free(seq.seq_id)
+        seq.num_computed = seq.num_named = 0
 
     def _can_grow(self, seq: Sequence) -> bool:
         return self.blocks.can_grow(seq.seq_id, seq.num_tokens)
@@ -211,9 +292,14 @@ class EngineScheduler:
         if self._can_swap_out(seq):
             self._swap_out(seq)
         else:
-            self.blocks.free(seq.seq_id)
+            self._free_device(seq)
             seq.status = SeqStatus.WAITING
             self.waiting.appendleft(seq)
+
+    def _free_device(self, seq: Sequence) -> None:
+        """Let go of `seq`'s device pages (named ones stay cached); it computes from 0 again."""
+        self.blocks.free(seq.seq_id)
+        seq.num_computed = seq.num_named = 0
 
     # -- swapping at a turn's end -----------------------------------------------------------
 
@@ -234,5 +320,6 @@ class EngineScheduler:
 
     def _swap_out(self, seq: Sequence) -> None:
         self._swaps.append(move_pages(seq.seq_id, self.blocks, self.host_blocks, True))
+        seq.num_named = 0  # it comes back in private copies of its pages
         seq.status = SeqStatus.SWAPPED
         self.swapped.appendleft(seq)

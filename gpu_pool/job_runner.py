@@ -100,7 +100,8 @@ class JobRunner:
             yield from self._run_unit(unit, job)
         yield JobDone(self.worker_id, tuple(job.results), job.exported, tuple(job.switches),
                       self._swap_bytes() - swapped_before, self._pages_used(),
-                      self.worker.active, job.errors, tuple(job.decode_timings))
+                      self.worker.active, job.errors, tuple(job.decode_timings),
+                      self.worker.cached_pages())
 
     def close(self) -> None:
         self.worker.close()
@@ -157,22 +158,28 @@ class JobRunner:
         engine = self.worker.engine(unit.model)
         started = [r for r in unit.request_ids if self._start(engine, r, job)]
         riding = [r for r in unit.decode_ids if r not in job.ended and engine.holds(r)]
-        waiting, decoded = started, set()
+        waiting, decoded, decode_steps = started, set(), 0
         while waiting:
-            # Prompts still without a first token; the first step also the decodes named.
+            # Prompts still without a first token, and the decodes named, which ride every
+            # step while prompts are computed in chunks, so none stalls for a whole prompt.
             outputs = engine.step(waiting + riding)
-            if not outputs:
+            if not engine.last_step_size:
                 break  # no room to start them now: the next unit naming them does
             job.note(outputs)
-            yield self._stream(outputs)
+            if outputs:
+                yield self._stream(outputs)
             stepped = {out.request_id for out in outputs}
+            decode_steps += bool(stepped.intersection(riding))
             decoded |= stepped.intersection(riding)
-            waiting, riding = [r for r in waiting if r not in stepped], []
+            waiting = [r for r in waiting if r not in stepped]
+            # One that missed a step (no page) or ended rides no more: a decode the policy
+            # counts as `decode_steps` tokens may have got fewer, never more.
+            riding = [r for r in riding if r in stepped and r not in job.ended]
         decoded |= job.ended.intersection(unit.decode_ids)
         job.results.append(PrefillDone(
             self.worker_id, unit.model, unit.request_ids,
             job.finished(unit.request_ids + unit.decode_ids),
-            tuple(r for r in unit.decode_ids if r in decoded)))
+            tuple(r for r in unit.decode_ids if r in decoded), max(decode_steps, 1)))
         if job.input.export_after_prefill:
             for request_id in started:
                 if request_id not in job.ended:
@@ -211,15 +218,16 @@ class JobRunner:
         end = start + unit.quota_s
         steps, batch, context, pure = 0, 0, 0, True
         while wanted:
-            # A step that admits a prompt (a request preempted to recompute) is part prefill.
-            pure = pure and not any(s.seq_id in wanted for s in engine.waiting)
             outputs = engine.step(wanted)
-            if not outputs:
+            if not engine.last_step_size:
                 break  # none of them could be scheduled (no free pages); the turn is over
+            # A step that computes a prompt (a request preempted to recompute) is part prefill.
+            pure = pure and not engine.last_step_prompt_tokens
             steps, batch = steps + 1, batch + len(outputs)
             context += sum(o.num_prompt_tokens + o.num_output_tokens - 1 for o in outputs)
             finished = job.note(outputs)
-            yield self._stream(outputs)
+            if outputs:
+                yield self._stream(outputs)
             wanted = [r for r in wanted if r not in finished]
             if time.monotonic() >= end or (finished and unit.until_first_finish):
                 break

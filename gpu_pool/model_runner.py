@@ -22,6 +22,11 @@ class ModelRunner:
         self.decode_kernel = decode_kernel  # fused CPU paged attention, or None: gather + SDPA
 
     def run(self, batch: StepBatch) -> tuple[list[int], list]:
+        """Sampled tokens (and logprobs) of the batch's sampling sequences, in order."""
+        if not batch.sequences:  # only prompt chunks: the step writes KV, samples nothing
+            token_ids, positions, meta = self._prepare(batch)
+            self.forward(token_ids, positions, meta, self.kv, self._rope_lens_if_needed(batch))
+            return [], []
         logits = self.logits(batch)
         rows = [SampleRow(s.params, s.generator) for s in batch.sequences]
         return sample(logits, rows)
@@ -32,8 +37,8 @@ class ModelRunner:
         token_ids, positions, meta = self._prepare(batch)
         if every_position:
             meta = dataclasses.replace(meta, logits_rows=self._tensor(range(len(token_ids))))
-        rope_lens = self._rope_lens(batch) if self.forward.rope_needs_lengths else None
-        hidden = self.forward(token_ids, positions, meta, self.kv, rope_lens)
+        hidden = self.forward(token_ids, positions, meta, self.kv,
+                              self._rope_lens_if_needed(batch))
         return self.forward.logits(hidden)
 
     def _prepare(self, batch: StepBatch):
@@ -42,13 +47,17 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         logits_rows: list[int] = []
-        for seq in batch.prefills:
-            ids = seq.all_ids()
+        starts: list[int] = []
+        for i, seq in enumerate(batch.prefills):
+            start, count = batch.chunk(i)
+            end = start + count
             table = batch.block_tables[seq.seq_id]
-            tokens += ids
-            positions += range(len(ids))
-            slots += [table[p // bs] * bs + p % bs for p in range(len(ids))]
-            logits_rows.append(len(tokens) - 1)
+            tokens += seq.all_ids()[start:end]
+            positions += range(start, end)
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            starts.append(start)
+            if end == seq.num_tokens:
+                logits_rows.append(len(tokens) - 1)
         for seq in batch.decodes:
             pos = seq.num_tokens - 1
             tokens.append(seq.last_token)
@@ -58,7 +67,9 @@ class ModelRunner:
         tables, lens, mask = self._decode_layout(batch)
         meta = AttentionMetadata(
             write_index=self.kv.token_index(self._tensor(slots)),
-            prefill_lens=[s.num_tokens for s in batch.prefills],
+            prefill_lens=[batch.chunk(i)[1] for i in range(len(batch.prefills))],
+            prefill_starts=starts,
+            prefill_tables=self._prefix_tables(batch, starts),
             num_decodes=len(batch.decodes),
             decode_tables=tables,
             decode_lens=lens,
@@ -68,10 +79,21 @@ class ModelRunner:
         )
         return self._tensor(tokens), self._tensor(positions), meta
 
-    def _rope_lens(self, batch: StepBatch) -> torch.Tensor:
+    def _prefix_tables(self, batch: StepBatch, starts: list[int]) -> list:
+        """Block tables of the prefills that start past their first token (a cached prefix
+        or an earlier chunk): their queries read the earlier keys from the pages."""
+        return [self._tensor(batch.block_tables[s.seq_id]) if start else None
+                for s, start in zip(batch.prefills, starts)]
+
+    def _rope_lens_if_needed(self, batch: StepBatch) -> torch.Tensor | None:
         """Each token's sequence length as of this step, which dynamic RoPE scales by: a whole
-        prompt's for its prefill, as transformers does."""
-        lens = [n for s in batch.prefills for n in [s.num_tokens] * s.num_tokens]
+        prompt's for its prefill, as transformers does (a chunk's: where it ends)."""
+        if not self.forward.rope_needs_lengths:
+            return None
+        lens = []
+        for i in range(len(batch.prefills)):
+            start, count = batch.chunk(i)
+            lens += [start + count] * count
         return self._tensor(lens + [s.num_tokens for s in batch.decodes])
 
     def _decode_layout(self, batch: StepBatch):

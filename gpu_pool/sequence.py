@@ -29,10 +29,19 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     num_preemptions: int = 0
+    num_computed: int = 0  # leading tokens whose KV is in its pages
+    num_cached: int = 0  # prompt tokens whose KV came from the prefix cache at admission
+    page_names: list[int] = field(default_factory=list)  # prefix names of its full pages
+    num_named: int = 0  # leading pages of its table that carry their name in the cache
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def pending(self) -> int:
+        """Tokens to compute before it samples again: 1 for a decode, more mid-prompt."""
+        return self.num_tokens - self.num_computed
 
     @property
     def last_token(self) -> int:

@@ -76,6 +76,13 @@ class Worker:
         """Copy `model_id`'s weights into the spare slot in the background."""
         return self.slots.prefetch(model_id)
 
+    def cached_pages(self) -> dict[str, int]:
+        """Pages in the prefix cache per model (held or retained), models with none left out."""
+        counts: dict[str, int] = {}
+        for cache in {id(e.memory.pages): e.memory.pages for e in self.engines.values()}.values():
+            counts.update(cache.cached_pages())
+        return counts
+
     def usage(self) -> dict[str, dict[str, int]]:
         """Bytes used and free per arena region and swap space."""
         return {**self.memory.usage(), **self.slots.usage()}

@@ -20,6 +20,7 @@ from tokenpool.gpu_pool.weights import (Formats, largest_quantized_numel,
 from tokenpool.memory.arena import ArenaLayout, ModelFootprint, plan_worker_arena
 from tokenpool.memory.config import MemoryConfig
 from tokenpool.memory.packing import PackIndex
+from tokenpool.memory.prefix_cache import PrefixCache
 from tokenpool.memory.slabs import BLOCK_SIZE, PageShape, ShapePages, SlabPool
 from tokenpool.models.config import ModelConfig
 
@@ -74,7 +75,7 @@ class EngineMemory:
     """What one model's engine uses of its worker's memory."""
 
     kv: PagedKVCache
-    pages: ShapePages
+    pages: PrefixCache  # the shape's pages, shared and retained by prefix name
     swap_kv: PagedKVCache | None  # host copy space for swapped-out pages; None: no swapping
     swap_pages: ShapePages | None
     scratch: torch.Tensor | None
@@ -120,7 +121,7 @@ class WorkerMemory:
             kv = PagedKVCache(self.kv_region, shape, slab, m.dtype)
             swap = PagedKVCache(self.swap_region, shape, slab, m.dtype) \
                 if self.swap_pool.num_slabs else None
-            self._engine_memory[shape] = (kv, ShapePages(self.kv_pool, shape), swap,
+            self._engine_memory[shape] = (kv, PrefixCache(self.kv_pool, shape), swap,
                                           ShapePages(self.swap_pool, shape) if swap else None)
         kv, pages, swap, swap_pages = self._engine_memory[shape]
         scratch = self._scratch if m.dtype == torch.bfloat16 else None
@@ -128,9 +129,11 @@ class WorkerMemory:
 
     def usage(self) -> dict[str, dict[str, int]]:
         """Bytes used and free per region, for metrics."""
-        kv_used = self.kv_pool.used_bytes
+        kv_used, kv_cached = self.kv_pool.used_bytes, self.kv_pool.retained_bytes
         swap_used = self.swap_pool.used_bytes
         return {
-            "kv": {"used": kv_used, "free": self.layout.kv.size - kv_used},
+            # cached: prefix-cache pages no request holds, freed as soon as pages are short
+            "kv": {"used": kv_used, "cached": kv_cached,
+                   "free": self.layout.kv.size - kv_used - kv_cached},
             "swap": {"used": swap_used, "free": self.swap_region.numel() - swap_used},
         }

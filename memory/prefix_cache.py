@@ -15,9 +15,10 @@ a worker; names carry the model, so models of one shape never share a page.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Sequence
 
-from tokenpool.memory.slabs import BLOCK_SIZE, PageShape, SlabPool
+from tokenpool.memory.slabs import BLOCK_SIZE, PageOwnershipError, PageShape, SlabPool
 
 __all__ = ["PrefixCache", "page_hashes", "extend_hashes"]
 
@@ -82,17 +83,19 @@ class PrefixCache:
 
     def free(self, pages: list[int]) -> None:
         """A holder lets go: unnamed pages are freed, named ones lose a reference and are
-        retained at zero."""
-        plain, retained = [], []
-        for page in pages:
-            if page not in self._refs:
-                plain.append(page)
-                continue
-            self._refs[page] -= 1
+        retained at zero. Checks the whole list first, so a bad one changes nothing."""
+        named = Counter(page for page in pages if page in self._refs)
+        for page, n in named.items():
+            if n > self._refs[page]:
+                raise PageOwnershipError(f"named page {page} of {self.shape} is not held")
+        plain = [page for page in pages if page not in named]
+        if plain:
+            self.pool.free(self.shape, plain)  # checks them all before freeing any
+        retained = []
+        for page, n in named.items():
+            self._refs[page] -= n
             if self._refs[page] == 0:
                 retained.append(page)
-        if plain:
-            self.pool.free(self.shape, plain)
         if retained:
             self.pool.retain(self.shape, retained)
 

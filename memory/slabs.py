@@ -101,9 +101,14 @@ class SlabPool:
 
     @property
     def used_bytes(self) -> int:
-        """Bytes of pages in use (a slab's unused tail is not counted)."""
-        return sum((self.pages_per_slab(sh) - len(self._free[s])) * sh.page_bytes
+        """Bytes of pages held, retained ones not counted (nor a slab's unused tail)."""
+        held = sum((self.pages_per_slab(sh) - len(self._free[s])) * sh.page_bytes
                    for s, sh in self._shape.items())
+        return held - self.retained_bytes
+
+    @property
+    def retained_bytes(self) -> int:
+        return sum(len(pages) * shape.page_bytes for shape, pages in self._retained.items())
 
     def shape_of(self, slab: int) -> PageShape | None:
         return self._shape.get(slab)
@@ -163,10 +168,14 @@ class SlabPool:
         """In-use pages no one holds any more, kept until their memory is needed."""
         per_slab = self.pages_per_slab(shape)
         retained = self._retained.setdefault(shape, OrderedDict())
-        for page in pages:
+        for page in pages:  # all checked before any changes, as in free()
             slab, slot = divmod(page, per_slab)
             if self._shape.get(slab) != shape or slot in self._free[slab] or page in retained:
                 raise PageOwnershipError(f"page {page} of {shape} is not in use")
+        if len(set(pages)) != len(pages):
+            raise PageOwnershipError(f"pages retained twice in one call: {sorted(pages)}")
+        for page in pages:
+            slab = page // per_slab
             retained[page] = None
             self._retained_in[slab] = self._retained_in.get(slab, 0) + 1
 
@@ -205,8 +214,8 @@ class SlabPool:
         return page
 
     def _reclaim_slab(self, shape: PageShape) -> None:
-        """Empty a slab of another shape that holds only retained pages (the one retained
-        longest ago first)."""
+        """Empty a slab of another shape that holds only retained pages: the first such slab
+        in the shapes' retain order (LRU within a shape, not across shapes)."""
         for other, retained in self._retained.items():
             for page in retained:
                 slab = page // self.pages_per_slab(other)

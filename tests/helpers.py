@@ -88,8 +88,10 @@ def parse_gguf_once():
 
 
 def worker_over(checkpoints: dict, *, kv_cache_bytes: int = 4 << 20, slab_bytes: int = 1 << 20,
-                swap_bytes: int = 4 << 20, max_num_seqs: int = 64, prefetch: bool = False) -> Worker:
-    """A worker over its own arena with one engine per checkpoint (model id -> checkpoint)."""
+                swap_bytes: int = 4 << 20, max_num_seqs: int = 64, prefetch: bool = False,
+                **engine) -> Worker:
+    """A worker over its own arena with one engine per checkpoint (model id -> checkpoint);
+    `engine`: other EngineConfig settings."""
     layouts, packed = [], {}
     for name, ckpt in checkpoints.items():
         layout = ModelLayout.of(name, ckpt.config, torch.float32)
@@ -98,7 +100,7 @@ def worker_over(checkpoints: dict, *, kv_cache_bytes: int = 4 << 20, slab_bytes:
         layouts.append(layout)
         packed[name] = buffer
     config = EngineConfig(dtype="float32", kv_cache_bytes=kv_cache_bytes,
-                          max_num_seqs=max_num_seqs)
+                          max_num_seqs=max_num_seqs, **engine)
     memory = MemoryConfig(slab_bytes=slab_bytes, swap_bytes=swap_bytes, prefetch=prefetch)
     return Worker(layouts, packed.__getitem__, config, memory,
                   {name: ckpt.tokenizer for name, ckpt in checkpoints.items()})

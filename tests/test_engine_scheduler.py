@@ -55,6 +55,7 @@ def make_seq(seq_id: str, prompt_len: int, max_tokens: int = 1000) -> Sequence:
 def run(s: EngineScheduler, request_ids=None) -> StepBatch:
     """A step with every stepped sequence sampling one token (a model that never stops)."""
     batch = s.schedule(request_ids)
+    s.computed(batch)
     for seq in batch.sequences:
         seq.output_ids.append(7)
     return batch

@@ -191,21 +191,23 @@ def test_a_prefill_unit_emits_only_the_first_tokens_of_its_requests(checkpoints)
     assert done.kv_pages_used == 0
 
 
-def test_a_prefill_s_decode_ids_get_one_token_in_its_first_step_and_no_more(checkpoints):
+def test_a_prefill_s_decode_ids_ride_every_step_until_its_prompts_have_a_token(checkpoints):
     runner = JobRunner(make_worker(checkpoints, max_num_seqs=2), 0)
     prompts = {r: (tuple(PROMPT[: 6 + i]), GREEDY) for i, r in enumerate(("old", "p", "q"))}
     streams = Streams()
     steps, _ = run_job(runner, Switch(0, "m-a"), Prefill(0, "m-a", ("old",)), prompts=prompts)
     streams.add(steps)
-    # Two sequences a step: "old" rides with "p" in the first step; "q" has the second alone.
+    # Two sequences a step: "old" rides with "p" in the first step and with "q" in the
+    # second, and the unit ends once both prompts have their first token.
     steps, done = run_job(runner, Prefill(0, "m-a", ("p", "q"), decode_ids=("old", "gone")),
                           prompts=prompts)
     streams.add(steps)
     assert [sorted(out.request_id for out in s.outputs) for s in steps] == [["old", "p"],
-                                                                             ["q"]]
+                                                                             ["old", "q"]]
     # "gone" is not on this worker: not decoded, not reported.
-    assert done.results == (PrefillDone(0, "m-a", ("p", "q"), (), decoded=("old",)),)
-    assert len(streams.tokens["old"]) == 2
+    assert done.results == (PrefillDone(0, "m-a", ("p", "q"), (), decoded=("old",),
+                                        decode_steps=2),)
+    assert len(streams.tokens["old"]) == 3
     steps, done = run_job(runner, Decode(0, "m-a", ("old", "p", "q"), FOREVER))
     streams.add(steps)
     want = standalone(checkpoints["m-a"], [prompts[r][0] for r in ("old", "p", "q")],
