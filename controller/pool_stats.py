@@ -29,6 +29,7 @@ class WorkerView:
     failures: int
     restarts: int
     policy: object = None  # the policy's view of it (schedulers WorkerPolicyState), if any
+    cached_pages: dict = field(default_factory=dict)  # model -> prefix-cache pages held here
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +44,7 @@ class ModelView:
     kv_swap_bytes: int
     rejected: int
     switch_bytes: int = 0  # weight bytes its switches copied (0 for one already prefetched)
+    cached_pages: int = 0  # its prefix-cache pages, summed over the workers
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +77,7 @@ def _worker_json(w: WorkerView) -> dict:
     body = {"id": w.id, "role": w.role, "device": w.device, "pid": w.pid, "model": w.model,
             "state": w.state, "queued": w.queued, "running": w.running,
             "kv_pages_used": w.kv_pages_used, "switches": w.switches, "failures": w.failures,
-            "restarts": w.restarts}
+            "restarts": w.restarts, "cached_pages": dict(w.cached_pages)}
     if w.policy is not None:
         body.update(decode_slowdown=round(w.policy.decode_slowdown, 3),
                     decode_alpha=round(w.policy.decode_alpha, 3),
@@ -88,7 +90,7 @@ def _model_json(m: ModelView) -> dict:
             "slo": {"ttft_s": m.slo.ttft_s, "tbt_s": m.slo.tbt_s}, "switches": m.switches,
             "switch_seconds": m.switch_seconds, "switch_counts": list(m.switch_counts),
             "kv_swap_bytes": m.kv_swap_bytes, "rejected": m.rejected,
-            "switch_bytes": m.switch_bytes,
+            "switch_bytes": m.switch_bytes, "cached_pages": m.cached_pages,
             "bytes_per_switch": m.switch_bytes / m.switches if m.switches else None}
 
 
@@ -114,6 +116,9 @@ class WorkerCounters:
     kv_pages_used: int = 0
     failures: int = 0
     jobs: int = 0
+    # model -> prefix-cache pages, as the last job left them. Replaced, never changed in
+    # place, so a published snapshot may share it.
+    cached_pages: dict = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -166,6 +171,7 @@ class PoolStats:
         w.busy = False
         w.model = done.model
         w.kv_pages_used = done.kv_pages_used
+        w.cached_pages = dict(done.cached_pages)
         for switch in done.switches:
             counters = self.models[switch.model]
             counters.switches += 1
@@ -191,6 +197,7 @@ class PoolStats:
     def worker_lost(self, worker: int) -> None:
         w = self.workers[worker]
         w.busy, w.model, w.kv_pages_used = False, None, 0
+        w.cached_pages = {}  # its cache died with it
         w.failures += 1
 
     def snapshot(self, infos, jobs: dict, requests, worker_state) -> PoolSnapshot:
@@ -203,16 +210,23 @@ class PoolStats:
         workers = tuple(self._worker_view(info, info.id in jobs, queued[info.id],
                                           running[info.id], worker_state(info.id))
                         for info in infos)
+        cached = self._cached_pages_per_model()
         models = tuple(ModelView(model, c.waiting, c.running, self.slos[model], c.switches,
                                  c.switch_seconds, tuple(c.switch_counts), c.kv_swap_bytes,
-                                 c.rejected, c.switch_bytes)
+                                 c.rejected, c.switch_bytes, cached[model])
                        for model, c in self.models.items())
         return PoolSnapshot(workers, models, self.cancelled, self.loop_errors,
                             self.recomputed, self.lost, self.decode_step_ratio)
+
+    def _cached_pages_per_model(self) -> Counter:
+        cached = Counter()
+        for w in self.workers:
+            cached.update(w.cached_pages)
+        return cached
 
     def _worker_view(self, info, busy: bool, queued: int, running: int, policy) -> WorkerView:
         w = self.workers[info.id]
         state = "dead" if not info.alive else "busy" if busy else "idle"
         return WorkerView(info.id, info.role, info.device, info.pid, w.model, state, queued,
                           running, w.kv_pages_used, w.switches, w.failures, info.restarts,
-                          policy)
+                          policy, w.cached_pages)

@@ -40,12 +40,16 @@ class TokenEvent:
     error: str | None = None
     emitted_at: float = 0.0  # time.monotonic() when the worker produced the tokens
     retry_after_s: float = 0.0  # with "rejected": when trying again may succeed
+    # Prompt tokens served from the prefix cache when the request was admitted (what the
+    # client is billed as cached: the edge keeps the first value a token event carried).
+    num_cached_tokens: int = 0
 
     @classmethod
     def of(cls, out: RequestOutput, emitted_at: float) -> "TokenEvent":
         return cls(out.request_id, out.new_token_ids, out.new_text, out.finished,
                    out.finish_reason, out.logprobs, out.num_prompt_tokens,
-                   out.num_output_tokens, None, emitted_at)
+                   out.num_output_tokens, None, emitted_at,
+                   num_cached_tokens=out.num_cached_tokens)
 
     @classmethod
     def rejected(cls, request_id: str, reason: str, retry_after_s: float) -> "TokenEvent":
@@ -59,4 +63,10 @@ class TokenEvent:
                           self.text + later.text, later.finished, later.finish_reason,
                           self.logprobs + later.logprobs,
                           later.num_prompt_tokens or self.num_prompt_tokens,
-                          later.num_output_tokens, later.error, self.emitted_at)
+                          later.num_output_tokens, later.error, self.emitted_at,
+                          num_cached_tokens=self._cached_tokens_before(later))
+
+    def _cached_tokens_before(self, later: "TokenEvent") -> int:
+        # The first event with tokens carries the admission's count; a later one may come
+        # from a re-admission (preemption, a retry elsewhere) with another.
+        return self.num_cached_tokens if self.token_ids else later.num_cached_tokens

@@ -14,6 +14,7 @@ import itertools
 import os
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from tokenpool.controller.catalog import ModelCard
 from tokenpool.controller.serving_types import ServeRequest, TokenEvent
@@ -124,7 +125,7 @@ class Frontend:
             self._rejected(req.model, type(exc).__name__)
             raise
         deadline = req.arrival + self.config.request_timeout_s
-        finished = False
+        finished, billed_cached = False, None
         try:
             while not finished:
                 event = await self._next(events, deadline, req)
@@ -137,6 +138,9 @@ class Frontend:
                 while not event.finished and not events.empty():
                     event = event.followed_by(events.get_nowait())
                 finished = event.finished
+                if billed_cached is None and event.token_ids:
+                    billed_cached = event.num_cached_tokens
+                event = _with_cached_tokens(event, billed_cached)
                 if self.observer is not None:
                     self.observer.on_event(req, event, time.monotonic())
                 yield event
@@ -166,3 +170,12 @@ class Frontend:
             self.controller.cancel(req.request_id)
             return TokenEvent(req.request_id, finished=True, finish_reason="timeout",
                               error=f"request timed out after {self.config.request_timeout_s} s")
+
+
+def _with_cached_tokens(event: TokenEvent, billed: int | None) -> TokenEvent:
+    """`event` saying the request's billed cached tokens: those of its first token event. A
+    preemption or a retry on another worker admits it again, and the engine then reports
+    that admission's hits, which the client is not billed for."""
+    if billed is None or event.num_cached_tokens == billed:
+        return event
+    return replace(event, num_cached_tokens=billed)

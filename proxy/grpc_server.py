@@ -262,7 +262,8 @@ def response_of(event: TokenEvent) -> pb2.GenerateResponse:
         request_id=event.request_id, token_ids=event.token_ids, text=event.text,
         finished=event.finished, finish_reason=event.finish_reason or "",
         usage=pb2.Usage(prompt_tokens=event.num_prompt_tokens,
-                        completion_tokens=event.num_output_tokens),
+                        completion_tokens=event.num_output_tokens,
+                        cached_tokens=event.num_cached_tokens),
         logprobs=[_logprob_of(lp) for lp in event.logprobs if lp is not None],
         emitted_at=event.emitted_at)
 

@@ -60,6 +60,7 @@ class Outcome:
     text: list[str] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the prefix cache served, as of the first token
     finish_reason: str | None = None
     error: HTTPError | None = None
     _counted: int = 0
@@ -67,6 +68,8 @@ class Outcome:
     def add(self, event: TokenEvent) -> None:
         self.text.append(event.text)
         self.logprobs.extend(lp for lp in event.logprobs if lp is not None)
+        if not self._counted and event.token_ids:
+            self.cached_tokens = event.num_cached_tokens
         self._counted += len(event.token_ids)
         self.completion_tokens = max(self._counted, event.num_output_tokens)
         if not event.finished:

@@ -2,8 +2,9 @@
 
 Names follow vLLM's where they exist, with the `tokenpool:` prefix, and every series has a
 `model_name` label. Two sources:
-- per-request timing and token counts, from `Frontend`'s events (`on_event`, called on the
-  event loop as each event reaches the edge, so TTFT and ITL are what a client sees);
+- per-request timing and token counts, prefix-cache queries and hits among them, from
+  `Frontend`'s events (`on_event`, called on the event loop as each event reaches the edge,
+  so TTFT and ITL are what a client sees, and cache hits what it is billed for);
 - pool-side values (queue depths, switches, KV swap bytes, KV usage), read from
   `controller.snapshot()` at scrape time by a custom collector. The controller's counters
   only grow, so the exported counters stay monotonic; the switch-duration histogram is
@@ -46,6 +47,8 @@ class _TokenSeries:
     ttft: object
     itl: object
     tokens: object
+    cache_queries: object
+    cache_hits: object
 
 
 @dataclass(slots=True)
@@ -90,6 +93,13 @@ class ServingMetrics:
                         "requests the client did not abandon.", E2E_BUCKETS)
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of accepted requests.")
         self.generation_tokens = counter("generation_tokens", "Generated tokens delivered.")
+        # vLLM's prefix_cache_queries / prefix_cache_hits, in tokens: their ratio is the hit
+        # rate. Counted once per request, at its first token, so a preempted or retried
+        # request is not queried twice.
+        self.cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in "
+                                     "the prefix cache, of requests that got a first token.")
+        self.cache_hits = counter("prefix_cache_hits", "Prompt tokens the prefix cache "
+                                  "served (billed as cached_tokens).")
         self.rejected = counter("requests_rejected", "Requests refused before running.",
                                 ["reason"])
         self.finished = counter("request_success", "Finished requests, by how they ended "
@@ -111,6 +121,9 @@ class ServingMetrics:
             if live is None:
                 live = self._live[request.request_id] = self._start(request)
             if event.token_ids:
+                if live.last_token_at is None:  # admitted: what the prefix cache served it
+                    live.series.cache_queries.inc(len(request.prompt_ids))
+                    live.series.cache_hits.inc(event.num_cached_tokens)
                 self._tokens(live, len(event.token_ids), request.arrival, now)
             if event.finished:
                 del self._live[request.request_id]
@@ -123,7 +136,8 @@ class ServingMetrics:
         if series is None:
             series = self._series[model] = _TokenSeries(
                 self.ttft.labels(model), self.itl.labels(model),
-                self.generation_tokens.labels(model))
+                self.generation_tokens.labels(model), self.cache_queries.labels(model),
+                self.cache_hits.labels(model))
         return _Live(TokenTimeline(request.arrival, request.slo.ttft_s, request.slo.tbt_s),
                      series)
 

@@ -67,7 +67,8 @@ class _Format:
 
     @staticmethod
     def usage_of(outcome) -> UsageInfo:
-        return UsageInfo.of(outcome.prompt_tokens, outcome.completion_tokens)
+        return UsageInfo.of(outcome.prompt_tokens, outcome.completion_tokens,
+                            outcome.cached_tokens)
 
 
 class CompletionFormat(_Format):

@@ -573,7 +573,8 @@ def test_the_contracted_series_are_what_tokenpool_exports():
     metrics.on_rejected("m", "OverloadedError")
     request = NS(model="m", request_id="r", arrival=0.0, prompt_ids=[1, 2, 3],
                  slo=NS(ttft_s=1.0, tbt_s=0.5))
-    metrics.on_event(request, NS(token_ids=[5], finished=False, finish_reason=None), 0.1)
+    metrics.on_event(request, NS(token_ids=[5], finished=False, finish_reason=None,
+                                 num_cached_tokens=0), 0.1)
     metrics.on_event(request, NS(token_ids=[6], finished=True, finish_reason="stop"), 0.2)
     samples = [sample for family in
                text_string_to_metric_families(generate_latest(metrics.registry).decode())
