@@ -13,7 +13,9 @@ Run a multi-model workload through a scheduler on simulated devices whose prefil
 and switch times come from least-squares fits to measured GPU profiles (DESIGN §3.4). The
 policies are the very objects that drive real workers. Writes one JSON object to --json with
 scheduler, num_models, num_devices, requests, slo_attainment (Aegaeon's metric), goodput_rps,
-ttft_p50_s, ttft_p99_s, tbt_p99_s and switches."""
+ttft_p50_s, ttft_p99_s, tbt_p99_s and switches; with a workload that names its prompts' KV
+pages (workload kind `chat`), also prefix_cache_queried_tokens, prefix_cache_hit_tokens and
+prefix_cache_hit_rate."""
 
 EPILOG = """\
 examples:
@@ -39,7 +41,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                             formatter_class=_args.HelpFormatter)
     _common(p, required=False)
     p.add_argument("--workload", metavar="CSV", type=Path,
-                   help="requests: Request Time, Model Name, Input Length, Output Length")
+                   help="requests: Request Time, Model Name, Input Length, Output Length "
+                        "(default: the config's workload: block)")
     p.add_argument("--scheduler", metavar="NAME", default=None,
                    help="token-level, request-level, request-level-plus or static "
                         "(default: the config's scheduler.name)")
@@ -189,15 +192,19 @@ def run_single(args: argparse.Namespace) -> int:
     from tokenpool.errors import ConfigError
     from tokenpool.schedulers.registry import SCHEDULERS
 
-    for flag, value in (("--config", args.config), ("--workload", args.workload),
-                        ("--json", args.json)):
+    for flag, value in (("--config", args.config), ("--json", args.json)):
         if value is None:
             raise ConfigError(f"{flag} is required (or use `tokenpool simulate sweep`)")
     config, slo = _setup(args)
     name = args.scheduler or config.scheduler.name
     if name not in SCHEDULERS:
         raise ConfigError(f"--scheduler: unknown {name!r}; expected one of {', '.join(SCHEDULERS)}")
-    workload = load_aegaeon_csv(args.workload)
+    if args.workload is not None:
+        workload = load_aegaeon_csv(args.workload)
+    elif config.workload is not None:  # e.g. `kind: chat`, which has no CSV form
+        workload = config.workload.requests()
+    else:
+        raise ConfigError("--workload is required: the config has no workload: block")
     result = sim_run.run_one(config, workload, name, slo)
     write_json(args.json, result)
     sys.stdout.write(_line(result))

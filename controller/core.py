@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from tokenpool.controller import recovery
 from tokenpool.controller.core_types import (Arrival, CoreStep, Failed, Rejected, Tracked,
                                              WorkerLost)
+from tokenpool.controller.page_names import PageNamer
 from tokenpool.controller.pool_stats import PoolSnapshot, PoolStats
 from tokenpool.gpu_pool.pool import WorkerInfo
 from tokenpool.gpu_pool.protocol import JobDone, JobInput
@@ -29,6 +30,9 @@ class CoreConfig:
     num_workers: int
     prefill_only: frozenset[int] = field(default_factory=frozenset)  # export KV after prefill
     admission: SLOAdmission | None = None  # None: admit everything (the simulator)
+    # Names a retried request's prompt pages (controller.page_names.PageNamer); None: a
+    # retry keeps the names of its first try.
+    page_names: PageNamer | None = None
 
 
 class ControllerCore:
@@ -181,7 +185,7 @@ class ControllerCore:
         tracked.retries += 1
         self.stats.recomputed += 1
         tracked.resumed = streamed
-        self.scheduler.add_request(recovery.retry_info(tracked), now)
+        self.scheduler.add_request(recovery.retry_info(tracked, self.config.page_names), now)
 
     # -- the operator's view -----------------------------------------------------------------
 

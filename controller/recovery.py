@@ -37,11 +37,16 @@ def finished_results(worker: int, job: Job | None, lost: list[str], requests: di
     return results
 
 
-def retry_info(tracked) -> RequestInfo:
-    """The request as the policy sees its next try: the tokens streamed so far are prompt."""
+def retry_info(tracked, page_names=None) -> RequestInfo:
+    """The request as the policy sees its next try: the tokens streamed so far are prompt,
+    and so are named with it (`page_names`, a PageNamer; None: as on the first try)."""
     info, done = tracked.arrival.info, len(tracked.resumed)
+    names = info.page_hashes
+    prompt = tracked.arrival.prompt
+    if page_names is not None and prompt is not None:
+        names = page_names.extended(info.model, names, (*prompt[0], *tracked.resumed))
     return RequestInfo(info.request_id, info.model, info.prompt_len + done, tracked.admitted,
-                       info.max_tokens - done)
+                       info.max_tokens - done, names)
 
 
 def give_up_message(worker: int, error: str) -> str:

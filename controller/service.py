@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from tokenpool.controller.core import ControllerCore
 from tokenpool.controller.core_types import Arrival, CoreStep, Failed, Rejected, WorkerLost
+from tokenpool.controller.page_names import PageNamer
 from tokenpool.controller.pool_stats import PoolSnapshot
 from tokenpool.controller.serving_types import ServeRequest, TokenEvent
 from tokenpool.errors import UnavailableError
@@ -42,8 +43,11 @@ class Stream:
 
 
 class ServingController:
-    def __init__(self, pool):
+    def __init__(self, pool, page_names: PageNamer | None = None):
+        """`page_names`: names each prompt's KV pages for cache-aware placement (None:
+        requests carry none)."""
         self.pool = pool
+        self.page_names = page_names
         self.core: ControllerCore | None = None
         self._started = time.monotonic()  # the core's clock: seconds since this
         self._wake = threading.Event()
@@ -87,8 +91,9 @@ class ServingController:
         if self._closing or self._thread is None:
             raise UnavailableError("the server is not accepting requests")
         self._streams[req.request_id] = Stream(sink)
+        names = self.page_names(req.model, req.prompt_ids) if self.page_names else ()
         info = RequestInfo(req.request_id, req.model, len(req.prompt_ids),
-                           time.monotonic() - self._started, req.params.max_tokens)
+                           time.monotonic() - self._started, req.params.max_tokens, names)
         self._inbox.append(Arrival(info, req.slo, (req.prompt_ids, req.params)))
         self._wake.set()
 

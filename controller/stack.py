@@ -20,6 +20,7 @@ from tokenpool.controller.cost_fit import cost_model_of
 from tokenpool.controller.profile_cache import (cache_path, load_profile, profile_key,
                                                 save_profile)
 from tokenpool.controller.core import ControllerCore, CoreConfig
+from tokenpool.controller.page_names import PageNamer
 from tokenpool.controller.pool_stats import PoolStats
 from tokenpool.controller.service import ServingController
 from tokenpool.gpu_pool.fleet_weights import FleetModels, FleetWeights
@@ -78,7 +79,7 @@ def build_stack(fleet, *, progress: bool = True, log=None) -> ServingStack:
     packed = FleetWeights(models, cache).populate(progress=progress)
     log(f"host cache {namespace}: {len(models.layouts)} models ({len(packed)} packed now)")
     pool = make_pool(fleet, namespace, models)
-    controller = ServingController(pool)
+    controller = ServingController(pool, PageNamer.of_fleet(fleet))
     started = time.monotonic()
     pool.start(controller)
     cost = _profile(fleet, models, pool)
@@ -94,7 +95,8 @@ def make_core(fleet, cost) -> ControllerCore:
     s = fleet.scheduler
     roles = pool_roles(fleet)
     config = CoreConfig(fleet.pool.num_workers, frozenset(roles.prefill) - set(roles.decode),
-                        SLOAdmission(s.shed_ttft_factor, s.max_alpha, s.max_waiting))
+                        SLOAdmission(s.shed_ttft_factor, s.max_alpha, s.max_waiting),
+                        PageNamer.of_fleet(fleet))
     stats = PoolStats(fleet.pool.num_workers, {m.id: fleet.slo_of(m.id) for m in fleet.models})
     return ControllerCore(scheduler_for(fleet, cost), config, stats, cost)
 

@@ -1,9 +1,10 @@
 """Predicted durations of work units: the cost model of DESIGN §3.4.
 
 Prefill of a batch of prompts takes `a + b*t + c*s` seconds (t = total prompt tokens, s = sum
-of squared prompt lengths: attention is quadratic in each prompt). One decode step of a batch
-takes `a + b*batch + c*total_context`. Switching a model in is one copy of its weights over
-the host-to-device link; swapping KV out or in is a copy of its bytes over the same link.
+of squared prompt lengths: attention is quadratic in each prompt); tokens a prefix cache
+holds are not computed. One decode step of a batch takes `a + b*batch + c*total_context`.
+Switching a model in is one copy of its weights over the host-to-device link; swapping KV out
+or in is a copy of its bytes over the same link.
 
 Pure arithmetic, no I/O: the coefficients are fitted elsewhere (`tokenpool.controller.cost_fit`)
 and handed in. The simulator calls these millions of times, so every method is a dict lookup
@@ -72,14 +73,23 @@ class CostModel:
                   for name, m in self.models.items()}
         return replace(self, models=models)
 
-    def prefill_time(self, model: str, prompt_lens: list[int]) -> float:
-        """One forward pass over these prompts together (one prompt: a list of one)."""
+    def prefill_time(self, model: str, prompt_lens: list[int],
+                     cached: tuple[int, ...] | list[int] = ()) -> float:
+        """One forward pass over these prompts together (one prompt: a list of one).
+
+        `cached`: the leading tokens of the prompts (in any order: only sums count) whose KV
+        a prefix cache holds. Only the rest are computed, but each of them still attends to
+        the whole prompt: computing positions k..n of a causal prompt does the attention
+        work of n^2 - k^2 of the quadratic term, not (n - k)^2."""
         p = self.models[model].prefill
         t = 0
         s = 0
         for n in prompt_lens:
             t += n
             s += n * n
+        for k in cached:
+            t -= k
+            s -= k * k
         seconds = p.a + p.b * t + p.c * s
         return seconds if seconds > MIN_STEP_S else MIN_STEP_S
 

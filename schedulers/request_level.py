@@ -133,7 +133,8 @@ class RequestLevelScheduler:
                 self._advance(w, result.request_ids, result.steps, done)
             else:  # a prompt's context counts from its first decode step
                 self._advance(w, result.request_ids, 0, done)
-                self._advance(w, result.decoded, 1, done)
+                # Riding decodes got a token at every step of a chunked prefill.
+                self._advance(w, result.decoded, result.decode_steps, done)
             if not w.pending and not w.running:
                 self.busy.discard(w.worker)
                 if not w.pinned and w.serving:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from tokenpool.schedulers.cost import CostModel
 from tokenpool.schedulers.decode import WeightedRoundRobinDecode
 from tokenpool.schedulers.prefill import GroupedFCFSPrefill
+from tokenpool.schedulers.prefix_index import PrefixIndex
 from tokenpool.schedulers.protocol import Estimate, WorkerPolicyState
 from tokenpool.schedulers.quota import ALPHA_FLOOR, Q_MAX_S
 from tokenpool.schedulers.types import (SLO, DecodeDone, Job, Prefill, PrefillDone,
@@ -29,7 +30,11 @@ class TokenLevelScheduler:
         self.prefill = GroupedFCFSPrefill(
             prefill_workers, cost, max_group_size, batch_prefill,
             busy_elsewhere=self._decode_backlog if self.colocated else None,
-            decode_tiers=self._decode_tiers if self.colocated else None)
+            decode_tiers=self._decode_tiers if self.colocated else None,
+            # A prefill worker's whole KV region may hold cached pages: it hands its
+            # requests' KV off (disaggregated), or the engine evicts cached pages as decodes
+            # need the room (colocated), so the guess errs towards hits.
+            prefixes=PrefixIndex(prefill_workers, cost.kv_capacity_bytes))
         self.requests: dict[str, RequestInfo] = {}
 
     def _decode_backlog(self, worker: int) -> float:
@@ -113,7 +118,7 @@ class TokenLevelScheduler:
         done = set(result.finished)
         if result.decoded:
             finished = tuple(r for r in result.decoded if r in done)
-            self.decode.decoded(result.worker, result.decoded, 1, finished)
+            self.decode.decoded(result.worker, result.decoded, result.decode_steps, finished)
             for request_id in finished:
                 self.requests.pop(request_id, None)
         for request_id in result.request_ids:

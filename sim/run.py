@@ -50,7 +50,19 @@ def run_one(config, workload: list[WorkloadRequest], scheduler_name: str, slo: S
         "busy_s": [round(w.busy_s, 6) for w in outcome.workers],
         "switches_per_device": [w.switches for w in outcome.workers],
         "simulated_s": outcome.end_time,
+        **prefix_cache_stats(workload, outcome.workers),
     }
+
+
+def prefix_cache_stats(workload: list[WorkloadRequest], workers) -> dict:
+    """Prompt tokens the simulated prefix caches were asked for and served, when the
+    workload names its pages (nothing otherwise: the keys would only say "off")."""
+    if not any(r.page_hashes for r in workload):
+        return {}
+    queried = sum(w.prefix_queried_tokens for w in workers)
+    hit = sum(w.prefix_hit_tokens for w in workers)
+    return {"prefix_cache_queried_tokens": queried, "prefix_cache_hit_tokens": hit,
+            "prefix_cache_hit_rate": hit / queried if queried else 0.0}
 
 
 def workload_point(path: Path, workload: list[WorkloadRequest], result: dict) -> dict:

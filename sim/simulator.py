@@ -74,10 +74,10 @@ class _Simulation:
         timeline = TokenTimeline(w.arrival_s, slo.ttft_s, slo.tbt_s)
         self.timelines.append(timeline)
         self.requests[w.request_id] = SimRequest(w.request_id, w.model, w.prompt_len,
-                                                 w.output_len, timeline)
+                                                 w.output_len, timeline, w.page_hashes)
         # Schedulers see the prompt and a token cap, never the true output length.
         return Arrival(RequestInfo(w.request_id, w.model, w.prompt_len, w.arrival_s,
-                                   MAX_TOKENS), slo)
+                                   MAX_TOKENS, w.page_hashes), slo)
 
 
 def simulate(workload: list[WorkloadRequest], scheduler, num_workers: int, cost: CostModel,

@@ -4,6 +4,12 @@ Decode turns are stepped analytically: between two request completions a batch's
 is constant (taken at the segment's start), so `k` tokens for every request are one
 `emit_evenly` call each, not `k` events. Prefetch is a background copy: a later switch to the
 prefetched model waits only for what is left of it.
+
+Prefix caching is the truth here: each worker keeps the page names of the prompts it
+prefilled in an LRU bounded by its KV region's bytes, across switches and for every model
+(names carry their model), and a prefill computes only the tokens past a prompt's longest
+cached prefix. Only prompt pages are named: the workload's requests say nothing of the
+pages their outputs fill.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tokenpool.schedulers.cost import CostModel
+from tokenpool.schedulers.prefix_index import PAGE_TOKENS, PageLRU, reusable_tokens
 from tokenpool.schedulers.types import (Decode, DecodeDone, Job, Prefetch, Prefill,
                                         PrefillDone, Switch)
 
@@ -27,6 +34,7 @@ class SimRequest:
     prompt_len: int
     output_len: int
     timeline: object  # controller.metrics.TokenTimeline
+    page_hashes: tuple[int, ...] = ()  # its prompt's page names; () without prefix caching
     remaining: int = 0  # tokens still to generate
     context: int = 0  # prompt plus tokens generated
 
@@ -48,6 +56,9 @@ class SimWorker:
         self.prefetched: tuple[str, float] | None = None  # model, time its copy completes
         self.switches = 0
         self.busy_s = 0.0
+        self.prefix_cache = PageLRU(cost.kv_capacity_bytes)
+        self.prefix_queried_tokens = 0  # prompt tokens of prefills with page names
+        self.prefix_hit_tokens = 0  # of those, served from the prefix cache
 
     def run(self, job: Job, now: float) -> tuple[float, list]:
         t, results = now, []
@@ -89,7 +100,8 @@ class SimWorker:
 
     def _prefill(self, unit: Prefill, t: float) -> tuple[float, PrefillDone]:
         reqs = [self.requests[i] for i in unit.request_ids]
-        t += self.cost.prefill_time(unit.model, [r.prompt_len for r in reqs])
+        cached = self._reuse(unit.model, reqs) if reqs[0].page_hashes else ()
+        t += self.cost.prefill_time(unit.model, [r.prompt_len for r in reqs], cached)
         finished = []
         for request_id, r in zip(unit.request_ids, reqs):
             r.timeline.emit(t)
@@ -98,6 +110,22 @@ class SimWorker:
                 r.timeline.finish()
                 finished.append(request_id)
         return t, PrefillDone(self.worker, unit.model, unit.request_ids, tuple(finished))
+
+    def _reuse(self, model: str, reqs: list[SimRequest]) -> list[int]:
+        """The tokens of each prompt that the prefix cache holds, counted; then every
+        prompt's pages are cached (after the pass: the prompts of one pass share nothing)."""
+        cache, cached = self.prefix_cache, []
+        for r in reqs:
+            if r.page_hashes:
+                hit = reusable_tokens(cache.match(r.page_hashes), r.prompt_len)
+                self.prefix_queried_tokens += r.prompt_len
+                self.prefix_hit_tokens += hit
+                cached.append(hit)
+        page_bytes = self.cost.kv_bytes(model, PAGE_TOKENS)
+        for r in reqs:
+            if r.page_hashes:
+                cache.touch(r.page_hashes, page_bytes)
+        return cached
 
     def _decode(self, unit: Decode, t: float) -> tuple[float, DecodeDone]:
         """Steps until the quota is spent, in stretches between request completions."""

@@ -1,4 +1,5 @@
-"""Request streams for the simulator: the Aegaeon artifact's CSVs, the Azure trace, a market.
+"""Request streams for the simulator: the Aegaeon artifact's CSVs, the Azure trace, a market
+(and multi-turn chat sessions with shared prefixes, in chat_workload.py).
 
 Every stream is a list of `WorkloadRequest` sorted by arrival, and every generator is
 deterministic for its seed. Model names follow the artifact (`synth_model_K`), so a
@@ -32,6 +33,9 @@ class WorkloadRequest:
     arrival_s: float  # since the start of the workload
     prompt_len: int
     output_len: int  # the true length; schedulers never see it
+    # The prompt's KV page names (memory.prefix_cache.page_hashes); () when the workload
+    # has no token ids, or prefix caching is off.
+    page_hashes: tuple[int, ...] = ()
 
 
 def model_names(num_models: int) -> list[str]:
@@ -274,7 +278,11 @@ _KINDS = {"aegaeon": AegaeonWorkload, "azure": AzureWorkload, "market": MarketWo
 
 def build_workload(data, path: str = "workload") -> WorkloadSpec:
     """Build the spec its `kind` names, so errors name that kind's keys."""
+    # Imported here: the chat workload builds on this module's request type.
+    from tokenpool.sim.chat_workload import ChatWorkload
+
+    kinds = {**_KINDS, "chat": ChatWorkload}
     kind = data.get("kind") if isinstance(data, dict) else None
-    if kind not in _KINDS:
-        raise ConfigError(f"{path}.kind: expected one of {', '.join(_KINDS)}, got {kind!r}")
-    return build(_KINDS[kind], data, path)
+    if kind not in kinds:
+        raise ConfigError(f"{path}.kind: expected one of {', '.join(kinds)}, got {kind!r}")
+    return build(kinds[kind], data, path)
