@@ -31,33 +31,38 @@ def sample_engine(engine, plan: EngineProfilePlan = EngineProfilePlan()
     """Time prefills and decode steps on an idle `LLMEngine`; returns raw samples."""
     if engine.has_unfinished():
         raise RuntimeError("profile an idle engine: it has requests in flight")
-    _run(engine, [8], max_tokens=2)  # warm-up: first-use kernel builds and allocations
+    runs = itertools.count(1)  # each run's prompts start with its own token: no cache hits
+    _run(engine, [8], 2, 0)  # warm-up: first-use kernel builds and allocations
     budget = min(engine.config.max_num_batched_tokens, engine.max_model_len - 1)
     prefill = []
     for length, batch in itertools.product(plan.prompt_lens, plan.prefill_batches):
         if length * batch > budget or batch > engine.config.max_num_seqs:
             continue
         for _ in range(plan.repeats):
-            seconds = _run(engine, [length] * batch, max_tokens=1)[0]
+            seconds = _run(engine, [length] * batch, 1, next(runs))[0]
             prefill.append((length * batch, batch * length * length, seconds))
     decode = []
     for length, batch in itertools.product(plan.decode_prompt_lens, plan.decode_batches):
         if length * batch > budget or batch > engine.config.max_num_seqs:
             continue
-        steps = _run(engine, [length] * batch, max_tokens=plan.decode_steps + 1)[1:]
+        steps = _run(engine, [length] * batch, plan.decode_steps + 1, next(runs))[1:]
         context = batch * (length + (len(steps) + 1) // 2)  # mid-run: steps share one point
         decode += [(batch, context, seconds) for seconds in steps]
     return prefill, decode
 
 
-def _run(engine, prompt_lens: list[int], max_tokens: int) -> list[float]:
-    """Run prompts to completion, timing each engine step (the first is their prefill)."""
+def _run(engine, prompt_lens: list[int], max_tokens: int, run: int) -> list[float]:
+    """Run prompts to completion, timing each engine step (the first is their prefill).
+    Prompts of different `run`s differ in their first token, so a prefill never finds an
+    earlier run's pages in the prefix cache and is timed in full."""
     from tokenpool.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     vocab = engine.model_config.vocab_size
     for i, length in enumerate(prompt_lens):
-        engine.add_request([(7 * i + j) % (vocab - 1) + 1 for j in range(length)], params)
+        prompt = [(7 * i + j) % (vocab - 1) + 1 for j in range(length)]
+        prompt[0] = run % (vocab - 1) + 1
+        engine.add_request(prompt, params)
     times = []
     while engine.has_unfinished():
         start = time.perf_counter()
