@@ -158,13 +158,16 @@ class JobRunner:
         engine = self.worker.engine(unit.model)
         started = [r for r in unit.request_ids if self._start(engine, r, job)]
         riding = [r for r in unit.decode_ids if r not in job.ended and engine.holds(r)]
-        waiting, decoded, decode_steps = started, set(), 0
-        while waiting:
+        waiting, decoded, decode_steps, steps = started, set(), 0, 0
+        # Unchunked, a prompt over the budget needs a step alone: the unit runs to the end.
+        max_steps = unit.max_steps if engine.config.chunked_prefill else 0
+        while waiting and not (max_steps and steps >= max_steps):
             # Prompts still without a first token, and the decodes named, which ride every
             # step while prompts are computed in chunks, so none stalls for a whole prompt.
             outputs = engine.step(waiting + riding)
             if not engine.last_step_size:
                 break  # no room to start them now: the next unit naming them does
+            steps += 1
             job.note(outputs)
             if outputs:
                 yield self._stream(outputs)
@@ -175,6 +178,8 @@ class JobRunner:
             # One that missed a step (no page) or ended rides no more: a decode the policy
             # counts as `decode_steps` tokens may have got fewer, never more.
             riding = [r for r in riding if r in stepped and r not in job.ended]
+            if not engine.last_step_prompt_tokens:
+                riding = []  # a prompt over the budget, unchunked, runs in a step alone
         decoded |= job.ended.intersection(unit.decode_ids)
         job.results.append(PrefillDone(
             self.worker_id, unit.model, unit.request_ids,

@@ -91,18 +91,22 @@ class TokenLevelScheduler:
 
     def _with_decodes(self, job: Job) -> Job:
         """A colocated worker's prefill job, its first Prefill also stepping the requests
-        decoding its model there (resident ones: a swapped-out batch waits for its turn)."""
-        units = list(job.units)
+        decoding its model there (resident ones: a swapped-out batch waits for its turn).
+        While the worker has streams to decode, each Prefill takes one engine step: a prompt
+        longer than a step's budget gets its first chunk now and the rest in its model's
+        turns, so no stream of any model waits out a whole long prompt."""
+        w = self.decode.workers[job.worker]
+        if not w.requests:
+            return job
+        units, riders_given = list(job.units), False
         for i, unit in enumerate(units):
             if type(unit) is Prefill:
-                w = self.decode.workers[job.worker]
-                ids = tuple(r.request_id for r in w.requests.values()
-                            if r.model == unit.model and r.resident)
-                if not ids:
-                    return job
-                units[i] = Prefill(unit.worker, unit.model, unit.request_ids, ids)
-                return Job(job.worker, tuple(units))
-        return job
+                ids = () if riders_given else tuple(
+                    r.request_id for r in w.requests.values()
+                    if r.model == unit.model and r.resident)
+                units[i] = Prefill(unit.worker, unit.model, unit.request_ids, ids, max_steps=1)
+                riders_given = True
+        return Job(job.worker, tuple(units))
 
     def update(self, results, now: float) -> None:
         for result in results:

@@ -63,6 +63,10 @@ class Prefill:
     model: str
     request_ids: tuple[str, ...]
     decode_ids: tuple[str, ...] = ()
+    # Engine steps the unit may take (0: until every prompt has its first token). A prompt
+    # still unfinished then (one longer than a step's token budget) is left where it is, and
+    # its model's decode turns compute the rest, chunk by chunk, between other models' turns.
+    max_steps: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -142,3 +142,31 @@ def checkpoints(tmp_path_factory):
     return {name: load_checkpoint(write_synthetic_checkpoint(root / name, seed=i + 5, **shape),
                                   progress=False)
             for i, (name, shape) in enumerate(SHAPES.items())}
+
+
+def test_a_one_step_prefill_leaves_a_long_prompt_to_its_model_s_turns(checkpoints):
+    from tokenpool.gpu_pool.job_runner import JobRunner
+    from tokenpool.gpu_pool.protocol import JobInput
+    from tokenpool.schedulers.types import Decode, Job, Prefill, Switch
+
+    long = random_prompts([150], seed=9, vocab=500)[0]
+    runner = JobRunner(worker_over(checkpoints, max_num_batched_tokens=32), 0)
+
+    def job(*units, **extra):
+        items = list(runner.run(JobInput(Job(0, units), **extra)))
+        return [o for step in items[:-1] for o in step.outputs], items[-1]
+
+    prompts = {"long": (tuple(long), GREEDY)}
+    outputs, done = job(Switch(0, "m-b"), Prefill(0, "m-b", ("long",), max_steps=1),
+                        prompts=prompts)
+    assert outputs == [] and done.results[0].request_ids == ("long",)
+    engine = runner.worker.engine("m-b")
+    assert engine.holds("long") and engine.running[0].num_computed == 32
+    # Another model's turn in between, then the long prompt's model finishes it.
+    job(Switch(0, "m-a"), Prefill(0, "m-a", ("x",)), prompts={"x": ((5, 6, 7), GREEDY)})
+    outputs, _ = job(Switch(0, "m-b"), Decode(0, "m-b", ("long",), 60.0))
+    reference = worker_over(checkpoints)
+    reference.switch("m-b")
+    assert [t for o in outputs for t in o.new_token_ids] == \
+        reference.engine("m-b").generate([long], GREEDY)[0]
+    assert outputs[0].num_prompt_tokens == 150
