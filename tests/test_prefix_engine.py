@@ -103,6 +103,31 @@ def test_preemption_under_page_pressure_keeps_cached_outputs_exact(checkpoints, 
     assert engine.num_used_pages == 0 and tight.usage()["swap"]["used"] == 0
 
 
+def test_cancelling_requests_that_share_pages_leaves_the_others_exact(checkpoints):
+    system = random_prompts([64], seed=10, vocab=500)[0]
+    prompts = [system + p for p in random_prompts([20, 3, 35, 17], seed=11, vocab=500)]
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    reference = worker_over(checkpoints, prefix_caching=False)
+    reference.switch("m-a")
+    want = reference.engine("m-a").generate(prompts, params)
+    worker = worker_over(checkpoints)
+    worker.switch("m-a")
+    engine = worker.engine("m-a")
+    engine.generate(prompts[:1], params)  # caches the shared 64 tokens
+    ids = [engine.add_request(p, params) for p in prompts]
+    tokens = {i: [] for i in ids}
+    for step in range(40):
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+        if step == 5:
+            assert engine.abort(ids[1]) and engine.abort(ids[3])
+    assert [tokens[ids[0]], tokens[ids[2]]] == [want[0], want[2]]
+    assert not engine.has_unfinished() and engine.num_used_pages == 0
+    cache = engine.memory.pages
+    assert cache.num_retained > 0 and cache.flush() > 0
+    assert cache.cached_pages() == {} and worker.usage()["kv"]["cached"] == 0
+
+
 def test_cached_pages_survive_switches_and_give_way_to_another_model(checkpoints):
     worker: Worker = worker_over(checkpoints, kv_cache_bytes=2 << 20, slab_bytes=256 << 10)
     reference = worker_over(checkpoints, prefix_caching=False)
