@@ -1,6 +1,6 @@
 """`tokenpool bench engine|proxy`: engine throughput and proxy overhead, as JSON (`swap` lives
 in cli/bench_swap.py, `serve` and `sweep` in cli/bench_serve.py, `overload` in
-cli/bench_overload.py)."""
+cli/bench_overload.py, `chat` and `chunked` in cli/bench_prefix.py)."""
 
 from __future__ import annotations
 
@@ -64,10 +64,11 @@ examples:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    from tokenpool.cli import bench_overload, bench_serve, bench_swap
+    from tokenpool.cli import bench_overload, bench_prefix, bench_serve, bench_swap
 
     p = commands.add_parser(
-        "bench", help="benchmarks that write one JSON object (engine, swap, proxy, serve, sweep, overload)",
+        "bench", help="benchmarks that write one JSON object (engine, swap, proxy, serve, sweep, "
+             "overload, chat, chunked)",
         description="Benchmarks. Each prints a short table to stdout and writes one JSON "
                     "object to --json OUT.",
         formatter_class=_args.HelpFormatter)
@@ -77,6 +78,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     _add_proxy(kinds)
     bench_serve.add_parsers(kinds)
     bench_overload.add_parser(kinds)
+    bench_prefix.add_parsers(kinds)
 
 
 def _add_engine(kinds: argparse._SubParsersAction) -> None:
