@@ -19,7 +19,8 @@ from tokenpool.gpu_pool import kv_handoff
 from tokenpool.gpu_pool.cpu_ops import paged_attention_kernel
 from tokenpool.gpu_pool.device import dtype_name, resolve_device, resolve_dtype
 from tokenpool.gpu_pool.engine_config import EngineConfig
-from tokenpool.gpu_pool.engine_scheduler import EngineScheduler, StepBatch, SwapOp
+from tokenpool.gpu_pool.engine_scheduler import EngineScheduler
+from tokenpool.gpu_pool.step_batch import StepBatch, SwapOp
 from tokenpool.gpu_pool.protocol import RequestOutput
 from tokenpool.gpu_pool.rotary import rotary_tables
 from tokenpool.gpu_pool.kv_swap import KVSwapper

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenpool.gpu_pool.engine_scheduler import SwapOp, move_pages
+from tokenpool.gpu_pool.step_batch import SwapOp, move_pages
 from tokenpool.gpu_pool.kv_cache import PagedKVCache
 from tokenpool.memory.block_manager import BlockManager
 

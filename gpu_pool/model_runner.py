@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from tokenpool.gpu_pool.attention import AttentionMetadata
-from tokenpool.gpu_pool.engine_scheduler import StepBatch
+from tokenpool.gpu_pool.step_batch import StepBatch
 from tokenpool.gpu_pool.kv_cache import PagedKVCache
 from tokenpool.gpu_pool.decoder import DecoderForward
 from tokenpool.gpu_pool.sampler import SampleRow, sample

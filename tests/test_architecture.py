@@ -56,8 +56,9 @@ def test_pure_packages_import_no_runtime(package):
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
 
 
-def test_the_engine_scheduler_imports_no_torch():
-    path = ROOT / "gpu_pool" / "engine_scheduler.py"
+@pytest.mark.parametrize("module", ["engine_scheduler", "step_batch", "prefix_pages"])
+def test_the_engine_scheduler_and_what_it_uses_import_no_torch(module):
+    path = ROOT / "gpu_pool" / f"{module}.py"
     assert not imported_roots(path) & {"torch", "numpy"}
 
 
