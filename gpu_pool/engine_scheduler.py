@@ -227,7 +227,7 @@ class EngineScheduler:
     def _make_room(self, pages: int) -> bool:
         """Preempt unnamed running sequences, newest first, until `pages` are free; none
         when all of theirs would still be too few."""
-        held = sum(len(self.blocks.block_table(s.seq_id)) for s in self._victims)
+        held = self.blocks.releasable([s.seq_id for s in self._victims])
         if self.blocks.num_free + held < pages:
             return False
         while self.blocks.num_free < pages and self._victims:

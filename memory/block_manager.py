@@ -27,6 +27,11 @@ class PageSource(Protocol):
     def free(self, pages: list[int]) -> None: ...
 
 
+def distinct_pages(pages: list[int]) -> int:
+    """What freeing `pages` gains a page source whose pages have one holder each."""
+    return len(set(pages))
+
+
 class BlockManager:
     """Per-sequence block tables over the pages of one page source."""
 
@@ -47,6 +52,12 @@ class BlockManager:
     def num_used(self) -> int:
         """Distinct pages held by this manager's sequences (a shared prefix page once)."""
         return len(set().union(*self._tables.values()))
+
+    def releasable(self, seq_ids: list[str]) -> int:
+        """Pages that freeing these sequences would make allocatable: a page another holder
+        keeps (a shared prefix page) counts for nothing."""
+        pages = [p for s in seq_ids for p in self._tables.get(s, ())]
+        return getattr(self.pages, "releasable", distinct_pages)(pages)
 
     def has(self, seq_id: str) -> bool:
         return seq_id in self._tables

@@ -99,6 +99,13 @@ class PrefixCache:
         if retained:
             self.pool.retain(self.shape, retained)
 
+    def releasable(self, pages: list[int]) -> int:
+        """How many pages freeing `pages` (holder by holder) would make allocatable: an
+        unnamed page, or a named one whose every holder is among them."""
+        counts = Counter(pages)
+        return sum(1 for page, n in counts.items()
+                   if page not in self._refs or self._refs[page] == n)
+
     # -- naming and finding pages -----------------------------------------------------------
 
     def match(self, names: Sequence[int]) -> int:

@@ -327,6 +327,19 @@ def test_retained_only_slab_is_reclaimed_for_another_shape():
     assert pool.num_free(A) == 4 + 1 and pool.num_free(B) == 0
 
 
+def test_releasable_counts_only_pages_every_holder_lets_go_of():
+    cache = PrefixCache(SlabPool(1, SLAB), A)
+    shared, plain = cache.alloc(2)
+    name = page_hashes("m", [1, 2, 3, 4], A.block_size)[0]
+    assert cache.name(shared, name, "m") and cache.acquire([name]) == [shared]  # 2 holders
+    assert cache.releasable([shared, plain]) == 1
+    assert cache.releasable([shared, plain, shared]) == 2
+    with pytest.raises(Exception, match="not held"):
+        cache.free([shared, shared, shared])
+    cache.free([shared, shared, plain])
+    assert cache.num_retained == 1 and cache.flush() == 1 and cache.pool.used_bytes == 0
+
+
 def test_page_hashes_chain_and_separate():
     tokens = [1, 2, 3, 4, 5, 6, 7, 8, 9]
     names = page_hashes("m", tokens, BS)
