@@ -18,7 +18,8 @@ import hashlib
 from collections import Counter
 from collections.abc import Sequence
 
-from tokenpool.memory.slabs import BLOCK_SIZE, PageOwnershipError, PageShape, SlabPool
+from tokenpool.memory.slabs import (BLOCK_SIZE, PageOwnershipError, PageShape, ShapePages,
+                                    SlabPool)
 
 __all__ = ["PrefixCache", "page_hashes", "extend_hashes"]
 
@@ -48,38 +49,21 @@ def page_hashes(model: str, token_ids: Sequence[int],
     return tuple(extend_hashes([], model, token_ids, block_size))
 
 
-class PrefixCache:
+class PrefixCache(ShapePages):
     """Named pages of one shape: a BlockManager's page source that shares and retains them.
 
     Unnamed pages behave exactly as the SlabPool's own: allocated, freed. A named page has a
-    reference count; at zero it is retained (evictable) instead of freed.
+    reference count; at zero it is retained (evictable) instead of freed, and `num_free`
+    counts it.
     """
 
     def __init__(self, pool: SlabPool, shape: PageShape):
-        if pool.pages_per_slab(shape) < 1:
-            raise ValueError(f"a {shape.page_bytes} B page does not fit a "
-                             f"{pool.slab_bytes} B slab")
-        self.pool = pool
-        self.shape = shape
+        super().__init__(pool, shape)
         self._page_of: dict[int, int] = {}  # name -> page
         self._name_of: dict[int, int] = {}  # page -> name
         self._model_of: dict[int, str] = {}  # page -> model, for per-model counts
         self._refs: dict[int, int] = {}  # named page -> holders (0: retained)
         pool.on_evict(shape, self._evicted)
-
-    # -- the page-source protocol (memory.block_manager.PageSource) ---------------------------
-
-    @property
-    def capacity(self) -> int:
-        return self.pool.capacity(self.shape)
-
-    @property
-    def num_free(self) -> int:
-        """Allocatable pages, retained (cached, unheld) ones included."""
-        return self.pool.num_free(self.shape)
-
-    def alloc(self, n: int) -> list[int]:
-        return self.pool.alloc(self.shape, n)
 
     def free(self, pages: list[int]) -> None:
         """A holder lets go: unnamed pages are freed, named ones lose a reference and are
