@@ -1,0 +1,112 @@
+"""`tokenpool bench chat` (prefix caching on against off, over fresh servers and the official
+openai client) and `tokenpool bench chunked` (stream gaps while a long prompt prefills, on one
+in-process worker), end to end on a fleet of two tiny synthetic models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tokenpool.cli.main import main
+
+pytest.importorskip("openai")
+
+FLEET = """\
+models:
+  - {id: t0, source: "synth:2,64,4,2@1"}
+  - {id: t1, source: "synth:2,64,4,2@2"}
+engine: {device: cpu, dtype: float32, kv_cache_bytes: 16MiB}
+memory: {slab_bytes: 4MiB, host_cache_bytes: 256MiB, swap_bytes: 8MiB, host_cache_dir: CACHE}
+pool: {backend: local, num_workers: 1}
+slo: {ttft_s: 30, tbt_s: 5}
+"""
+RUN_KEYS = {"turns", "errors", "all", "hits", "first_turns", "later_turns", "prompt_tokens",
+            "cached_tokens", "cached_fraction", "wall_s", "metrics", "turn_records"}
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("bench-prefix")
+    path = root / "fleet.yaml"
+    path.write_text(FLEET.replace("CACHE", str(root)))
+    return str(path)
+
+
+def bench(capsys, tmp_path, kind: str, *args) -> tuple[dict, str]:
+    out = tmp_path / f"{kind}.json"
+    code = main(["bench", kind, *map(str, args), "--json", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(out.read_text()), captured.out
+
+
+def test_chat_caching_on_serves_cached_tokens_and_off_none(fleet, tmp_path, capsys):
+    result, table = bench(capsys, tmp_path, "chat", "--config", fleet, "--sessions", 3,
+                          "--turns", 3, "--concurrency", 2, "--system-tokens", 100,
+                          "--user-tokens", 10, "--max-tokens", 4)
+    on, off = result["runs"]["on"], result["runs"]["off"]
+    assert RUN_KEYS <= set(on) and RUN_KEYS <= set(off)
+    assert result["models"] == ["t0", "t1"] and result["cpu"]["logical_cores"] >= 1
+    for run in (on, off):
+        assert run["turns"] == 9 and run["errors"] == 0
+        assert [(r["session"], r["turn"]) for r in run["turn_records"]] == \
+            [(s, t) for s in range(3) for t in range(3)]
+        assert all(r["ttft_s"] > 0 and r["completion_tokens"] >= 1 for r in run["turn_records"])
+        # The usage the client summed is what the server's counters counted.
+        assert run["metrics"] == {"prefix_cache_queries_total": run["prompt_tokens"],
+                                  "prefix_cache_hits_total": run["cached_tokens"]}
+    assert off["cached_tokens"] == 0 and off["hits"]["count"] == 0
+    # Every later turn extends its session's last prompt; session 2's first turn shares
+    # session 0's system prompt (both talk to t0).
+    assert 0 < on["cached_tokens"] < on["prompt_tokens"]
+    assert on["hits"]["count"] == 7 and on["hits"]["ttft_p50_s"] > 0
+    assert result["hit_turns_compared"] == 7
+    assert result["ttft_p50_ratio_hits"] > 0
+    assert result["ttft_speedup_hits"] == pytest.approx(1 / result["ttft_p50_ratio_hits"])
+    assert "hit turns (7)" in table
+
+
+def test_chunked_steps_keep_the_budget_and_unchunked_runs_one_step(fleet, tmp_path, capsys):
+    result, table = bench(capsys, tmp_path, "chunked", "--config", fleet, "--prompt-tokens", 300,
+                          "--streams", 4, "--budget", 64, "--decode-steps", 3)
+    assert (result["model"], result["other"], result["prompt_tokens"]) == ("t0", "t1", 300)
+    assert result["tbt_slo_s"] == 5.0 and "isa" in result["cpu"]
+    on, off = result["runs"]["on"], result["runs"]["off"]
+    assert on["max_num_batched_tokens"] == 64 and off["max_num_batched_tokens"] == 304
+    steps = on["same_model"]["prompt_steps"]
+    assert len(steps) == 5 and sum(s["prompt_tokens"] for s in steps) == 300
+    assert all(s["tokens"] <= 64 and s["decodes"] == 4 for s in steps)
+    assert [(s["prompt_tokens"], s["decodes"]) for s in off["same_model"]["prompt_steps"]] == \
+        [(300, 4)]
+    # The streams ride every chunk step: a gap per stream per step; unchunked, one.
+    assert on["same_model"]["gaps"] == 4 * len(steps) and off["same_model"]["gaps"] == 4
+    for run in (on, off):
+        assert run["baseline"]["gaps"] == 4 * 3
+        assert run["other_model"]["gaps"] == 4  # one gap per stream, across B's turn
+        assert len(run["other_model"]["switch_s"]) == 2
+        for phase in ("same_model", "other_model"):
+            g = run[phase]
+            assert 0 < g["itl_p50_s"] <= g["itl_p99_s"] <= g["itl_max_s"]
+            assert 0 <= g["over_tbt_slo"] <= 1 and g["long_ttft_s"] > 0
+    assert result["same_model_max_gap_ratio"] > 0
+    assert "same_model" in table and "TBT SLO 5000 ms" in table
+
+
+def test_chunked_cuts_a_prompt_to_the_context(fleet):
+    from tokenpool.bench.chunked_bench import ChunkedPlan, plan_fleet
+    from tokenpool.fleet import load_fleet
+
+    _, models, plan = plan_fleet(load_fleet(fleet), ChunkedPlan("t0", "t1", 10**6))
+    assert plan.prompt_tokens == min(models.max_model_lens().values()) - 1
+
+
+@pytest.mark.parametrize("kind, args, message", [
+    ("chunked", ["--streams", "16", "--budget", "16"], "must exceed --streams"),
+    ("chunked", ["--models", "t0,t0"], "two different model ids"),
+    ("chat", ["--models", "t0,nope"], "nope"),
+])
+def test_bad_arguments_exit_2(fleet, tmp_path, capsys, kind, args, message):
+    assert main(["bench", kind, "--config", fleet, *args, "--json",
+                 str(tmp_path / "o.json")]) == 2
+    assert message in capsys.readouterr().err
