@@ -13,9 +13,10 @@ is its `StepOutputs.emitted_at`. Per setting (chunked prefill on, then off, same
   unit's steps computed. Chunked, a step's tokens stay within `max_num_batched_tokens`;
   unchunked, the budget is raised to fit the prompt and its riders in one step (with a
   smaller one an unchunked prompt cannot join running decodes at all).
-- other_model: `decode_steps` decode steps of A, then Switch B, B's long prompt, Switch A
-  and one Decode step: A's gap across B's turn. A Prefill unit chunks only its own model's
-  prompts, so chunking cannot shorten this gap; it is measured all the same.
+- other_model: `decode_steps` decode steps of A, then B's long prompt as the token-level
+  policy runs it on a worker with streams to decode: a one-step Prefill (its first chunk),
+  then turns of A and of B by turns, each one step here, until B's first token; unchunked,
+  the Prefill computes the whole prompt at once. A's gaps across B's turns, with switches.
 """
 
 from __future__ import annotations
@@ -157,14 +158,21 @@ def same_model(d: Driver, slo_s: float) -> dict:
 
 
 def other_model(d: Driver, slo_s: float) -> dict:
+    """B's long prompt on A's worker, cut as the token-level policy cuts it: a one-step
+    Prefill of B, then one-step turns of A and of B by turns until B's first token (with
+    chunking off the Prefill computes the whole prompt, and no turns follow)."""
     from tokenpool.schedulers.types import Decode, Prefill, Switch
 
     p = d.plan
     a, b = p.model, p.other
     decode(d, p.decode_steps)
     switches = len(d.switch_s)
-    start = d.run(Switch(0, b), Prefill(0, b, ("long-b",)), Switch(0, a),
-                  Decode(0, a, d.streams, 0.0), prompts=[d.prompt("long-b", p.prompt_tokens)])
+    start = d.run(Switch(0, b), Prefill(0, b, ("long-b",), max_steps=1),
+                  prompts=[d.prompt("long-b", p.prompt_tokens)])
+    while not d.emitted["long-b"]:
+        d.run(Switch(0, a), Decode(0, a, d.streams, 0.0))
+        d.run(Switch(0, b), Decode(0, b, ("long-b",), 0.0))
+    d.run(Switch(0, a), Decode(0, a, d.streams, 0.0))
     end = min(d.emitted[s][-1] for s in d.streams)
     d.abort("long-b", *d.streams)
     return {**gap_stats(d.gaps(d.streams, start, end), slo_s),

@@ -81,10 +81,13 @@ def test_chunked_steps_keep_the_budget_and_unchunked_runs_one_step(fleet, tmp_pa
         [(300, 4)]
     # The streams ride every chunk step: a gap per stream per step; unchunked, one.
     assert on["same_model"]["gaps"] == 4 * len(steps) and off["same_model"]["gaps"] == 4
-    for run in (on, off):
+    # B's prompt on A's worker: unchunked, one gap per stream across B's whole prefill;
+    # chunked, B's first chunk, then 4 turns of B (the other 236 tokens) between A's steps.
+    turns = {"on": -(-(300 - 64) // 64), "off": 0}
+    for name, run in (("on", on), ("off", off)):
         assert run["baseline"]["gaps"] == 4 * 3
-        assert run["other_model"]["gaps"] == 4  # one gap per stream, across B's turn
-        assert len(run["other_model"]["switch_s"]) == 2
+        assert run["other_model"]["gaps"] == 4 * (turns[name] + 1)
+        assert len(run["other_model"]["switch_s"]) == 2 + 2 * turns[name]
         for phase in ("same_model", "other_model"):
             g = run[phase]
             assert 0 < g["itl_p50_s"] <= g["itl_p99_s"] <= g["itl_max_s"]
