@@ -115,7 +115,7 @@ class Driver:
 def stream_budget(plan: ChunkedPlan) -> int:
     """max_tokens of a stream: enough to outlast every phase (a token per chunk step)."""
     chunk = plan.budget - plan.streams
-    return 2 * plan.decode_steps + -(-plan.prompt_tokens // chunk) + 8
+    return 2 * plan.decode_steps + 2 * -(-plan.prompt_tokens // chunk) + 8  # 2: both phases
 
 
 def decode(d: Driver, steps: int) -> float:

@@ -65,9 +65,10 @@ class LLMEngine:
         blocks = BlockManager(memory.pages)
         host_blocks = None if memory.swap_kv is None else BlockManager(memory.swap_pages)
         prefix = PrefixPages(memory.pages, model_id) if config.prefix_caching else None
+        chunk = (config.prefill_chunk_tokens or config.max_num_batched_tokens) \
+            if config.chunked_prefill else 0
         self.scheduler = EngineScheduler(blocks, host_blocks, config.max_num_seqs,
-                                         config.max_num_batched_tokens, prefix,
-                                         config.chunked_prefill)
+                                         config.max_num_batched_tokens, prefix, chunk)
         self.last_step_size = 0  # sequences the last step computed, sampled or mid-prompt
         self.last_step_prompt_tokens = 0  # of which prompt tokens (prefills and their chunks)
         self.swapper = None if host_blocks is None else KVSwapper(

@@ -29,6 +29,10 @@ class EngineConfig:
     # A prompt longer than a step's token budget is computed in chunks that share steps with
     # running decodes; off: it runs alone in one step.
     chunked_prefill: bool = True
+    # The most prompt tokens one prompt computes in a step (0: as many as the step's budget
+    # leaves). A step's time grows with its chunk, and streams wait for the step, so this
+    # bounds their gaps even where no decode of the prompt's own model is in the step.
+    prefill_chunk_tokens: int = 0
 
     def __post_init__(self):
         # Checked when the fleet file loads, long before a checkpoint is read.
@@ -38,6 +42,9 @@ class EngineConfig:
             raise ConfigError(f"dtype must be auto or one of {', '.join(DTYPES)}; "
                               f"got {self.dtype!r}")
         check_mode(self.quantization)
+        if self.prefill_chunk_tokens < 0:
+            raise ConfigError(f"prefill_chunk_tokens must be >= 0, got "
+                              f"{self.prefill_chunk_tokens}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -13,7 +13,8 @@ sequence is swapped out to host pages when they have room, else recomputed later
 prompt plus its tokens so far.
 
 Prompts are computed from `num_computed` on: a prompt admitted with cached prefix pages
-(`PrefixPages`) starts past them. With `chunked` prefill the step's token budget is shared:
+(`PrefixPages`) starts past them. With chunked prefill (`chunk_tokens`: the most one prompt
+computes in a step; 0: unchunked) the step's token budget is shared:
 decodes first, one token each, then prompts already started, then new ones, each computing
 as many tokens as the budget has left; a prompt samples its first token in the step that
 computes its last.
@@ -38,13 +39,14 @@ Chunk = tuple[Sequence, int, int]
 class EngineScheduler:
     def __init__(self, blocks: BlockManager, host_blocks: BlockManager | None,
                  max_num_seqs: int, max_num_batched_tokens: int,
-                 prefix: PrefixPages | None = None, chunked: bool = False):
+                 prefix: PrefixPages | None = None, chunk_tokens: int = 0):
         self.blocks = blocks  # device pages
         self.host_blocks = host_blocks  # host swap pages; None: preemption always recomputes
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.prefix = prefix  # None: no prefix caching
-        self.chunked = chunked
+        self.chunk_tokens = chunk_tokens
+        self.chunked = chunk_tokens > 0
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # oldest first: preemption takes from the end
         self.swapped: deque[Sequence] = deque()
@@ -168,7 +170,7 @@ class EngineScheduler:
         """The next chunk of each prompt started in an earlier step, oldest first."""
         chunks: list[Chunk] = []
         for seq in prompts:
-            n = min(seq.pending, budget) if self.chunked else seq.pending
+            n = min(seq.pending, budget, self.chunk_tokens) if self.chunked else seq.pending
             if n < 1 or not self._make_room(
                     self.blocks.pages_to_grow(seq.seq_id, seq.num_computed + n)):
                 break
@@ -187,7 +189,7 @@ class EngineScheduler:
             cached = self._hold_cached_prefix(seq)
             n = seq.num_tokens - seq.num_computed
             if self.chunked:
-                n = min(n, budget)
+                n = min(n, budget, self.chunk_tokens)
             # Unchunked, a prompt longer than the budget still runs, alone, so nothing waits
             # forever.
             fits = n >= 1 and (n <= budget or not (admitted or num_running))

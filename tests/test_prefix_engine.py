@@ -195,3 +195,21 @@ def test_a_one_step_prefill_leaves_a_long_prompt_to_its_model_s_turns(checkpoint
     assert [t for o in outputs for t in o.new_token_ids] == \
         reference.engine("m-b").generate([long], GREEDY)[0]
     assert outputs[0].num_prompt_tokens == 150
+
+
+def test_prefill_chunk_tokens_caps_each_prompt_s_share_of_a_step(checkpoints):
+    worker = worker_over(checkpoints, max_num_batched_tokens=64, prefill_chunk_tokens=20)
+    worker.switch("m-a")
+    engine = worker.engine("m-a")
+    prompts = random_prompts([50, 45], seed=12, vocab=500)
+    ids = [engine.add_request(p, GREEDY) for p in prompts]
+    tokens, steps = {i: [] for i in ids}, []
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+        steps.append(engine.last_step_prompt_tokens)
+    assert steps[:3] == [40, 40, 15]  # both prompts, 20 tokens each a step, then their tails
+    assert not any(steps[3:])
+    reference = worker_over(checkpoints, prefix_caching=False, chunked_prefill=False)
+    reference.switch("m-a")
+    assert [tokens[i] for i in ids] == reference.engine("m-a").generate(prompts, GREEDY)
