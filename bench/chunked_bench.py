@@ -204,7 +204,7 @@ def measure(fleet, models, weights, plan: ChunkedPlan, chunked: bool) -> dict:
     from tokenpool.gpu_pool.job_runner import JobRunner
     from tokenpool.gpu_pool.worker import Worker
 
-    engine = dataclasses.replace(fleet.engine, chunked_prefill=chunked,
+    engine = dataclasses.replace(fleet.engine, chunked_prefill=chunked, prefill_chunk_tokens=0,
                                  max_num_batched_tokens=plan.budget_for(chunked))
     worker = Worker(list(models.layouts.values()), weights.host_bytes, engine, fleet.memory,
                     models.tokenizers)
