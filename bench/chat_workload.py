@@ -4,10 +4,11 @@ Every model gets one system prompt of about `system_tokens` tokens (English-like
 the seed) that all of its sessions start with. Session `s` talks to model `s mod M`; its turn
 `t` sends the system prompt, the session's earlier user messages with the answers the server
 gave them, and a new user message, through the official `openai` client (chat completions,
-streamed, `stream_options.include_usage`, greedy). A session sends its next turn when the
-previous answer has ended; `concurrency` sessions run at once, the rest wait their turn in
-session order. A turn's TTFT runs from the call to its first SSE chunk (the server sends
-none, not even the role chunk, before the first token).
+streamed, `stream_options.include_usage` and vLLM's `continuous_usage_stats`, greedy), noting
+when each token came. A session sends its next turn when the previous answer has ended;
+`concurrency` sessions run at once, the rest wait their turn in session order. A turn's TTFT
+runs from the call to its first SSE chunk (the server sends none, not even the role chunk,
+before the first token). bench/chat_sweep.py starts sessions open loop instead.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 # Common words: about 1.1 SmolLM2 tokens each, so text of N tokens is about N / 1.1 words.
 WORDS = (
@@ -55,9 +56,11 @@ class TurnRecord:
     cached_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    sent_at: float = 0.0  # perf_counter seconds when the call was made
+    chunks: list[tuple[float, int]] = field(default_factory=list)  # (perf_counter, new tokens)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k not in ("sent_at", "chunks")}
 
 
 def text(rng: random.Random, tokens: int) -> str:
@@ -99,10 +102,12 @@ async def run_plan(url: str, plan: ChatPlan, timeout_s: float = 600.0) -> list[T
     return [r for records in per_session for r in records]
 
 
-async def run_session(client, plan: ChatPlan, s: int) -> list[TurnRecord]:
+async def run_session(client, plan: ChatPlan, s: int,
+                      records: list[TurnRecord] | None = None) -> list[TurnRecord]:
+    """Session `s`'s turns, each appended to `records` (a new list by default) when sent."""
     model = plan.model_of(s)
     messages = [{"role": "system", "content": system_prompt(plan, model)}]
-    records = []
+    records = [] if records is None else records
     for t in range(plan.turns):
         messages.append({"role": "user", "content": user_message(plan, s, t)})
         record = TurnRecord(s, t, model)
@@ -117,19 +122,23 @@ async def run_session(client, plan: ChatPlan, s: int) -> list[TurnRecord]:
 
 
 async def one_turn(client, plan: ChatPlan, messages: list[dict], record: TurnRecord) -> str:
-    """Stream one answer into `record`; returns its text."""
-    start = time.perf_counter()
+    """Stream one answer into `record`, with when each token came (continuous usage: every
+    chunk says how many tokens so far); returns its text."""
+    start = record.sent_at = time.perf_counter()
     stream = await client.chat.completions.create(
         model=record.model, messages=messages, max_tokens=plan.max_tokens, temperature=0.0,
-        stream=True, stream_options={"include_usage": True})
+        stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True})
     parts = []
     async for chunk in stream:
+        now = time.perf_counter()
         if record.ttft_s is None:
-            record.ttft_s = time.perf_counter() - start
+            record.ttft_s = now - start
         if chunk.choices and chunk.choices[0].delta.content:
             parts.append(chunk.choices[0].delta.content)
         if chunk.usage is not None:
             usage = chunk.usage
+            if usage.completion_tokens > record.completion_tokens:
+                record.chunks.append((now, usage.completion_tokens - record.completion_tokens))
             record.prompt_tokens, record.completion_tokens = (usage.prompt_tokens,
                                                               usage.completion_tokens)
             details = usage.prompt_tokens_details

@@ -23,14 +23,23 @@ at once, each sending its next turn when the last answer has ended.
 Reports per run TTFT p50/p90 over every turn, over the turns that hit the cache
 (usage.prompt_tokens_details.cached_tokens > 0), over first and later turns, and cached /
 prompt tokens; then ttft_p50_ratio_hits: TTFT p50 of the turns that hit with caching on over
-the same turns' TTFT p50 with caching off (target: 5x lower, a ratio <= 0.2)."""
+the same turns' TTFT p50 with caching off (target: 5x lower, a ratio <= 0.2).
+
+With --rates, open loop instead (bench/chat_sweep.py): at each rate, sessions start as a
+seeded Poisson process of that many sessions per second for --duration seconds, each running
+its turns back to back, on a fresh server per rate and setting; a point ends when its
+sessions have ended or --grace seconds after the last start. Per point: turns sent,
+finished, errors, SLO attainment and the sustainable rate as `bench sweep` defines them
+(every turn a request, the fleet's TTFT and TBT SLOs), TTFT p50/p90, cached / prompt tokens,
+turns per second."""
 
 CHAT_EPILOG = """\
 examples:
   tokenpool bench chat --json chat.json
   tokenpool bench chat --sessions 12 --turns 4 --concurrency 4 --json chat.json
   tokenpool bench chat --models smollm2-135m-instruct,smollm2-135m-code --sessions 4 \\
-      --turns 3 --json chat.json"""
+      --turns 3 --json chat.json
+  tokenpool bench chat --rates 0.1,0.2,0.3,0.4 --duration 40 --turns 3 --json chat-rates.json"""
 
 CHUNKED_DESCRIPTION = """\
 A long prompt arriving while --streams streams decode, on one worker of the fleet in this
@@ -77,8 +86,21 @@ def _add_chat(kinds: argparse._SubParsersAction) -> None:
                         "every turn, so both runs serve the same workload)")
     p.add_argument("--log-dir", metavar="DIR", type=Path,
                    help="keep each server's stderr here")
+    _add_rates(p)
     _args.add_json_out(p)
     p.set_defaults(func=_run_chat)
+
+
+def _add_rates(p: argparse.ArgumentParser) -> None:
+    from tokenpool.cli.bench_serve import _floats
+
+    p.add_argument("--rates", metavar="R1,R2,...", type=_args.checked(_floats, "rates"),
+                   help="open loop: sessions started per second, one point per rate and "
+                        "setting (--sessions and --concurrency then unused)")
+    for flag, default, what in (("--duration", 40.0, "seconds sessions start for"),
+                                ("--grace", 60.0, "seconds a point then waits at most")):
+        p.add_argument(flag, metavar="S", type=_args.non_negative_float, default=default,
+                       help=f"with --rates: {what} (default: {default:g})")
 
 
 def _run_chat(args: argparse.Namespace) -> int:
@@ -100,12 +122,22 @@ def _run_chat(args: argparse.Namespace) -> int:
     if args.log_dir:
         args.log_dir.mkdir(parents=True, exist_ok=True)
     with _sigterm_interrupts():  # so that `timeout` still stops the servers (own sessions)
-        result = chat_bench.run(args.config, fleet, plan, args.scheduler, args.log_dir,
-                                args.shed)
+        result, table = _chat(args, fleet, plan)
     result["command"] = _args.command_line(args)
     report.write_json(args.json, result)
-    sys.stdout.write(chat_bench.table(result))
+    sys.stdout.write(table(result))
     return 0
+
+
+def _chat(args: argparse.Namespace, fleet, plan):
+    from tokenpool.bench import chat_bench, chat_sweep
+
+    if not args.rates:
+        return (chat_bench.run(args.config, fleet, plan, args.scheduler, args.log_dir,
+                               args.shed), chat_bench.table)
+    rates = chat_sweep.RatePlan(tuple(args.rates), args.duration, args.grace)
+    return (chat_sweep.run(args.config, fleet, plan, rates, args.scheduler, args.log_dir,
+                           args.shed), chat_sweep.table)
 
 
 @contextmanager

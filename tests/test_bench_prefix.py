@@ -67,6 +67,50 @@ def test_chat_caching_on_serves_cached_tokens_and_off_none(fleet, tmp_path, caps
     assert "hit turns (7)" in table
 
 
+POINT_KEYS = {"rate", "sessions", "requests", "finished", "errors", "slo_attainment",
+              "slo_met_fraction", "ttft_p50_s", "ttft_p90_s", "prompt_tokens", "cached_tokens",
+              "turns_per_s", "metrics"}
+
+
+def test_chat_rate_points_score_turns_as_the_sweep_scores_requests():
+    from tokenpool.bench.chat_sweep import point_summary, session_starts
+    from tokenpool.bench.chat_workload import TurnRecord
+    from tokenpool.schedulers.types import SLO
+
+    assert session_starts(1.0, 30.0, 0) == sorted(session_starts(1.0, 30.0, 0))
+    assert all(0 <= t < 30 for t in session_starts(1.0, 30.0, 0))
+    on_time = TurnRecord(0, 0, "t0", 0.1, 0.3, 100, 64, 3, sent_at=10.0,
+                         chunks=[(10.1, 1), (10.2, 1), (10.3, 1)])
+    late = TurnRecord(0, 1, "t0", 2.0, 2.0, 120, 100, 1, sent_at=11.0, chunks=[(13.0, 1)])
+    cut = TurnRecord(1, 0, "t0", error="cut off: the grace time passed", sent_at=12.0)
+    p = point_summary(0.5, 2, [on_time, late, cut], 10.0, lambda m: SLO(1.0, 0.5))
+    assert (p["requests"], p["finished"], p["errors"]) == (3, 2, 1)
+    assert p["slo_attainment"] == pytest.approx((1.0 + 0.5 + 0.0) / 3)
+    assert p["slo_met_fraction"] == pytest.approx(1 / 3)
+    assert (p["prompt_tokens"], p["cached_tokens"]) == (220, 164)
+
+
+@pytest.mark.slow  # four fresh servers: 45 s on a quiet 2-core machine, 3 min on a busy one
+def test_chat_rates_reports_points_and_sustainable_rate(fleet, tmp_path, capsys):
+    result, table = bench(capsys, tmp_path, "chat", "--config", fleet, "--rates", "0.5,1",
+                          "--duration", 3, "--grace", 20, "--turns", 2, "--system-tokens", 100,
+                          "--user-tokens", 10, "--max-tokens", 4)
+    assert result["rates"] == [0.5, 1.0] and set(result["sustainable_rate"]) == {"on", "off"}
+    for name in ("on", "off"):
+        points = result["settings"][name]["points"]
+        assert [p["rate"] for p in points] == [0.5, 1.0]
+        for p in points:
+            assert POINT_KEYS <= set(p) and p["errors"] == 0
+            assert p["requests"] == p["finished"] == 2 * p["sessions"] > 0
+            assert 0 <= p["slo_attainment"] <= 1 and p["ttft_p50_s"] > 0
+            assert p["metrics"]["prefix_cache_hits_total"] == p["cached_tokens"]
+    assert all(p["cached_tokens"] > 0 for p in result["settings"]["on"]["points"])
+    assert all(p["cached_tokens"] == 0 for p in result["settings"]["off"]["points"])
+    # 30 s TTFT and 5 s TBT SLOs on tiny models: every turn on time.
+    assert result["sustainable_rate"] == {"on": 1.0, "off": 1.0}
+    assert "sustainable rate" in table
+
+
 def test_chunked_steps_keep_the_budget_and_unchunked_runs_one_step(fleet, tmp_path, capsys):
     result, table = bench(capsys, tmp_path, "chunked", "--config", fleet, "--prompt-tokens", 300,
                           "--streams", 4, "--budget", 64, "--decode-steps", 3)

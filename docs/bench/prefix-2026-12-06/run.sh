@@ -1,6 +1,6 @@
 #!/bin/sh
 # The measurements of README.md here, one at a time, each bounded by `timeout` (at most
-# 14 minutes in all; fewer on a quiet machine). Run from the repository root:
+# 26 minutes in all; fewer on a quiet machine). Run from the repository root:
 #   sh docs/bench/prefix-2026-12-06/run.sh
 # Each bench writes its JSON and prints its table to NAME.txt beside it.
 # Nothing else should run meanwhile: on a busy machine torch's two threads wait on each other
@@ -22,3 +22,9 @@ run 180 $TP bench chunked --prompt-tokens 4000 --streams 16 --budget 512 \
 # 3. The same with smaller chunks (budget 128): shorter gaps, a later first token.
 run 180 $TP bench chunked --prompt-tokens 4000 --streams 16 --budget 128 \
     --json $OUT/chunked-128.json > $OUT/chunked-128.txt
+# 4. The chat open loop: sessions start at 0.1-0.4 per second for 40 s (3 turns each), on a
+#    fresh server per rate and setting (8 points, each at most ~10 s start + 40 s + 30 s grace);
+#    SLO attainment per point and the sustainable rate, caching on against off.
+run 720 $TP bench chat --rates 0.1,0.2,0.3,0.4 --duration 40 --grace 30 --turns 3 \
+    --system-tokens 1000 --user-tokens 40 --max-tokens 32 --log-dir $OUT/logs \
+    --json $OUT/chat-rates.json > $OUT/chat-rates.txt
