@@ -122,3 +122,26 @@ def packed_fleet(fleet, namespace: str, budget_bytes: int | None = None):
     finally:
         cache.close()
         cache.destroy()
+
+
+# Two tiny synthetic Llamas on one local worker; CACHE: the host cache's directory.
+TINY_FLEET = """\
+models:
+  - {id: t0, source: "synth:2,64,4,2@1"}
+  - {id: t1, source: "synth:2,64,4,2@2"}
+engine: {device: cpu, dtype: float32, kv_cache_bytes: 16MiB}
+memory: {slab_bytes: 4MiB, host_cache_bytes: 256MiB, swap_bytes: 8MiB, host_cache_dir: CACHE}
+pool: {backend: local, num_workers: 1}
+slo: {ttft_s: 30, tbt_s: 5}
+"""
+
+
+def synthetic_checkpoints(root, shapes: dict) -> dict:
+    """model id -> a loaded synthetic checkpoint of each shape (write_synthetic_checkpoint's
+    arguments), written under `root`, seeded 5, 6, ... in order."""
+    from tokenpool.models.checkpoint import load_checkpoint
+    from tokenpool.models.synth import write_synthetic_checkpoint
+
+    return {name: load_checkpoint(write_synthetic_checkpoint(root / name, seed=i + 5, **shape),
+                                  progress=False)
+            for i, (name, shape) in enumerate(shapes.items())}

@@ -9,18 +9,11 @@ import json
 import pytest
 
 from tokenpool.cli.main import main
+from helpers import TINY_FLEET
 
 pytest.importorskip("openai")
 
-FLEET = """\
-models:
-  - {id: t0, source: "synth:2,64,4,2@1"}
-  - {id: t1, source: "synth:2,64,4,2@2"}
-engine: {device: cpu, dtype: float32, kv_cache_bytes: 16MiB}
-memory: {slab_bytes: 4MiB, host_cache_bytes: 256MiB, swap_bytes: 8MiB, host_cache_dir: CACHE}
-pool: {backend: local, num_workers: 1}
-slo: {ttft_s: 30, tbt_s: 5}
-"""
+FLEET = TINY_FLEET
 RUN_KEYS = {"turns", "errors", "all", "hits", "first_turns", "later_turns", "prompt_tokens",
             "cached_tokens", "cached_fraction", "wall_s", "metrics", "turn_records"}
 

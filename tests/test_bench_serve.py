@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 pytest.register_assert_rewrite("grpc_fixtures", "serving_fixtures")
+from helpers import TINY_FLEET  # noqa: E402
 from serving_fixtures import FLEET_IDS, MODEL  # noqa: E402
 from tokenpool.cli.main import main  # noqa: E402
 
@@ -101,14 +102,7 @@ def test_bench_sweep_without_a_bench_block_exits_2(fleet_path, tmp_path, capsys)
     assert "no bench: block" in capsys.readouterr().err
 
 
-SWEEP_FLEET = """\
-models:
-  - {id: t0, source: "synth:2,64,4,2@1"}
-  - {id: t1, source: "synth:2,64,4,2@2"}
-engine: {device: cpu, dtype: float32, kv_cache_bytes: 16MiB}
-memory: {slab_bytes: 4MiB, host_cache_bytes: 256MiB, swap_bytes: 8MiB, host_cache_dir: CACHE}
-pool: {backend: local, num_workers: 1}
-slo: {ttft_s: 30, tbt_s: 5}
+SWEEP_FLEET = TINY_FLEET + """\
 bench:
   rates: [2]
   duration_s: 2

@@ -28,14 +28,10 @@ FOREVER = 600.0  # a quota no test reaches: decode units here end when their req
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
+    from helpers import synthetic_checkpoints
     from test_kv_handoff import SHAPES
-    from tokenpool.models.checkpoint import load_checkpoint
-    from tokenpool.models.synth import write_synthetic_checkpoint
 
-    root = tmp_path_factory.mktemp("runner-fleet")
-    return {name: load_checkpoint(write_synthetic_checkpoint(root / name, seed=i + 5, **shape),
-                                  progress=False)
-            for i, (name, shape) in enumerate(SHAPES.items())}
+    return synthetic_checkpoints(tmp_path_factory.mktemp("runner-fleet"), SHAPES)
 
 
 def run_job(runner: JobRunner, *units, **extra) -> tuple[list[StepOutputs], JobDone]:

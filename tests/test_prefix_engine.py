@@ -159,14 +159,10 @@ def test_cached_pages_survive_switches_and_give_way_to_another_model(checkpoints
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
+    from helpers import synthetic_checkpoints
     from test_kv_handoff import SHAPES
-    from tokenpool.models.checkpoint import load_checkpoint
-    from tokenpool.models.synth import write_synthetic_checkpoint
 
-    root = tmp_path_factory.mktemp("prefix-fleet")
-    return {name: load_checkpoint(write_synthetic_checkpoint(root / name, seed=i + 5, **shape),
-                                  progress=False)
-            for i, (name, shape) in enumerate(SHAPES.items())}
+    return synthetic_checkpoints(tmp_path_factory.mktemp("prefix-fleet"), SHAPES)
 
 
 def test_a_one_step_prefill_leaves_a_long_prompt_to_its_model_s_turns(checkpoints):
