@@ -70,6 +70,11 @@ class SlabPool:
         self._partial: dict[PageShape, list[int]] = {}  # slabs of a shape with free slots
         self._retained: dict[PageShape, OrderedDict[int, None]] = {}  # oldest first
         self._retained_in: dict[int, int] = {}  # slab -> its retained pages
+        # Slabs whose pages in use are all retained, in the order they became so, and how
+        # many of each shape: kept as pages move, so num_free, asked for every sequence of
+        # every step, costs no walk over the slabs.
+        self._reclaimable: dict[int, PageShape] = {}
+        self._reclaimable_of: dict[PageShape, int] = {}
         self._evict: dict[PageShape, Callable[[list[int]], None]] = {}
 
     # -- capacity ---------------------------------------------------------------------------
@@ -84,8 +89,7 @@ class SlabPool:
     def num_free(self, shape: PageShape) -> int:
         """Pages of `shape` that can be allocated now, retained ones included."""
         partial = sum(len(self._free[s]) for s in self._partial.get(shape, ()))
-        slabs = len(self._empty) + sum(1 for slab in self._retained_in
-                                       if self._shape[slab] != shape and self._reclaimable(slab))
+        slabs = len(self._empty) + len(self._reclaimable) - self._reclaimable_of.get(shape, 0)
         return partial + len(self._retained.get(shape, ())) + slabs * self.pages_per_slab(shape)
 
     def num_retained(self, shape: PageShape) -> int:
@@ -138,6 +142,7 @@ class SlabPool:
                 pages.append(slab * per_slab + slots.pop())
             if not slots:
                 partial.pop()
+            self._mark(slab)
         return pages
 
     def free(self, shape: PageShape, pages: list[int]) -> None:
@@ -157,6 +162,8 @@ class SlabPool:
             slots.append(slot)
             if len(slots) == per_slab:
                 self._release_slab(slab)
+        for slab in {slab for slab, _ in located}:
+            self._mark(slab)
 
     # -- retained pages -------------------------------------------------------------------
 
@@ -178,6 +185,8 @@ class SlabPool:
             slab = page // per_slab
             retained[page] = None
             self._retained_in[slab] = self._retained_in.get(slab, 0) + 1
+        for slab in {page // per_slab for page in pages}:
+            self._mark(slab)
 
     def reuse(self, shape: PageShape, page: int) -> None:
         """A retained page is held again (a cache hit): it is in use, no longer evictable."""
@@ -200,11 +209,19 @@ class SlabPool:
             self._retained_in[slab] = left
         else:
             del self._retained_in[slab]
+        self._mark(slab)
 
-    def _reclaimable(self, slab: int) -> bool:
-        """A slab whose pages in use are all retained: emptied, it serves any shape."""
-        return len(self._free[slab]) + self._retained_in[slab] == \
-            self.pages_per_slab(self._shape[slab])
+    def _mark(self, slab: int) -> None:
+        """Note whether `slab` now holds only retained pages (emptied, it serves any shape)."""
+        shape = self._shape.get(slab)
+        now = shape is not None and slab in self._retained_in and \
+            len(self._free[slab]) + self._retained_in[slab] == self.pages_per_slab(shape)
+        was = self._reclaimable.pop(slab, None)
+        if was is not None:
+            self._reclaimable_of[was] -= 1
+        if now:
+            self._reclaimable[slab] = shape
+            self._reclaimable_of[shape] = self._reclaimable_of.get(shape, 0) + 1
 
     def _evict_oldest(self, shape: PageShape) -> int:
         """The least recently retained page of `shape`, now in use by the caller."""
@@ -214,20 +231,14 @@ class SlabPool:
         return page
 
     def _reclaim_slab(self, shape: PageShape) -> None:
-        """Empty a slab of another shape that holds only retained pages: the first such slab
-        in the shapes' retain order (LRU within a shape, not across shapes)."""
-        for other, retained in self._retained.items():
-            for page in retained:
-                slab = page // self.pages_per_slab(other)
-                if other != shape and self._reclaimable(slab):
-                    per_slab = self.pages_per_slab(other)
-                    lost = [p for p in retained if p // per_slab == slab]
-                    for p in lost:
-                        self.reuse(other, p)
-                    self._notify(other, lost)
-                    self.free(other, lost)
-                    return
-        raise OutOfPagesError(f"no slab can be freed for {shape}")
+        """Empty the slab of another shape that has held only retained pages longest."""
+        slab, other = next((s, sh) for s, sh in self._reclaimable.items() if sh != shape)
+        per_slab = self.pages_per_slab(other)
+        lost = [p for p in self._retained[other] if p // per_slab == slab]
+        for p in lost:
+            self.reuse(other, p)
+        self._notify(other, lost)
+        self.free(other, lost)
 
     def _notify(self, shape: PageShape, pages: list[int]) -> None:
         if pages and shape in self._evict:
