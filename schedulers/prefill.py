@@ -16,8 +16,7 @@ the request there instead when its predicted TTFT there is no worse than where p
 FCFS would put it. Work estimates and predicted TTFTs charge only the tokens the target
 worker does not hold. Not "whenever the holder still meets the SLO": a popular model's
 system prompt is cached on one worker first, and that rule piled the model's requests there
-until their TTFTs neared the SLO (simulated, configs/sim/chat-h800.yaml at 5 sessions a
-second: TTFT p50 0.84 s against 0.40 s without caching; with the rule kept here, 0.30 s).
+until their TTFTs neared the SLO (docs/sim.md, "Prefix caching").
 
 Bookkeeping is incremental so that dispatch stays O(1) in the number of queued groups: open
 groups are indexed by model, each queue keeps a running estimate of its pending work, and
