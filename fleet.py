@@ -17,6 +17,7 @@ from tokenpool.models.quant_plan import check_mode
 from tokenpool.proxy.config import ProxyConfig
 from tokenpool.sampling import SamplingDefaults
 from tokenpool.schedulers.config import SchedulerConfig
+from tokenpool.schedulers.scaling import ScalingConfig
 from tokenpool.schedulers.types import SLO
 
 
@@ -32,10 +33,15 @@ class ModelSpec:
     # What a request that omits temperature, top_p, top_k or max_tokens gets; over the
     # checkpoint's generation_config.json, under the request's own values.
     defaults: SamplingDefaults | None = None
+    # Workers of its own that keep this model resident and serve nothing else (0: it pools
+    # with the rest). For a few hot models; schedulers/partitioned.py.
+    pin: int = 0
 
     def __post_init__(self):
         if self.quantization is not None:
             check_mode(self.quantization)
+        if self.pin < 0:
+            raise ConfigError(f"models.{self.id}.pin must be >= 0, got {self.pin}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +51,9 @@ class FleetConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # The elastic pool's rule (schedulers/scaling.py); acts only when pool.min_workers or
+    # pool.max_workers lets the pool move. Its bounds are the pool's, not set here.
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
     slo: SLOConfig = field(default_factory=SLOConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     bench: BenchConfig | None = None  # the scenario `tokenpool bench sweep` runs on this fleet
@@ -57,6 +66,9 @@ class FleetConfig:
             raise ConfigError(f"models: duplicate model id {dup!r}")
         if not ids:
             raise ConfigError("models: at least one model is required")
+        if self.scaling.min_workers is not None or self.scaling.max_workers is not None:
+            raise ConfigError("scaling: set the bounds as pool.min_workers / pool.max_workers")
+        _check_pins(self.models, self.pool)
 
     def model(self, model_id: str) -> ModelSpec:
         for spec in self.models:
@@ -75,6 +87,21 @@ class FleetConfig:
         chosen = {"dtype": dtype or spec.dtype,
                   "quantization": quantization or spec.quantization}
         return dataclasses.replace(self.engine, **{k: v for k, v in chosen.items() if v})
+
+
+def _check_pins(models: list[ModelSpec], pool: PoolConfig) -> None:
+    """Pinned models need workers that prefill and decode, and must leave the pool one."""
+    pinned = [m for m in models if m.pin]
+    if not pinned:
+        return
+    if pool.prefill_workers:
+        raise ConfigError(f"models.{pinned[0].id}.pin: pinned models need colocated workers "
+                          "(pool.prefill_workers: 0)")
+    total, spare = sum(m.pin for m in pinned), int(len(pinned) < len(models))
+    if total + spare > pool.num_workers:
+        raise ConfigError(f"models: pins take {total} of pool.num_workers "
+                          f"({pool.num_workers})" + (", leaving none for the unpinned models"
+                                                      if spare else ""))
 
 
 def load_fleet(path: str | Path, *, check_memory: bool = True) -> FleetConfig:

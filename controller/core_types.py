@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tokenpool.sampling import SamplingParams
 from tokenpool.schedulers.types import SLO, RequestInfo
@@ -31,6 +31,14 @@ class WorkerLost:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkerJoined:
+    """A worker takes jobs: back after a failure (restarted, perhaps on another node), or
+    up for the first time after the core asked the pool to grow."""
+
+    worker: int
+
+
+@dataclass(frozen=True, slots=True)
 class Rejected:
     """Admission's answer to a request it sheds: the request's first and only event."""
 
@@ -49,11 +57,13 @@ class Failed:
 
 @dataclass(slots=True)  # not frozen: one is built per step, and frozen init costs twice
 class CoreStep:
-    """What one step decided: jobs to start, events for clients, requests now forgotten."""
+    """What one step decided: jobs to start, events for clients, requests now forgotten,
+    and how the pool changes."""
 
     jobs: list  # gpu_pool.protocol.JobInput
     events: list  # Rejected | Failed
     ended: list[str]
+    scale: list = field(default_factory=list)  # schedulers.scaling Grow | Retire, for the pool
 
 
 @dataclass(slots=True)

@@ -30,6 +30,7 @@ class WorkerView:
     restarts: int
     policy: object = None  # the policy's view of it (schedulers WorkerPolicyState), if any
     cached_pages: dict = field(default_factory=dict)  # model -> prefix-cache pages held here
+    node: str = ""  # the Ray node id, or the host name of a local worker
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +75,7 @@ class PoolSnapshot:
 
 
 def _worker_json(w: WorkerView) -> dict:
-    body = {"id": w.id, "role": w.role, "device": w.device, "pid": w.pid, "model": w.model,
+    body = {"id": w.id, "node": w.node, "role": w.role, "device": w.device, "pid": w.pid, "model": w.model,
             "state": w.state, "queued": w.queued, "running": w.running,
             "kv_pages_used": w.kv_pages_used, "switches": w.switches, "failures": w.failures,
             "restarts": w.restarts, "cached_pages": dict(w.cached_pages)}
@@ -140,6 +141,10 @@ class PoolStats:
     def __post_init__(self):
         self.models = {m: ModelCounters() for m in self.slos}
         self.workers = [WorkerCounters() for _ in range(self.num_workers)]
+
+    def reserve(self, num_workers: int) -> None:
+        """Counters for worker ids up to `num_workers` (an elastic pool's max_workers)."""
+        self.workers += [WorkerCounters() for _ in range(num_workers - len(self.workers))]
 
     @property
     def num_waiting(self) -> int:
@@ -229,4 +234,4 @@ class PoolStats:
         state = "dead" if not info.alive else "busy" if busy else "idle"
         return WorkerView(info.id, info.role, info.device, info.pid, w.model, state, queued,
                           running, w.kv_pages_used, w.switches, w.failures, info.restarts,
-                          policy, w.cached_pages)
+                          policy, w.cached_pages, info.node)

@@ -28,6 +28,8 @@ from tokenpool.gpu_pool.profiling import EngineProfilePlan
 from tokenpool.gpu_pool.worker_factory import make_runner, open_host_cache
 from tokenpool.schedulers.admission import SLOAdmission
 from tokenpool.schedulers.registry import Roles, scheduler_from_config
+from tokenpool.schedulers.partitioned import PartitionedScheduler
+from tokenpool.schedulers.scaling import ScalingRule
 
 # Short enough for start-up, long enough for a fit within ~10% on a small CPU model.
 SERVE_PROFILE = EngineProfilePlan(prompt_lens=(16, 128), prefill_batches=(1, 4),
@@ -91,14 +93,20 @@ def build_stack(fleet, *, progress: bool = True, log=None) -> ServingStack:
 
 
 def make_core(fleet, cost) -> ControllerCore:
-    """The controller core that serves `fleet` with the policy run on `cost`."""
-    s = fleet.scheduler
+    """The controller core that serves `fleet` with the policy run on `cost`; an elastic
+    pool (pool.min_workers / max_workers) with the fleet's scaling rule."""
+    s, pool = fleet.scheduler, fleet.pool
     roles = pool_roles(fleet)
-    config = CoreConfig(fleet.pool.num_workers, frozenset(roles.prefill) - set(roles.decode),
+    low, high = pool.workers_range
+    rule = ScalingRule(fleet.scaling.bounded(low, high)) if pool.elastic else None
+    scheduler = scheduler_for(fleet, cost)
+    pinned = scheduler.pinned if isinstance(scheduler, PartitionedScheduler) else {}
+    config = CoreConfig(pool.num_workers, frozenset(roles.prefill) - set(roles.decode),
                         SLOAdmission(s.shed_ttft_factor, s.max_alpha, s.max_waiting),
-                        PageNamer.of_fleet(fleet))
+                        PageNamer.of_fleet(fleet), max_workers=high, scaling=rule,
+                        role_of=pool.role, unscaled=frozenset(pinned))
     stats = PoolStats(fleet.pool.num_workers, {m.id: fleet.slo_of(m.id) for m in fleet.models})
-    return ControllerCore(scheduler_for(fleet, cost), config, stats, cost)
+    return ControllerCore(scheduler, config, stats, cost)
 
 
 def _profile(fleet, models: FleetModels, pool):
@@ -116,6 +124,8 @@ def pool_roles(fleet) -> Roles:
 
 
 def scheduler_for(fleet, cost):
-    """The fleet's policy over its pool; the simulator's predictions build the same one."""
+    """The fleet's policy over its pool; the simulator's predictions build the same one.
+    Pinned models (`pin: N`) get the first workers, in fleet order."""
     return scheduler_from_config(fleet.scheduler, pool_roles(fleet), cost, fleet.slo_of,
-                                 model_load={m.id: 1.0 for m in fleet.models})
+                                 model_load={m.id: 1.0 for m in fleet.models},
+                                 pins={m.id: m.pin for m in fleet.models if m.pin})

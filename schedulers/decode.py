@@ -21,11 +21,13 @@ slow.
 
 from __future__ import annotations
 
+import math
 import random
 
 from tokenpool.schedulers.cost import CostModel
 from tokenpool.schedulers.decode_batches import (
-    DecodeRequest, DecodeWorker, Turn, fcfs_batches, smoothed_slowdown)
+    DecodeRequest, DecodeWorker, Turn, fcfs_batches, join_turn, live_turn, next_model,
+    smoothed_slowdown)
 from tokenpool.schedulers.quota import ALPHA_FLOOR, Q_MAX_S, round_alpha, round_quotas
 from tokenpool.schedulers.choices import candidates
 from tokenpool.schedulers.types import (
@@ -43,20 +45,79 @@ class WeightedRoundRobinDecode:
         self.holders: dict[str, set[int]] = {}  # model -> workers holding its requests
         self.upcoming: dict[str, set[int]] = {}  # model -> workers with its turn still ahead
         self.active: set[int] = set()  # workers with any request
+        self.draining: set[int] = set()  # what they hold runs there; nothing new comes
+        self.pen: list[DecodeRequest] = []  # prefilled while no worker took new requests
+        # Spill hot models off overloaded holders, once a worker joined the pool: a fixed
+        # pool measured better keeping them where they are (docs/elastic.md, "Spill").
+        self.spill = False
         self._all = list(self.workers.values())
         self._rng = random.Random(seed)
+
+    # -- membership (the elastic pool; protocol.Scheduler) -----------------------------------
+
+    def add_worker(self, worker: int) -> None:
+        self.draining.discard(worker)
+        if worker not in self.workers:
+            self.workers[worker] = DecodeWorker(worker)
+            self.spill = True
+        self._refresh()
+        pen, self.pen = self.pen, []
+        for r in pen:
+            self.place(r.request_id, r.model, r.context, r.tbt_slo)
+
+    def drain_worker(self, worker: int) -> None:
+        if worker in self.workers:
+            self.draining.add(worker)
+            self._refresh()
+
+    def remove_worker(self, worker: int) -> None:
+        """Forget `worker`. Requests still there never decoded there (the core reports the
+        others finished first): their KV is with the controller, so they go elsewhere."""
+        w = self.workers.pop(worker, None)
+        if w is None:
+            return
+        self.draining.discard(worker)
+        self._refresh()
+        left = list(w.requests.values())
+        for r in left:
+            self._remove(w, r.request_id)
+        for model in [m for m, ids in self.upcoming.items() if worker in ids]:
+            self.upcoming[model].discard(worker)
+            if not self.upcoming[model]:
+                del self.upcoming[model]
+        for r in left:
+            self.place(r.request_id, r.model, r.context, r.tbt_slo)
+
+    def _refresh(self) -> None:
+        self._all = [w for w in self.workers.values() if w.worker not in self.draining]
+
+    def load(self, worker: int) -> float:
+        """The alpha of a round of `worker`'s current requests, without the 0.5 floor, at
+        its measured step times (0: it holds none)."""
+        w = self.workers.get(worker)
+        if w is None or not w.tokens:
+            return 0.0
+        step_time, models = self.cost.decode_step_time, list(w.tokens)
+        steps = [step_time(m, w.counts[m], w.tokens[m]) * w.slowdown for m in models]
+        switch = sum(map(self.cost.switch_time, models)) if len(models) > 1 else 0.0
+        return round_alpha(steps, [w.tbt[m] for m in models], switch, self.q_max_s, 0.0)
 
     # -- placement ---------------------------------------------------------------------------
 
     def place(self, request_id: str, model: str, context: int, tbt_slo: float,
-              local: int | None = None) -> int:
+              local: int | None = None) -> int | None:
         """Give a prefilled request to a decode worker; returns the worker.
 
         `local`: the worker that prefilled it, when it also decodes (colocated roles): the KV
         is already there. Otherwise prefer a worker already decoding the model with KV room
         (no extra batch per round); else the worker whose next round, with this request,
         would have the lowest alpha. Its KV arrives through the host, as a swap-in on its
-        first turn.
+        first turn. None: no worker takes new requests (all draining or down); it waits.
+
+        Once workers have joined (`spill`), a holder whose next round with the request would
+        miss its TBT SLO (alpha > 1) gives way to the lightest worker, if that one's would
+        not: else the workers there first keep every model they hold, and one that joins
+        gets none of them.
         """
         if local in self.workers:
             self._add(self.workers[local], DecodeRequest(request_id, model, context, tbt_slo))
@@ -64,16 +125,24 @@ class WeightedRoundRobinDecode:
         # A batch of the model still to take its turn this round: the request joins it and
         # decodes within this round instead of waiting for the next one.
         upcoming = self._fitting(self.upcoming.get(model), model, context)
-        choices = upcoming or self._fitting(self.holders.get(model), model, context) or \
-            candidates(self._all, self._rng)
+        held = upcoming or self._fitting(self.holders.get(model), model, context)
+        choices = held or candidates(self._all, self._rng)
+        if not choices:
+            self.pen.append(DecodeRequest(request_id, model, context, tbt_slo, resident=False))
+            return None
         if len(choices) == 1:
             target = choices[0]
         else:
             target = min(choices, key=lambda w: (self._alpha_with(w, model, context, tbt_slo),
                                                  len(w.requests), w.worker))
+        if held and self.spill and self._alpha_with(target, model, context, tbt_slo) > 1.0:
+            lighter = min(candidates(self._all, self._rng), key=lambda w: (
+                self._alpha_with(w, model, context, tbt_slo), len(w.requests), w.worker))
+            if self._alpha_with(lighter, model, context, tbt_slo) <= 1.0:
+                target, upcoming = lighter, []
         self._add(target, DecodeRequest(request_id, model, context, tbt_slo, resident=False))
         if upcoming:
-            self._join_turn(target, model, request_id)
+            join_turn(target, model, request_id)
         return target.worker
 
     def _fitting(self, ids: set[int] | None, model: str, context: int) -> list[DecodeWorker]:
@@ -81,9 +150,10 @@ class WeightedRoundRobinDecode:
         if not ids:
             return []
         capacity = self.cost.kv_capacity_tokens(model)
-        workers = self.workers
+        workers, draining = self.workers, self.draining
         return [workers[i] for i in (sorted(ids) if len(ids) > 1 else ids)
-                if workers[i].tokens.get(model, 0) + context <= capacity]
+                if workers[i].tokens.get(model, 0) + context <= capacity
+                and i not in draining]
 
     def alpha_with(self, worker: int, req: RequestInfo, tbt_slo: float,
                    measured: bool = False, floor: float = ALPHA_FLOOR) -> float:
@@ -103,7 +173,8 @@ class WeightedRoundRobinDecode:
         each worker's turns have lately run."""
         if worker is not None and worker in self.workers:
             return self.alpha_with(worker, req, tbt_slo, measured=True)
-        return min(self.alpha_with(w, req, tbt_slo, measured=True) for w in self.workers)
+        return min((self.alpha_with(w.worker, req, tbt_slo, measured=True) for w in self._all),
+                   default=math.inf)
 
     def slowdown(self, worker: int) -> float:
         """How much slower than the cost model `worker` has been stepping: measured on its
@@ -157,12 +228,6 @@ class WeightedRoundRobinDecode:
         if not w.requests:
             self.active.discard(w.worker)
 
-    @staticmethod
-    def _join_turn(w: DecodeWorker, model: str, request_id: str) -> None:
-        i = next(i for i, t in enumerate(w.turns) if t.model == model)
-        turn = w.turns[i]
-        w.turns[i] = Turn(model, turn.request_ids + (request_id,), turn.quota_s)
-
     # -- rounds and turns --------------------------------------------------------------------
 
     def next_job(self, worker: int) -> Job | None:
@@ -176,7 +241,7 @@ class WeightedRoundRobinDecode:
             for turn in turns:
                 upcoming.setdefault(turn.model, set()).add(worker)
         while turns:
-            turn = self._live(w, turns.pop(0))
+            turn = live_turn(w, turns.pop(0))
             model = turn.model
             for t in turns:
                 if t.model == model:
@@ -190,17 +255,6 @@ class WeightedRoundRobinDecode:
                 return Job(worker, tuple(self._turn_units(w, turn)))
         # The round's remaining turns all ended early: the next round starts now.
         return self.next_job(worker) if w.requests else None
-
-    @staticmethod
-    def _live(w: DecodeWorker, turn: Turn) -> Turn:
-        """The turn without requests that ended outside it since the round began: a unit
-        runs only its own requests, but requests lost with a dead worker are reported
-        finished at once, whatever turn they were to decode in."""
-        requests = w.requests
-        if all(r in requests for r in turn.request_ids):
-            return turn
-        return Turn(turn.model, tuple(r for r in turn.request_ids if r in requests),
-                    turn.quota_s)
 
     def _new_round(self, w: DecodeWorker) -> list[Turn]:
         batches = fcfs_batches(w.requests.values(), self.cost.kv_capacity_tokens,
@@ -240,27 +294,13 @@ class WeightedRoundRobinDecode:
         if w.model != model:
             units.append(Switch(worker, model))
             w.model = model
-        upcoming = self._next_model(w, model)
+        upcoming = next_model(w, model)
         if upcoming is not None:
             units.append(Prefetch(worker, upcoming))
         units.append(Decode(worker, model, turn.request_ids, turn.quota_s))
         if swap_out:
             units.append(SwapOut(worker, model, turn.request_ids))
         return units
-
-    @staticmethod
-    def _next_model(w: DecodeWorker, current: str) -> str | None:
-        """The model to prefetch during a turn of `current`: the next other model of this
-        round, else the one the next round most likely opens with (rounds are FCFS, so the
-        model of the oldest other request). Without the latter, every round boundary would
-        pay a whole switch in the open."""
-        for t in w.turns:
-            if t.model != current:
-                return t.model
-        for r in w.requests.values():
-            if r.model != current:
-                return r.model
-        return None
 
     # -- results -----------------------------------------------------------------------------
 

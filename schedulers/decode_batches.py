@@ -79,3 +79,34 @@ def smoothed_slowdown(current: float, measured_step_s: float, predicted_step_s: 
     low, high = SLOWDOWN_RANGE
     seen = min(max(measured_step_s / predicted_step_s, low), high)
     return current + SLOWDOWN_SMOOTHING * (seen - current)
+
+
+def join_turn(w: DecodeWorker, model: str, request_id: str) -> None:
+    i = next(i for i, t in enumerate(w.turns) if t.model == model)
+    turn = w.turns[i]
+    w.turns[i] = Turn(model, turn.request_ids + (request_id,), turn.quota_s)
+
+
+def live_turn(w: DecodeWorker, turn: Turn) -> Turn:
+    """The turn without requests that ended outside it since the round began: a unit
+    runs only its own requests, but requests lost with a dead worker are reported
+    finished at once, whatever turn they were to decode in."""
+    requests = w.requests
+    if all(r in requests for r in turn.request_ids):
+        return turn
+    return Turn(turn.model, tuple(r for r in turn.request_ids if r in requests),
+                turn.quota_s)
+
+
+def next_model(w: DecodeWorker, current: str) -> str | None:
+    """The model to prefetch during a turn of `current`: the next other model of this
+    round, else the one the next round most likely opens with (rounds are FCFS, so the
+    model of the oldest other request). Without the latter, every round boundary would
+    pay a whole switch in the open."""
+    for t in w.turns:
+        if t.model != current:
+            return t.model
+    for r in w.requests.values():
+        if r.model != current:
+            return r.model
+    return None

@@ -71,11 +71,69 @@ class GroupedFCFSPrefill:
         self.queues = {w: PrefillQueue(w) for w in workers}
         self.open_groups: dict[str, list[tuple[PrefillQueue, Group]]] = {}
         self.nonempty: set[int] = set()  # workers with queued groups
-        self._workers = list(self.queues.values())
+        self.draining: set[int] = set()  # their queued groups run; no new ones come
+        self.pen: list[RequestInfo] = []  # arrived while no worker took new work
+        self._refresh()
         self._rng = random.Random(seed)
         self.prefixes = prefixes
 
+    def _refresh(self) -> None:
+        """The queues new requests may go to."""
+        self._workers = [q for q in self.queues.values() if q.worker not in self.draining]
+        self.accepting = [q.worker for q in self._workers]
+
+    # -- membership (the elastic pool; protocol.Scheduler) -----------------------------------
+
+    def add_worker(self, worker: int) -> None:
+        self.draining.discard(worker)
+        if worker not in self.queues:
+            self.queues[worker] = PrefillQueue(worker)
+            if self.prefixes is not None:
+                self.prefixes.add_worker(worker, self.cost.kv_capacity_bytes)
+        self._refresh()
+        pen, self.pen = self.pen, []
+        for req in pen:
+            self.add_request(req)
+
+    def drain_worker(self, worker: int) -> None:
+        if worker in self.queues:
+            self.draining.add(worker)
+            self._refresh()
+            self._close_groups_on(worker)
+
+    def remove_worker(self, worker: int) -> None:
+        """Forget `worker`; the groups still queued there never started: placed again."""
+        queue = self.queues.pop(worker, None)
+        if queue is None:
+            return
+        self.draining.discard(worker)
+        self.nonempty.discard(worker)
+        self._close_groups_on(worker)
+        if self.prefixes is not None:
+            self.prefixes.forget_worker(worker)
+        self._refresh()
+        for group in queue.groups:
+            for req in group.requests:
+                self.add_request(req)
+
+    def holds(self, worker: int) -> int:
+        queue = self.queues.get(worker)
+        return sum(len(g.requests) for g in queue.groups) if queue is not None else 0
+
+    def _close_groups_on(self, worker: int) -> None:
+        for model in list(self.open_groups):
+            joinable = [e for e in self.open_groups[model] if e[0].worker != worker]
+            if joinable:
+                self.open_groups[model] = joinable
+            else:
+                del self.open_groups[model]
+
+    # -- placement ---------------------------------------------------------------------------
+
     def add_request(self, req: RequestInfo) -> None:
+        if not self._workers:  # every prefill worker is down or draining
+            self.pen.append(req)
+            return
         model = req.model
         queue, group = self.target(req)
         work = self._own_work(req, queue.worker)
@@ -128,7 +186,8 @@ class GroupedFCFSPrefill:
         decoding can take it) instead of FCFS's `queue`, when `req`'s predicted TTFT there is
         no worse: it then meets its SLO wherever FCFS's place would, and the hit saves the
         pool the prefix's compute."""
-        allowed = set().union(*tiers) if tiers is not None else None
+        allowed = set().union(*tiers) if tiers is not None else \
+            set(self.accepting) if self.draining else None
         limit = (req.prompt_len - 1) // PAGE_TOKENS
         holders, pages = self.prefixes.longest(req.page_hashes, limit, allowed)
         if not pages or queue.worker in holders:

@@ -83,6 +83,20 @@ class PrefixIndex:
         self.caches = {w: PageLRU(capacity_bytes) for w in workers}
         self.holders: dict[int, set[int]] = {}
 
+    def add_worker(self, worker: int, capacity_bytes: int) -> None:
+        """A worker new to the pool (or back from a loss: its cache died with it)."""
+        self.forget_worker(worker)
+        self.caches[worker] = PageLRU(capacity_bytes)
+
+    def forget_worker(self, worker: int) -> None:
+        cache = self.caches.pop(worker, None)
+        for name in cache._pages if cache is not None else ():
+            held = self.holders.get(name)
+            if held is not None:
+                held.discard(worker)
+                if not held:
+                    del self.holders[name]
+
     def cached_pages(self, worker: int, names: Sequence[int]) -> int:
         cache = self.caches.get(worker)
         return cache.match(names) if cache is not None else 0

@@ -2,6 +2,11 @@
 
 The core drives it the same way on a wall clock and on a virtual one: `add_request` as
 requests arrive, `schedule` for idle workers, `update` with what their jobs returned.
+
+Membership (the elastic pool, and workers lost and back): a policy is built over the initial
+worker ids; `add_worker` brings one in (new, back from a loss, or no longer draining),
+`drain_worker` stops new work going there while what it holds runs to its end, and
+`remove_worker` forgets it once `holds` is 0 or the core reported what it held finished.
 """
 
 from __future__ import annotations
@@ -30,6 +35,11 @@ class WorkerPolicyState:
     decode_slowdown: float  # measured over predicted step time, smoothed
     decode_alpha: float  # of its last round
     decode_requests: int  # requests it holds
+    # The alpha of a round of its current requests without the 0.5 floor (0: it holds
+    # none): how much of its TBT budget its decoding takes, which the elastic pool's rule
+    # sums over workers (schedulers/scaling.py). Not its last round's alpha, which an
+    # emptied worker keeps.
+    decode_load: float = 0.0
 
 
 @runtime_checkable
@@ -54,4 +64,22 @@ class Scheduler(Protocol):
     def worker_state(self, worker: int) -> WorkerPolicyState | None:
         """`worker`'s decode state; None where the policy keeps none (baselines, or a
         prefill-only worker)."""
+        ...
+
+    def add_worker(self, worker: int, role: str) -> None:
+        """`worker` takes work from now on; `role`: "prefill", "decode" or "prefill+decode"
+        (token-level: as the pool's other workers are cut; the baselines take any)."""
+        ...
+
+    def drain_worker(self, worker: int) -> None:
+        """Place no new work on `worker`; what it holds runs to its end there."""
+        ...
+
+    def remove_worker(self, worker: int) -> None:
+        """Forget `worker`. Work still queued there that never started (its state is not on
+        the worker) is placed again elsewhere; the core reports the rest finished first."""
+        ...
+
+    def holds(self, worker: int) -> int:
+        """Requests queued for prefill or decoding on `worker` (0: nothing; drained)."""
         ...

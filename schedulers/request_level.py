@@ -63,10 +63,14 @@ class RequestLevelScheduler:
             self.serving[model] = list(ws)
         self.num_unfinished_requests = 0
         self.busy: set[int] = set()  # workers holding pending or running requests
+        self.static = pinned is not None
+        self.draining: set[int] = set()  # finish what they hold, take nothing new
 
     def add_request(self, req: RequestInfo, now: float) -> None:
         self.num_unfinished_requests += 1
         holders = self.serving.get(req.model)
+        if holders and self.draining:
+            holders = [w for w in holders if w not in self.draining]
         if holders:
             target = min(holders, key=lambda w: (self.workers[w].load, w))
             self.workers[target].pending.append(req)
@@ -78,7 +82,7 @@ class RequestLevelScheduler:
         idle = set(idle_workers)
         ready = idle & self.busy
         if self.waiting:  # free workers may take a waiting model
-            ready |= {w for w in idle if not self.workers[w].pinned}
+            ready |= {w for w in idle if not self.workers[w].pinned and w not in self.draining}
         jobs = []
         for worker in sorted(ready):
             job = self._next_job(self.workers[worker])
@@ -158,6 +162,54 @@ class RequestLevelScheduler:
 
     def num_unfinished(self) -> int:
         return self.num_unfinished_requests
+
+    # -- membership (the elastic pool; any role: a worker here does both) -------------------
+
+    def add_worker(self, worker: int, role: str) -> None:
+        self.draining.discard(worker)
+        if worker in self.workers:
+            return
+        if not self.static:
+            self.workers[worker] = ServingWorker(worker)
+            return
+        # `static` pins a new worker too: to the model waiting longest (it has no worker),
+        # else to the one whose workers hold the most requests each.
+        model = min(self.waiting, key=lambda m: (self.waiting[m][0].arrival, m)) \
+            if self.waiting else max(self.serving, key=self._held_per_worker, default=None)
+        if model is None:
+            return
+        w = self.workers[worker] = ServingWorker(worker, pinned=True, model=model, serving=True)
+        self.serving.setdefault(model, []).append(worker)
+        w.pending = list(self.waiting.pop(model, ()))
+        if w.pending:
+            self.busy.add(worker)
+
+    def _held_per_worker(self, model: str) -> tuple[float, str]:
+        holders = self.serving[model]
+        return sum(self.workers[w].load for w in holders) / len(holders), model
+
+    def drain_worker(self, worker: int) -> None:
+        if worker in self.workers:
+            self.draining.add(worker)
+
+    def remove_worker(self, worker: int) -> None:
+        """Forget `worker`; requests still pending there never started: placed again."""
+        w = self.workers.pop(worker, None)
+        if w is None:
+            return
+        self.draining.discard(worker)
+        self.busy.discard(worker)
+        if w.serving:
+            self.serving[w.model].remove(worker)
+            if not self.serving[w.model]:
+                del self.serving[w.model]
+        self.num_unfinished_requests -= len(w.pending)
+        for req in w.pending:
+            self.add_request(req, req.arrival)
+
+    def holds(self, worker: int) -> int:
+        w = self.workers.get(worker)
+        return w.load if w is not None else 0
 
     def estimate(self, req: RequestInfo, slo: SLO) -> None:
         """None: the baselines predict nothing; admission bounds their queue only."""

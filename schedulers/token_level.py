@@ -6,6 +6,7 @@ the same ones (colocated: a worker runs its prefill groups first, for TTFT, then
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 from tokenpool.schedulers.cost import CostModel
@@ -56,7 +57,7 @@ class TokenLevelScheduler:
         queued = {q.worker for q, _ in self.prefill.open_groups.get(model, ())}
         holding = decode.holders.get(model, set()) | queued
         loads = []
-        for w in self.prefill.queues:
+        for w in self.prefill.accepting:
             if decode.alpha_with(w, req, tbt, measured=True) > 1.0:
                 continue
             load = decode.alpha_with(w, req, tbt, floor=0.0)
@@ -140,6 +141,8 @@ class TokenLevelScheduler:
         """`req`'s TTFT on the prefill worker placement picks, scaled by how much slower
         than the profile that worker has lately stepped, and the next-round alpha of the
         decode worker it would go to (colocated: the same worker; else the best one)."""
+        if not self.prefill.accepting:  # every prefill worker is down or draining
+            return Estimate(math.inf, math.inf)
         queue, group = self.prefill.target(req)
         ttft = self.prefill.predicted_ttft(req, queue, group) * self.decode.slowdown(queue.worker)
         on = queue.worker if self.colocated else None
@@ -147,4 +150,32 @@ class TokenLevelScheduler:
 
     def worker_state(self, worker: int) -> WorkerPolicyState | None:
         w = self.decode.workers.get(worker)
-        return None if w is None else WorkerPolicyState(w.slowdown, w.alpha, len(w.requests))
+        if w is None:
+            return None
+        return WorkerPolicyState(w.slowdown, w.alpha, len(w.requests), self.decode.load(worker))
+
+    # -- membership (the elastic pool) -----------------------------------------------------
+
+    def add_worker(self, worker: int, role: str) -> None:
+        """Roles as the pool's others are cut: both on a colocated pool, one of them on a
+        disaggregated one (the prefill side's placement is built for one or the other)."""
+        expected = ("prefill+decode",) if self.colocated else ("prefill", "decode")
+        if role not in expected:
+            raise ValueError(f"worker {worker}: role {role!r} on a "
+                             f"{'colocated' if self.colocated else 'disaggregated'} pool")
+        if "prefill" in role:
+            self.prefill.add_worker(worker)
+        if "decode" in role:
+            self.decode.add_worker(worker)
+
+    def drain_worker(self, worker: int) -> None:
+        self.prefill.drain_worker(worker)
+        self.decode.drain_worker(worker)
+
+    def remove_worker(self, worker: int) -> None:
+        self.prefill.remove_worker(worker)
+        self.decode.remove_worker(worker)
+
+    def holds(self, worker: int) -> int:
+        w = self.decode.workers.get(worker)
+        return self.prefill.holds(worker) + (len(w.requests) if w is not None else 0)

@@ -24,6 +24,7 @@ from tokenpool.errors import ConfigError, UnknownModelError
 from tokenpool.schedulers.config import SchedulerConfig
 from tokenpool.schedulers.cost import CostModel
 from tokenpool.schedulers.quota import Q_MAX_S
+from tokenpool.schedulers.scaling import ScalingConfig
 from tokenpool.schedulers.types import SLO
 
 WEIGHT_SLOTS = 2  # the active model and the one being prefetched
@@ -177,6 +178,13 @@ class SimConfig:
         default_factory=lambda: SchedulerConfig(**SIM_SCHEDULER_DEFAULTS))
     aliases: AliasConfig | None = None
     workload: WorkloadSpec | None = None  # the default workload; a CLI may bring another
+    # Workload model name -> devices of its own (`pin: N` of a fleet file). Pinned devices
+    # come beside the cluster's pooled ones, each prefilling and decoding its one model
+    # (sim/pinning.py); `cluster` (and --num-devices) sizes the pool alone.
+    pins: dict[str, int] = field(default_factory=dict)
+    # The elastic pool's rule and bounds (`tokenpool simulate capacity --autoscale`); None:
+    # its defaults, between 2 devices and the cluster's (docs/elastic.md).
+    scaling: ScalingConfig | None = None
 
     def __post_init__(self):
         if not self.models:
@@ -191,9 +199,18 @@ class SimConfig:
         unknown = sorted((self.aliases.targets if self.aliases else set()) - set(typed))
         if unknown:
             raise ValueError(f"aliases: {unknown[0]!r} is not one of models")
+        self._check_pins()
         if self.kv_capacity_bytes <= 0:
             raise ValueError(f"device.memory_bytes leaves no KV room after {WEIGHT_SLOTS} "
                              "weight slots of the largest model")
+
+    def _check_pins(self) -> None:
+        for name, n in self.pins.items():
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise ValueError(f"pins.{name}: expected a whole number >= 0, got {n!r}")
+            # A typo would pin a device to a model nobody asks for.
+            if name not in self.models and not (self.aliases and self.aliases.target(name)):
+                raise ValueError(f"pins: {name!r} is neither one of models nor an alias")
 
     @property
     def kv_capacity_bytes(self) -> int:

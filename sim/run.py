@@ -15,11 +15,13 @@ _SYNTH_NAME = re.compile(r"synth-(\d+)-([\d.]+)-")
 
 
 def roles_of(config) -> Roles:
-    """Disaggregated roles from the cluster shape: per node, prefill workers first."""
+    """Disaggregated roles from the cluster shape: per node, prefill workers first. Pinned
+    devices (`pins:`) come before the cluster's, each in both roles (sim/pinning.py)."""
     c = config.cluster
-    prefill, decode = [], []
+    pinned = list(range(sum(config.pins.values())))
+    prefill, decode = list(pinned), list(pinned)
     for node in range(c.nodes):
-        base = node * (c.prefill_per_node + c.decode_per_node)
+        base = len(pinned) + node * (c.prefill_per_node + c.decode_per_node)
         prefill += range(base, base + c.prefill_per_node)
         decode += range(base + c.prefill_per_node, base + c.prefill_per_node + c.decode_per_node)
     return Roles(tuple(prefill), tuple(decode))
@@ -36,7 +38,8 @@ def run_one(config, workload: list[WorkloadRequest], scheduler_name: str, slo: S
     cost = config.cost_model({r.model for r in workload})
     roles = roles_of(config)
     scheduler = scheduler_from_config(config.scheduler, roles, cost, lambda _model: slo,
-                                      name=scheduler_name, model_load=model_load(workload))
+                                      name=scheduler_name, model_load=model_load(workload),
+                                      pins=config.pins)
     outcome = simulate(workload, scheduler, len(roles.all), cost, lambda _model: slo)
     # Goodput per second of the workload's arrival window (at least a second).
     duration = max(1.0, max((r.arrival_s for r in workload), default=0.0))

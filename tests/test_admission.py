@@ -117,5 +117,7 @@ def test_every_policy_offers_the_scheduler_protocol_and_only_token_level_predict
     estimate = s.estimate(req(1, "a"), SLO_)
     assert type(estimate) is Estimate and estimate.predicted_ttft_s > 0
     assert estimate.round_alpha == s.decode.predicted_alpha(req(1, "a"), SLO_.tbt_s, 0)
-    assert s.worker_state(0) == WorkerPolicyState(1.0, 0.0, 1)  # no round yet: alpha 0
+    # No round yet: alpha 0; its load is what a round of its one request would take.
+    assert s.worker_state(0) == WorkerPolicyState(1.0, 0.0, 1, s.decode.load(0))
+    assert 0 < s.decode.load(0) < 0.5
     assert s.worker_state(7) is None
