@@ -18,12 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tokenpool.controller.core import ControllerCore
-from tokenpool.controller.core_types import Arrival, CoreStep, Failed, Rejected, WorkerLost
+from tokenpool.controller.core_types import (Arrival, CoreStep, Failed, Rejected,
+                                             WorkerJoined, WorkerLost)
 from tokenpool.controller.page_names import PageNamer
 from tokenpool.controller.pool_stats import PoolSnapshot
 from tokenpool.controller.serving_types import ServeRequest, TokenEvent
 from tokenpool.errors import UnavailableError
 from tokenpool.gpu_pool.protocol import JobDone, StepOutputs
+from tokenpool.schedulers.scaling import Grow
 from tokenpool.schedulers.types import RequestInfo
 
 Sink = Callable[[TokenEvent], None]
@@ -52,7 +54,8 @@ class ServingController:
         self._started = time.monotonic()  # the core's clock: seconds since this
         self._wake = threading.Event()
         self._inbox: deque = deque()  # Arrival | str (a cancel), from the edge
-        self._results: deque = deque()  # JobDone | (worker, error), from the pool's threads
+        # JobDone | WorkerJoined | (worker, error), from the pool's threads
+        self._results: deque = deque()
         self._streams: dict[str, Stream] = {}
         self._snapshot: PoolSnapshot | None = None
         self._published_at = 0.0
@@ -133,6 +136,10 @@ class ServingController:
         self._results.append((worker, error))
         self._wake.set()
 
+    def on_joined(self, worker: int) -> None:
+        self._results.append(WorkerJoined(worker))
+        self._wake.set()
+
     # -- the loop -----------------------------------------------------------------------------
 
     def _loop(self) -> None:
@@ -158,7 +165,7 @@ class ServingController:
             (cancels if type(item) is str else arrivals).append(item)
         while self._results:
             item = self._results.popleft()
-            results.append(item if type(item) is JobDone else self._lost(*item))
+            results.append(self._lost(*item) if type(item) is tuple else item)
         return arrivals, cancels, results
 
     def _lost(self, worker: int, error: BaseException) -> WorkerLost:
@@ -169,6 +176,13 @@ class ServingController:
     def _apply(self, step: CoreStep) -> None:
         for job in step.jobs:
             self.pool.run(job.job.worker, job)
+        for decision in step.scale:
+            if type(decision) is Grow:
+                log.info("pool grows: starting workers %s", list(decision.workers))
+                self.pool.add_workers(decision.workers)
+            else:
+                log.info("pool shrinks: retiring drained worker %d", decision.worker)
+                self.pool.retire(decision.worker)
         for event in step.events:
             stream = self._streams.get(event.request_id)
             if type(event) is Rejected:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import socket
 import threading
 from dataclasses import dataclass
 from typing import Protocol
@@ -32,6 +33,8 @@ class WorkerInfo:
     pid: int
     alive: bool = True
     restarts: int = 0
+    node: str = ""  # the Ray node id, or the host name for workers of this process
+    starting: bool = False  # asked for, not placed and built yet (an elastic pool's growth)
 
 
 class PoolListener(Protocol):
@@ -40,20 +43,31 @@ class PoolListener(Protocol):
     def on_done(self, done: JobDone) -> None: ...
 
     def on_failure(self, worker: int, error: BaseException) -> None:
-        """The worker died during a job: its job and every request it held are lost."""
+        """The worker died during a job: its job and every request it held are lost, and it
+        takes no jobs until `on_joined`."""
+
+    def on_joined(self, worker: int) -> None:
+        """The worker is up again after a failure, or up for the first time after
+        `add_workers`: it takes jobs from now on."""
 
 
 class WorkerPool(Protocol):
     config: PoolConfig
 
     def start(self, listener: PoolListener) -> None:
-        """Build every worker; returns when all can take jobs."""
+        """Build the first `config.num_workers` workers; returns when all can take jobs."""
 
     def profile(self, plan) -> WorkerProfile:
         """A short profile of a worker's engines (`gpu_pool.profiling.EngineProfilePlan`);
         called once, before the first job."""
 
     def run(self, worker: int, job: JobInput) -> None: ...
+
+    def add_workers(self, ids) -> None:
+        """Start workers with these ids; returns at once, and each reports `on_joined`."""
+
+    def retire(self, worker: int) -> None:
+        """Stop a worker that holds nothing (drained, or still starting)."""
 
     def workers(self) -> list[WorkerInfo]: ...
 
@@ -67,25 +81,51 @@ class LocalPool:
         """`make_runner(worker_id)` builds a worker and returns its `JobRunner`."""
         self.config = config
         self._make_runner = make_runner
-        self._inboxes = [queue.SimpleQueue() for _ in range(config.num_workers)]
-        self._threads: list[threading.Thread] = []
-        self._devices: list[str] = []
+        self._inboxes: dict[int, queue.SimpleQueue] = {}
+        self._threads: dict[int, threading.Thread] = {}
+        self._runners: dict = {}
+        self._devices: dict[int, str] = {}
+        self._restarts: dict[int, int] = {}
+        self._listener: PoolListener | None = None
 
     def start(self, listener: PoolListener) -> None:
         import torch
 
         torch.set_num_threads(max(1, self.config.torch_threads * self.config.num_workers))
-        runners = [self._make_runner(i) for i in range(self.config.num_workers)]
-        self._runners = runners
-        self._devices = [str(r.worker.device) for r in runners]
-        self._restarts = [0] * len(runners)
-        for i in range(len(runners)):
-            thread = threading.Thread(target=self._serve, args=(i, self._inboxes[i], listener),
-                                      name=f"tokenpool-worker-{i}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._listener = listener
+        ids = range(self.config.num_workers)
+        for i in ids:
+            self._restarts[i] = -1  # its first build is no restart
+            self._build(i)
+        for i in ids:
+            self._start_thread(i)
 
-    def _serve(self, worker: int, inbox: queue.SimpleQueue, listener: PoolListener) -> None:
+    def add_workers(self, ids) -> None:
+        for i in ids:
+            if i in self._threads:
+                raise ValueError(f"worker {i} is in the pool already")
+            self._restarts[i] = -1
+            self._runners[i] = None
+            self._start_thread(i, joining=True)
+
+    def retire(self, worker: int) -> None:
+        self._inboxes[worker].put(None)
+        self._threads.pop(worker).join(timeout=30)
+        for table in (self._inboxes, self._runners, self._devices, self._restarts):
+            table.pop(worker, None)
+
+    def _start_thread(self, worker: int, joining: bool = False) -> None:
+        inbox = self._inboxes[worker] = queue.SimpleQueue()
+        thread = threading.Thread(target=self._serve, args=(worker, inbox, joining),
+                                  name=f"tokenpool-worker-{worker}", daemon=True)
+        self._threads[worker] = thread
+        thread.start()
+
+    def _serve(self, worker: int, inbox: queue.SimpleQueue, joining: bool) -> None:
+        listener = self._listener
+        if joining:
+            self._build(worker)
+            listener.on_joined(worker)
         while (job := inbox.get()) is not None:
             try:
                 runner = self._runners[worker] or self._build(worker)
@@ -99,7 +139,8 @@ class LocalPool:
                 # restarts a dead actor, and report everything it held as lost.
                 self._restart(worker)
                 listener.on_failure(worker, exc)
-        if self._runners[worker] is not None:
+                listener.on_joined(worker)
+        if self._runners.get(worker) is not None:
             self._runners[worker].close()
 
     def _restart(self, worker: int) -> None:
@@ -115,9 +156,10 @@ class LocalPool:
             log.exception("worker %d could not be rebuilt", worker)
 
     def _build(self, worker: int):
-        self._runners[worker] = self._make_runner(worker)
+        runner = self._runners[worker] = self._make_runner(worker)
+        self._devices[worker] = str(runner.worker.device)
         self._restarts[worker] += 1
-        return self._runners[worker]
+        return runner
 
     def profile(self, plan):
         """A short profile of worker 0 (all workers are alike).
@@ -130,13 +172,18 @@ class LocalPool:
         self._inboxes[worker].put(job)
 
     def workers(self) -> list[WorkerInfo]:
-        return [WorkerInfo(i, self.config.role(i), self._devices[i], os.getpid(),
-                           self._threads[i].is_alive() and self._runners[i] is not None,
-                           self._restarts[i])
-                for i in range(self.config.num_workers)]
+        host = socket.gethostname()
+        infos = []
+        for i, thread in sorted(list(self._threads.items())):
+            runner = self._runners.get(i)
+            infos.append(WorkerInfo(i, self.config.role(i), self._devices.get(i, ""),
+                                    os.getpid(), thread.is_alive() and runner is not None,
+                                    max(0, self._restarts.get(i, 0)), host,
+                                    starting=i not in self._devices))
+        return infos
 
     def close(self) -> None:
-        for inbox in self._inboxes:
+        for inbox in list(self._inboxes.values()):
             inbox.put(None)
-        for thread in self._threads:
+        for thread in list(self._threads.values()):
             thread.join(timeout=30)

@@ -6,10 +6,18 @@ generators: the actor yields each engine step's `StepOutputs` as the step ends a
 `JobDone` last, and the thread hands each to the listener as it arrives, so tokens stream
 while the job runs rather than when it ends.
 
-Faults. When an actor dies, the job in flight is reported with `on_failure` and the thread
-waits (bounded) for Ray to restart the actor (`max_restarts`); the constructor rebuilds the
-worker from the node's host cache, whose files outlive the process, so a restart reads no
-checkpoint. Jobs queued meanwhile run once it is back. Tasks are never retried
+Placement. A worker asks Ray for a GPU, or on CPU nodes for `cpus_per_worker` CPUs plus one
+unit of `pool.worker_resource`, so Ray spreads workers over the nodes that declare it. An
+actor fills its own node's host cache if the serving process has not (another node), and
+says which node it is on (`/pool`'s `node`). Handed-off KV moves actor to actor through the
+object store (ray_handoff.py). `add_workers` asks for workers that start when Ray places
+them: pending actors are the resource demand Ray's autoscaler acts on.
+
+Faults. When an actor dies, the job in flight is reported with `on_failure`, the worker is
+down, and its thread waits for Ray to restart the actor (`max_restarts`), on any node with the
+resources: a lost node's workers come back when a node joins. It then reports `on_joined`.
+The constructor rebuilds the worker from the node's host cache, whose files outlive the
+process, so a restart on the same node reads no checkpoint. Tasks are never retried
 (`max_task_retries=0`): a job that may have half run on a dead worker is the controller's to
 replan, not ours to replay on a fresh worker that holds none of its requests' KV. An actor
 that died between jobs may be back before the next one, with nothing it held: each job names
@@ -26,11 +34,13 @@ import dataclasses
 import logging
 import math
 import os
+import threading
 import time
 
 from tokenpool.gpu_pool.pool import PoolListener, WorkerInfo
 from tokenpool.gpu_pool.protocol import JobInput
-from tokenpool.gpu_pool.ray_link import WorkerLink, WorkerRestarted, ray_module
+from tokenpool.gpu_pool.ray_actor import WorkerActor
+from tokenpool.gpu_pool.ray_link import WorkerLink, ray_module
 from tokenpool.gpu_pool.pool_config import PoolConfig
 
 log = logging.getLogger(__name__)
@@ -39,49 +49,23 @@ CLOSE_GRACE_S = 30.0  # how long close() lets queued jobs finish before killing 
 LOCAL_START_ATTEMPTS = 3  # tries at starting the pool's own Ray node
 
 
-class WorkerActor:
-    """The body of every worker actor. Building the worker in the constructor means a
-    restart by Ray rebuilds it too."""
-
-    def __init__(self, fleet, worker_id: int, namespace: str, torch_threads: int):
-        import torch
-
-        from tokenpool.gpu_pool.worker_factory import make_runner
-
-        torch.set_num_threads(torch_threads)
-        self.runner = make_runner(fleet, worker_id, namespace)
-
-    def describe(self) -> tuple[int, str]:
-        """(pid, device); a GPU is named by its index on the node, not the actor's cuda:0."""
-        device = self.runner.worker.device
-        if device.type == "cuda":
-            return os.getpid(), f"cuda:{ray_module().get_gpu_ids()[0]}"
-        return os.getpid(), str(device)
-
-    def profile(self, plan):
-        from tokenpool.gpu_pool.profiling import profile_worker
-
-        return profile_worker(self.runner.worker, plan)
-
-    def run(self, job_input: JobInput, expected_pid: int):
-        if os.getpid() != expected_pid:
-            raise WorkerRestarted(f"worker actor restarted (pid {expected_pid} -> "
-                                  f"{os.getpid()}): everything it held is gone")
-        yield from self.runner.run(job_input)
-
-    def close(self) -> None:
-        self.runner.close()
-
-
 class RayPool:
     def __init__(self, config: PoolConfig, fleet, namespace: str, *,
-                 restart_timeout_s: float = 300.0, start_timeout_s: float = 600.0):
+                 restart_timeout_s: float | None = None, start_timeout_s: float = 600.0,
+                 kv_by_ref: bool = True):
+        """`restart_timeout_s`: how long a dead worker's actor may take to come back before
+        the worker stays down (None: as long as Ray restarts it, e.g. until a lost node's
+        replacement joins). `start_timeout_s` bounds start(), not a grown worker's start.
+        `kv_by_ref=False` sends handed-off KV through this process, as before ray_handoff.py
+        (kept to measure the two side by side)."""
         self.config = config
         self.fleet = fleet
         self.namespace = namespace
         self.restart_timeout_s = restart_timeout_s
         self.start_timeout_s = start_timeout_s
-        self._links: list[WorkerLink] = []
+        self.kv_by_ref = kv_by_ref
+        self._links: dict[int, WorkerLink] = {}
+        self._listener: PoolListener | None = None
         self._owns_connection = False  # connected by start(), so close() disconnects
 
     @property
@@ -90,21 +74,48 @@ class RayPool:
 
     def start(self, listener: PoolListener) -> None:
         ray = ray_module()
+        self._listener = listener
         self._owns_connection = _connect(ray, self.config, self._cpus_needed())
+        ids = range(self.config.num_workers)
         actors = []
         try:
-            actors = self._create_actors(ray)
+            actors = [self._create_actor(ray, i) for i in ids]
             described = self._await_ready(ray, actors)
         except BaseException:
             for actor in actors:
                 ray.kill(actor, no_restart=True)
             self._disconnect(ray)
             raise
-        self._links = [WorkerLink(i, self.config.role(i), actor, *described[i], listener,
-                                   self.restart_timeout_s)
-                       for i, actor in enumerate(actors)]
-        for link in self._links:
-            link.thread.start()
+        for i, actor, (pid, device, node) in zip(ids, actors, described):
+            info = WorkerInfo(i, self.config.role(i), device, pid, node=node)
+            self._start_link(self._link(info, actor))
+
+    def add_workers(self, ids) -> None:
+        """Ask Ray for more workers; returns at once. Each reports `on_joined` once Ray has
+        placed and built it. Until then its actor is a pending resource request, which is
+        what Ray's autoscaler (or KubeRay's) acts on by adding a node."""
+        ray = ray_module()
+        for i in ids:
+            if i in self._links:
+                raise ValueError(f"worker {i} is in the pool already")
+            info = WorkerInfo(i, self.config.role(i), "", 0, alive=False, starting=True)
+            self._start_link(self._link(info, self._create_actor(ray, i)))
+
+    def retire(self, worker: int) -> None:
+        """Stop a worker the controller has drained (or one still starting): its actor is
+        closed and killed, and its resources go back to the cluster."""
+        link = self._links.pop(worker)
+        link.inbox.put(None)
+        link.stopping.set()
+        threading.Thread(target=_close_actor, args=(ray_module(), link.actor, True),
+                         daemon=True, name=f"tokenpool-retire-{worker}").start()
+
+    def _link(self, info: WorkerInfo, actor) -> WorkerLink:
+        return WorkerLink(info, actor, self._listener, self.restart_timeout_s, self.kv_by_ref)
+
+    def _start_link(self, link: WorkerLink) -> None:
+        self._links[link.id] = link
+        link.thread.start()
 
     def profile(self, plan):
         """A short profile of worker 0 (all workers are alike).
@@ -117,7 +128,7 @@ class RayPool:
         self._links[worker].inbox.put(job)
 
     def workers(self) -> list[WorkerInfo]:
-        return [link.info for link in self._links]
+        return [link.info for link in list(self._links.values())]
 
     def kill(self, worker: int) -> None:
         """Test hook: kill the worker's actor process as a crash would; Ray restarts it."""
@@ -126,17 +137,19 @@ class RayPool:
     def close(self) -> None:
         """Let queued jobs finish (bounded), then kill the actors and leave Ray."""
         ray = ray_module()
-        for link in self._links:
+        links, self._links = list(self._links.values()), {}
+        for link in links:
             link.inbox.put(None)
         deadline = time.monotonic() + CLOSE_GRACE_S
-        for link in self._links:
+        for link in links:
+            if not link.info.alive:
+                link.stopping.set()  # a thread waiting on a (re)start gives up
             link.thread.join(timeout=max(0.0, deadline - time.monotonic()))
-        for link in self._links:
-            link.stopping.set()  # a thread still waiting on a restart gives up
+        for link in links:
+            link.stopping.set()
             _close_actor(ray, link.actor, idle=not link.thread.is_alive())
-        for link in self._links:
+        for link in links:
             link.thread.join(timeout=CLOSE_GRACE_S)
-        self._links = []
         self._disconnect(ray)
 
     def _disconnect(self, ray) -> None:
@@ -145,17 +158,26 @@ class RayPool:
         self._owns_connection = False
 
     def _cpus_needed(self) -> int:
+        """CPUs of the pool's own local cluster: room for the most workers it may grow to."""
         per_worker = 0 if self.on_gpu else self.config.cpus_per_worker
-        return max(1, math.ceil(per_worker * self.config.num_workers))
+        return max(1, math.ceil(per_worker * self.config.workers_range[1]))
 
-    def _create_actors(self, ray) -> list:
-        resources = {"num_gpus": 1, "num_cpus": 0} if self.on_gpu else \
-            {"num_cpus": self.config.cpus_per_worker}
+    def _create_actor(self, ray, worker: int):
+        options = self._resources()
         actor_class = ray.remote(WorkerActor).options(
-            max_restarts=self.config.max_restarts, max_task_retries=0, **resources)
-        fleet = self._fleet_for_actors()
-        return [actor_class.remote(fleet, i, self.namespace, self.config.torch_threads)
-                for i in range(self.config.num_workers)]
+            max_restarts=self.config.max_restarts, max_task_retries=0, **options)
+        return actor_class.remote(self._fleet_for_actors(), worker, self.namespace,
+                                  self.config.torch_threads)
+
+    def _resources(self) -> dict:
+        """What one worker asks Ray for: a GPU, or CPU slots plus one unit of the pool's
+        custom resource, so workers land only on nodes that declare it."""
+        if self.on_gpu:
+            return {"num_gpus": 1, "num_cpus": 0}
+        options: dict = {"num_cpus": self.config.cpus_per_worker}
+        if self.config.worker_resource:
+            options["resources"] = {self.config.worker_resource: 1}
+        return options
 
     def _fleet_for_actors(self):
         """Ray shows a GPU actor only its own GPU, as cuda:0, whatever index the file names."""
@@ -164,7 +186,7 @@ class RayPool:
         engine = dataclasses.replace(self.fleet.engine, device="cuda")
         return dataclasses.replace(self.fleet, engine=engine)
 
-    def _await_ready(self, ray, actors) -> list[tuple[int, str]]:
+    def _await_ready(self, ray, actors) -> list[tuple[int, str, str]]:
         refs = [actor.describe.remote() for actor in actors]
         try:
             return ray.get(refs, timeout=self.start_timeout_s)
@@ -172,8 +194,7 @@ class RayPool:
             raise TimeoutError(
                 f"{self.config.num_workers} worker actors not ready within "
                 f"{self.start_timeout_s:g} s; each needs "
-                f"{'1 GPU' if self.on_gpu else f'{self.config.cpus_per_worker:g} CPU'}, the "
-                f"cluster has {ray.cluster_resources()}") from None
+                f"{self._resources()}, the cluster has {ray.cluster_resources()}") from None
 
 
 def _connect(ray, config: PoolConfig, cpus_needed: int) -> bool:
@@ -183,11 +204,14 @@ def _connect(ray, config: PoolConfig, cpus_needed: int) -> bool:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no prompt, nothing sent home
     quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
     if config.ray_address is not None:
-        ray.init(address=config.ray_address, **quiet)
+        _join(ray, config.ray_address, quiet)
         return True
     # "local", not None: None would join a cluster found through RAY_ADDRESS or /tmp/ray,
-    # and this pool is meant to own its cluster.
-    local = dict(address="local", num_cpus=config.num_cpus or cpus_needed,
+    # and this pool is meant to own its cluster. The pool's own node declares its worker resource, so a fleet file written for a
+    # cluster also runs on one machine.
+    resources = {config.worker_resource: config.workers_range[1]} \
+        if config.worker_resource else None
+    local = dict(address="local", num_cpus=config.num_cpus or cpus_needed, resources=resources,
                  include_dashboard=False, object_store_memory=config.object_store_bytes,
                  _system_config={"task_events_max_num_task_in_gcs": config.ray_task_events},
                  **quiet)
@@ -204,6 +228,19 @@ def _connect(ray, config: PoolConfig, cpus_needed: int) -> bool:
             ray.shutdown()
     ray.init(**local)
     return True
+
+
+def _join(ray, address: str, options: dict) -> None:
+    try:
+        ray.init(address=address, **options)
+    except Exception as exc:
+        if "auth" not in str(exc).lower():
+            raise
+        # Ray 2.60 clusters run token authentication: a driver needs it turned on too.
+        raise RuntimeError(
+            f"joining the Ray cluster at {address!r} failed authentication ({exc}); set "
+            "RAY_AUTH_MODE=token and give this process the cluster's token "
+            "(RAY_AUTH_TOKEN, or the head's ~/.ray/auth_token)") from exc
 
 
 def _close_actor(ray, actor, idle: bool) -> None:

@@ -18,6 +18,7 @@ import pytest
 from tokenpool.controller.cost_fit import cost_model_of
 from tokenpool.fleet import load_fleet
 from tokenpool.gpu_pool.fleet_weights import FleetModels, FleetWeights
+from tokenpool.gpu_pool.pool import WorkerInfo
 from tokenpool.gpu_pool.protocol import JobDone, JobInput, StepOutputs
 from tokenpool.gpu_pool.pool_config import PoolConfig
 from tokenpool.memory.host_cache import HostModelCache
@@ -35,6 +36,7 @@ PROMPTS = [[1, 504, 3458, 282, 4649, 314], [30, 2200, 17, 4302, 9, 88, 14, 2, 71
 SHAPES = {"synth-a": dict(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2),
           "synth-b": dict(num_layers=3, hidden_size=96, num_heads=6, num_kv_heads=3,
                           tie_word_embeddings=False)}
+ENDS = ("done", "failure")  # the events that end a job
 JOB_TIMEOUT_S = 300  # only a guard against a hang, never a performance bound
 _ids = itertools.count()
 
@@ -70,6 +72,11 @@ class Recorder:
         if self.forward:
             self.forward.on_failure(worker, error)
 
+    def on_joined(self, worker: int) -> None:
+        self._add("joined", worker, None)
+        if self.forward:
+            self.forward.on_joined(worker)
+
     def _add(self, kind, worker, item) -> None:
         with self._changed:
             self.events.append((kind, worker, item, time.monotonic()))
@@ -89,7 +96,7 @@ class Recorder:
     def wait_ends(self, since: int, workers: list[int]) -> list[tuple]:
         """Events after `since`, once each of `workers` has ended a job (done or failure)."""
         return self.wait_for(since, lambda events: {
-            w for kind, w, _, _ in events if kind != "step"}.issuperset(workers))
+            w for kind, w, _, _ in events if kind in ENDS}.issuperset(workers))
 
 
 def generate_job(worker: int, model: str, params: SamplingParams) -> JobInput:
@@ -263,9 +270,9 @@ def test_a_death_just_after_a_job_ends_fails_the_next_job_not_that_one(pool):
 
     class LingersAfterDone:
         def describe(self):
-            return os.getpid(), "cpu"
+            return os.getpid(), "cpu", "node"
 
-        def run(self, job_input, expected_pid):
+        def run(self, job_input, expected_pid, kv_by_ref):
             if os.getpid() != expected_pid:
                 raise WorkerRestarted("restarted")
             yield JobDone(job_input.job.worker, ())
@@ -274,19 +281,21 @@ def test_a_death_just_after_a_job_ends_fails_the_next_job_not_that_one(pool):
     actor = ray.remote(LingersAfterDone).options(
         max_restarts=1, max_task_retries=0, num_cpus=0).remote()
     recorder = Recorder()
-    link = WorkerLink(7, "prefill+decode", actor, *ray.get(actor.describe.remote()),
-                       recorder, restart_timeout_s=JOB_TIMEOUT_S)
+    pid, device, node = ray.get(actor.describe.remote())
+    link = WorkerLink(WorkerInfo(7, "prefill+decode", device, pid, node=node), actor,
+                      recorder, restart_timeout_s=JOB_TIMEOUT_S)
     recorder.on_first_done = lambda done: ray.kill(actor, no_restart=False)
     link.thread.start()
     try:
         for _ in range(3):
             link.inbox.put(JobInput(Job(7, ())))
-        recorder.wait_for(0, lambda events: sum(kind != "step" for kind, *_ in events) >= 3)
+        recorder.wait_for(0, lambda events: sum(kind in ENDS for kind, *_ in events) >= 3)
         link.inbox.put(None)  # the thread ends once every queued job has ended
         link.thread.join(timeout=JOB_TIMEOUT_S)
         ends = [kind for kind, *_ in recorder.events]
-        # The first job done; the second failed, never run; the third run on the new process.
-        assert ends == ["done", "failure", "done"], recorder.events
+        # The first job done; the second failed, never run, and the worker is back; the
+        # third run on the new process.
+        assert ends == ["done", "failure", "joined", "done"], recorder.events
         assert link.info.alive and link.info.restarts == 1
     finally:
         link.stopping.set()

@@ -86,7 +86,7 @@ def wait_idle(stack) -> dict:
 
 
 def assert_pages_free(stack) -> None:
-    for runner in stack.controller.pool._runners:
+    for runner in stack.controller.pool._runners.values():
         usage = runner.worker.usage()
         assert usage["kv"]["used"] == 0 and usage["swap"]["used"] == 0, usage
 
