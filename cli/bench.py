@@ -1,6 +1,7 @@
 """`tokenpool bench engine|proxy`: engine throughput and proxy overhead, as JSON (`swap` lives
-in cli/bench_swap.py, `serve` and `sweep` in cli/bench_serve.py, `overload` in
-cli/bench_overload.py, `chat` and `chunked` in cli/bench_prefix.py)."""
+in cli/bench_swap.py, `handoff` in cli/bench_handoff.py, `serve` and `sweep` in
+cli/bench_serve.py, `overload` in cli/bench_overload.py, `chat` and `chunked` in
+cli/bench_prefix.py)."""
 
 from __future__ import annotations
 
@@ -64,17 +65,19 @@ examples:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    from tokenpool.cli import bench_overload, bench_prefix, bench_serve, bench_swap
+    from tokenpool.cli import (bench_handoff, bench_overload, bench_prefix, bench_serve,
+                               bench_swap)
 
     p = commands.add_parser(
-        "bench", help="benchmarks that write one JSON object (engine, swap, proxy, serve, sweep, "
-             "overload, chat, chunked)",
+        "bench", help="benchmarks that write one JSON object (engine, swap, handoff, proxy, "
+             "serve, sweep, overload, chat, chunked)",
         description="Benchmarks. Each prints a short table to stdout and writes one JSON "
                     "object to --json OUT.",
         formatter_class=_args.HelpFormatter)
     kinds = p.add_subparsers(dest="bench_command", metavar="KIND", required=True)
     _add_engine(kinds)
     bench_swap.add_parser(kinds)
+    bench_handoff.add_parser(kinds)
     _add_proxy(kinds)
     bench_serve.add_parsers(kinds)
     bench_overload.add_parser(kinds)
