@@ -26,9 +26,9 @@ import random
 
 from tokenpool.schedulers.cost import CostModel
 from tokenpool.schedulers.decode_batches import (
-    DecodeRequest, DecodeWorker, Turn, fcfs_batches, join_turn, live_turn, next_model,
-    smoothed_slowdown)
-from tokenpool.schedulers.quota import ALPHA_FLOOR, Q_MAX_S, round_alpha, round_quotas
+    DecodeRequest, DecodeWorker, Turn, join_turn, live_turn, measured_slowdown, next_model,
+    next_round_alpha, plan_round)
+from tokenpool.schedulers.quota import ALPHA_FLOOR, Q_MAX_S
 from tokenpool.schedulers.choices import candidates
 from tokenpool.schedulers.types import (
     Decode, Job, Prefetch, RequestInfo, SwapIn, SwapOut, Switch)
@@ -97,10 +97,7 @@ class WeightedRoundRobinDecode:
         w = self.workers.get(worker)
         if w is None or not w.tokens:
             return 0.0
-        step_time, models = self.cost.decode_step_time, list(w.tokens)
-        steps = [step_time(m, w.counts[m], w.tokens[m]) * w.slowdown for m in models]
-        switch = sum(map(self.cost.switch_time, models)) if len(models) > 1 else 0.0
-        return round_alpha(steps, [w.tbt[m] for m in models], switch, self.q_max_s, 0.0)
+        return next_round_alpha(w, self.cost, self.q_max_s, w.slowdown, 0.0)
 
     # -- placement ---------------------------------------------------------------------------
 
@@ -184,25 +181,9 @@ class WeightedRoundRobinDecode:
 
     def _alpha_with(self, w: DecodeWorker, model: str, context: int, tbt_slo: float,
                     slowdown: float = 1.0, floor: float = ALPHA_FLOOR) -> float:
-        """The alpha of the worker's next round if it also held this request: one batch per
-        model of its current requests. Not its last round's alpha, which is stale (an
-        emptied worker keeps the alpha of its last busy round)."""
-        step_time = self.cost.decode_step_time
-        steps, slos = [], []
-        for m, tokens in w.tokens.items():
-            count, tbt = w.counts[m], w.tbt[m]
-            if m == model:
-                count, tokens, tbt = count + 1, tokens + context, min(tbt, tbt_slo)
-            steps.append(step_time(m, count, tokens) * slowdown)
-            slos.append(tbt)
-        models = list(w.tokens)
-        if model not in w.tokens:
-            steps.append(step_time(model, 1, context) * slowdown)
-            slos.append(tbt_slo)
-            models.append(model)
-        # A lone model switches in once, not every round.
-        switch = sum(map(self.cost.switch_time, models)) if len(models) > 1 else 0.0
-        return round_alpha(steps, slos, switch, self.q_max_s, floor)
+        """The alpha of the worker's next round if it also held this request."""
+        return next_round_alpha(w, self.cost, self.q_max_s, slowdown, floor,
+                                (model, context, tbt_slo))
 
     def _add(self, w: DecodeWorker, r: DecodeRequest) -> None:
         w.requests[r.request_id] = r
@@ -234,7 +215,7 @@ class WeightedRoundRobinDecode:
         w = self.workers[worker]
         turns = w.turns
         if not turns:
-            turns = w.turns = self._new_round(w)
+            turns = w.turns = plan_round(w, self.cost, self.q_max_s, self.max_batch_size)
             if not turns:
                 return None
             upcoming = self.upcoming
@@ -255,27 +236,6 @@ class WeightedRoundRobinDecode:
                 return Job(worker, tuple(self._turn_units(w, turn)))
         # The round's remaining turns all ended early: the next round starts now.
         return self.next_job(worker) if w.requests else None
-
-    def _new_round(self, w: DecodeWorker) -> list[Turn]:
-        batches = fcfs_batches(w.requests.values(), self.cost.kv_capacity_tokens,
-                               self.max_batch_size)
-        if not batches:
-            return []
-        # In round order, not a set's: string hashes differ between processes, and so would
-        # the last bit of a float sum taken in hash order.
-        models = list(dict.fromkeys(b.model for b in batches))
-        switch = sum(self.cost.switch_time(m) for m in models) \
-            if len(models) > 1 or w.model not in models else 0.0
-        # A turn decodes for its quota in seconds, so steps slower than the profile's give
-        # fewer tokens and gaps `slowdown` times the planned ones: plan with the steps as
-        # this worker's turns have lately run. A worker never measured plans by the profile.
-        step_time, slowdown = self.cost.decode_step_time, w.slowdown
-        steps = [step_time(b.model, len(b.requests), b.tokens) * slowdown for b in batches]
-        quotas = round_quotas(steps, [b.tbt_slo for b in batches], switch, self.q_max_s)
-        w.alpha = quotas.alpha
-        w.turn_s = max(quotas.quotas)
-        return [Turn(b.model, tuple(r.request_id for r in b.requests), q)
-                for b, q in zip(batches, quotas.quotas)]
 
     def _turn_units(self, w: DecodeWorker, turn: Turn) -> list:
         units: list = []
@@ -309,7 +269,8 @@ class WeightedRoundRobinDecode:
         """A turn's result; `seconds` (0: not measured) is what its `steps` took."""
         w = self.workers[worker]
         if seconds > 0.0 and steps:
-            self._measured(w, request_ids, seconds / steps)
+            w.slowdown = measured_slowdown(w, request_ids, seconds / steps,
+                                           self.cost.decode_step_time)
         done = set(finished)
         requests = w.requests
         grown: dict[str, int] = {}  # tokens added per model (a turn's requests share one)
@@ -323,11 +284,3 @@ class WeightedRoundRobinDecode:
         for model, tokens in grown.items():
             w.tokens[model] += tokens
             w.kv_bytes += self.cost.kv_bytes(model, tokens)
-
-    def _measured(self, w: DecodeWorker, request_ids: tuple[str, ...], step_s: float) -> None:
-        batch = [w.requests[r] for r in request_ids if r in w.requests]
-        if not batch:
-            return
-        predicted = self.cost.decode_step_time(batch[0].model, len(batch),
-                                               sum(r.context for r in batch))
-        w.slowdown = smoothed_slowdown(w.slowdown, step_s, predicted)
