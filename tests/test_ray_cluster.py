@@ -26,8 +26,12 @@ models:
 engine: {device: cpu, dtype: float32, kv_cache_bytes: 16MiB}
 memory: {slab_bytes: 4MiB, host_cache_bytes: 256MiB, swap_bytes: 8MiB, host_cache_dir: CACHE}
 pool: {backend: ray, ray_address: auto, num_workers: 2, worker_resource: RESOURCE}
-slo: {ttft_s: 60, tbt_s: 10}
+slo: {ttft_s: 60, tbt_s: 0.005}
+scheduler: {max_alpha: 1000000, shed_ttft_factor: 1000000}
 """
+# The TBT SLO is tight so that one worker's round of both models is heavy enough for
+# placement to spread requests over every worker (a light one would keep them together,
+# saving switches); admission is set never to shed.
 PROMPTS = ["one two three four", "the sky is", "a b c d e f g", "hello there my friend"]
 MAX_TOKENS = 200
 TIMEOUT_S = 300  # a guard against a hang, never a performance bound
