@@ -227,4 +227,4 @@ class ControllerCore:
 
     def snapshot(self, infos: list[WorkerInfo]) -> PoolSnapshot:
         return self.stats.snapshot(infos, self.jobs, self.requests.values(),
-                                   self.scheduler.worker_state)
+                                   self.scheduler.worker_state, self.members.state_of)

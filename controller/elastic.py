@@ -70,6 +70,15 @@ class PoolMembers:
         else:
             self.down.add(worker)
 
+    def state_of(self, worker: int) -> str | None:
+        """How the core holds `worker`, where that is more than up: "down", "starting" or
+        "draining" (None: up)."""
+        if worker in self.down:
+            return "down"
+        if worker in self.pending:
+            return "starting"
+        return "draining" if worker in self.draining else None
+
     def started(self, worker: int, now: float) -> None:
         self.active_at[worker] = self.running[worker] = now
 

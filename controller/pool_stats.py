@@ -21,7 +21,7 @@ class WorkerView:
     device: str
     pid: int
     model: str | None
-    state: str  # "idle" | "busy" | "dead"
+    state: str  # "idle" | "busy" | "draining" | "starting" | "dead"
     queued: int  # requests placed here, not prefilled yet
     running: int  # requests decoding here
     kv_pages_used: int
@@ -84,6 +84,16 @@ def _worker_json(w: WorkerView) -> dict:
                     decode_alpha=round(w.policy.decode_alpha, 3),
                     decode_requests=w.policy.decode_requests)
     return body
+
+
+def _state(info, busy: bool, member: str | None) -> str:
+    """A worker's state in /pool: "dead" (lost, until it is back and the controller has
+    taken it in again), "starting", "busy", "draining" (idle, taking nothing new) or "idle"."""
+    if member == "down" or not (info.alive or info.starting):
+        return "dead"
+    if member == "starting" or info.starting:
+        return "starting"
+    return "busy" if busy else member or "idle"
 
 
 def _model_json(m: ModelView) -> dict:
@@ -205,15 +215,18 @@ class PoolStats:
         w.cached_pages = {}  # its cache died with it
         w.failures += 1
 
-    def snapshot(self, infos, jobs: dict, requests, worker_state) -> PoolSnapshot:
+    def snapshot(self, infos, jobs: dict, requests, worker_state,
+                 membership=lambda worker: None) -> PoolSnapshot:
         """`requests`: the core's Tracked requests; `worker_state(worker)`: the policy's view
-        of a worker (None for policies without one)."""
+        of a worker (None for policies without one); `membership(worker)`: the core's, where
+        it is "down", "starting" or "draining" (None: up)."""
         queued, running = Counter(), Counter()
         for tracked in requests:
             if tracked.worker is not None:
                 (running if tracked.decoding else queued)[tracked.worker] += 1
         workers = tuple(self._worker_view(info, info.id in jobs, queued[info.id],
-                                          running[info.id], worker_state(info.id))
+                                          running[info.id], worker_state(info.id),
+                                          membership(info.id))
                         for info in infos)
         cached = self._cached_pages_per_model()
         models = tuple(ModelView(model, c.waiting, c.running, self.slos[model], c.switches,
@@ -229,9 +242,10 @@ class PoolStats:
             cached.update(w.cached_pages)
         return cached
 
-    def _worker_view(self, info, busy: bool, queued: int, running: int, policy) -> WorkerView:
+    def _worker_view(self, info, busy: bool, queued: int, running: int, policy,
+                     member: str | None) -> WorkerView:
         w = self.workers[info.id]
-        state = "dead" if not info.alive else "busy" if busy else "idle"
+        state = _state(info, busy, member)
         return WorkerView(info.id, info.role, info.device, info.pid, w.model, state, queued,
                           running, w.kv_pages_used, w.switches, w.failures, info.restarts,
                           policy, w.cached_pages, info.node)

@@ -238,7 +238,7 @@ def _add_info_routes(app: FastAPI, frontend: Frontend, controller,
                      metrics: ServingMetrics) -> None:
     @app.get("/health")
     def health():
-        alive = [w for w in controller.snapshot().workers if w.state != "dead"]
+        alive = [w for w in controller.snapshot().workers if w.state not in ("dead", "starting")]
         if not alive:
             return HTTPError(503, "no live worker", "server_error", None,
                              "unavailable").response()

@@ -95,7 +95,8 @@ def test_the_pool_grows_under_load_and_shrinks_when_it_stops(served):
     assert results and all(text == reference[key] for key, text in results)
     assert max(sizes) >= 2, "the pool never grew"
     assert served_by - {0}, "no grown worker ran a job"
-    assert [w.id for w in stack.controller.pool.workers()] == [0]  # shrunk to min_workers
+    # Shrunk to min_workers (which worker stays is the rule's choice).
+    assert len(stack.controller.pool.workers()) == 1
     snap = wait_until_idle(stack.controller)
     assert snap["lost"] == 0 and snap["loop_errors"] == 0
-    assert [w["id"] for w in snap["workers"]] == [0]
+    assert len(snap["workers"]) == 1 and snap["workers"][0]["state"] == "idle"

@@ -9,7 +9,12 @@ surviving worker, and when a new node joins, the lost worker comes back there an
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
@@ -49,21 +54,26 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def server(cluster, tmp_path_factory):
-    from tokenpool.bench.sweep import served
-
+def fleet_path(tmp_path_factory):
     root = tmp_path_factory.mktemp("ray-cluster")
-    path = root / "fleet.yaml"
     (root / "cache").mkdir()
+    path = root / "fleet.yaml"
     path.write_text(FLEET.replace("CACHE", str(root / "cache"))
                     .replace("RESOURCE", WORKER_RESOURCE))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(cluster, fleet_path):
+    from tokenpool.bench.sweep import served
+
     with pytest.MonkeyPatch.context() as patch:
         for name, value in AUTH.items():  # as README tells operators
             patch.setenv(name, value)
         # `auto` finds the newest cluster on this host; another Ray of the test run (or of
         # a developer) must not be the one it joins.
         patch.setenv("RAY_ADDRESS", cluster.address)
-        with served(str(path), "token-level", root / "serve.log") as live:
+        with served(str(fleet_path), "token-level", fleet_path.parent / "serve.log") as live:
             yield live
 
 
@@ -75,8 +85,8 @@ def requests_of() -> list[tuple[str, str]]:
     return [(model, prompt) for model in ("t0", "t1") for prompt in PROMPTS]
 
 
-def complete_all(server, stream: bool = False, on_tokens=None) -> dict:
-    """(model, prompt) -> (text, error), for every request at once."""
+def complete_all(server, stream: bool = False, on_tokens=None, models=("t0", "t1")) -> dict:
+    """(model, prompt) -> (text, error), for every request of `models` at once."""
     results: dict = {}
 
     def one(model, prompt):
@@ -98,7 +108,7 @@ def complete_all(server, stream: bool = False, on_tokens=None) -> dict:
             except openai.APIError as exc:
                 results[model, prompt] = (None, str(exc))
 
-    threads = [threading.Thread(target=one, args=r) for r in requests_of()]
+    threads = [threading.Thread(target=one, args=r) for r in requests_of() if r[0] in models]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -127,7 +137,7 @@ def test_a_lost_node_s_requests_finish_exactly_and_a_new_node_takes_its_worker(
     killer = threading.Thread(target=_kill_when_busy,
                               args=(cluster, server, victim, victim_node, streamed))
     killer.start()
-    results = complete_all(server, stream=True, on_tokens=streamed.set)
+    results = _one_model_then_the_other(server, on_tokens=streamed.set)
     killer.join(timeout=TIMEOUT_S)
     for key, (text, error) in results.items():
         # Every request ends once: its exact tokens, or an explicit error (none expected).
@@ -141,9 +151,30 @@ def test_a_lost_node_s_requests_finish_exactly_and_a_new_node_takes_its_worker(
     wait_for(lambda: _worker(server, victim)["node"] == new_node and
              _worker(server, victim)["state"] != "dead", TIMEOUT_S, "the worker's return")
     before = _worker(server, victim)["switches"]
-    results = complete_all(server)
+    results = _one_model_then_the_other(server)
     assert {key: text for key, (text, _) in results.items()} == reference
     assert _worker(server, victim)["switches"] > before  # it took load on the new node
+
+
+def _one_model_then_the_other(server, on_tokens=None) -> dict:
+    """Every request, streamed, t1's sent once t0's stream: placement then sees a worker
+    decoding t0 and sends t1 to the other. Sent all at once, both models' groups would be
+    placed while no worker decodes yet, and might share a worker."""
+    first_tokens = threading.Event()
+
+    def streamed():
+        first_tokens.set()
+        if on_tokens:
+            on_tokens()
+
+    results: dict = {}
+    first = threading.Thread(target=lambda: results.update(complete_all(
+        server, stream=True, on_tokens=streamed, models=("t0",))))
+    first.start()
+    first_tokens.wait(TIMEOUT_S)
+    results.update(complete_all(server, stream=True, on_tokens=on_tokens, models=("t1",)))
+    first.join(timeout=TIMEOUT_S)
+    return results
 
 
 def _worker(server, worker: int) -> dict:
@@ -156,3 +187,29 @@ def _kill_when_busy(cluster, server, victim: int, node: str, streamed) -> None:
     wait_for(lambda: _worker(server, victim)["running"] > 0, TIMEOUT_S,
              "the victim to decode", poll_s=0.01)
     cluster.kill_node(node)
+
+
+def test_a_grown_worker_is_resource_demand_until_a_node_joins(cluster, server, fleet_path):
+    """What Ray's autoscaler (and KubeRay's) acts on: a worker a pool grows while no node
+    has room waits as a pending actor, whose resources the autoscaler's view of the cluster
+    lists as demand; once a node with them joins, the worker starts there and serves. The
+    pool runs in a driver process of its own (tests/grown_worker_driver.py)."""
+    first = cluster.add_node()  # the server holds every other node's worker slot
+    env = {**os.environ, **AUTH, "RAY_ADDRESS": cluster.address}
+    driver = subprocess.Popen([sys.executable, str(Path(__file__).with_name(
+        "grown_worker_driver.py")), str(fleet_path)], env=env, stdout=subprocess.PIPE,
+        text=True)
+    try:
+        pending = json.loads(driver.stdout.readline())
+        assert pending["phase"] == "pending", pending
+        assert {WORKER_RESOURCE: 1.0}.items() <= pending["demands"][0].items()
+        assert pending["starting"] == [False, True]
+        second = cluster.add_node()
+        joined = json.loads(driver.stdout.readline())
+        assert joined["phase"] == "joined", joined
+        assert joined["workers"] == [[first, True], [second, True]]
+        assert joined["tokens"][0] == joined["tokens"][1] and len(joined["tokens"][0]) == 16
+        assert driver.wait(timeout=TIMEOUT_S) == 0
+    finally:
+        if driver.poll() is None:
+            driver.kill()
