@@ -208,3 +208,22 @@ def test_a_worker_lost_while_draining_is_retired_and_its_join_ignored():
 def test_stats_have_room_for_every_slot_of_an_elastic_pool():
     pool = Pool(policy("token-level"), 2, max_workers=5)
     assert len(pool.core.stats.workers) == 5
+
+
+def test_the_rule_leaves_unscaled_workers_alone():
+    """Pinned models' workers are the core's `unscaled`: an idle pool drains its pooled
+    workers down to the floor, never those, and they are not what the rule weighs."""
+    from tokenpool.schedulers.scaling import ScalingConfig, ScalingRule
+
+    rule = ScalingRule(ScalingConfig(min_workers=1, max_workers=4, check_s=0.1,
+                                     idle_after_s=0.5, cooldown_s=0.0))
+    pool = Pool(policy("token-level", prefill=(0, 1, 2, 3), decode=(0, 1, 2, 3)), 4,
+                max_workers=4, scaling=rule, unscaled=frozenset({0, 1}))
+    retired = []
+    for tick in range(100):
+        pool.now = tick * 0.1
+        retired += [d.worker for d in pool.step().scale if type(d) is Retire]
+    assert retired and not set(retired) & {0, 1}
+    assert {0, 1} <= pool.core.members.up
+    assert {w.worker for w in pool.core.members.view(pool.now, pool.core.idle).workers} \
+        <= {2, 3}
