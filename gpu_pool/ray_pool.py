@@ -234,13 +234,22 @@ def _join(ray, address: str, options: dict) -> None:
     try:
         ray.init(address=address, **options)
     except Exception as exc:
-        if "auth" not in str(exc).lower():
+        if not any("auth" in str(e).lower() for e in _chain(exc)):
             raise
         # Ray 2.60 clusters run token authentication: a driver needs it turned on too.
         raise RuntimeError(
             f"joining the Ray cluster at {address!r} failed authentication ({exc}); set "
             "RAY_AUTH_MODE=token and give this process the cluster's token "
             "(RAY_AUTH_TOKEN, or the head's ~/.ray/auth_token)") from exc
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and what caused it: Ray wraps an authentication failure in a ConnectionError."""
+    chain = [exc]
+    while (cause := chain[-1].__cause__ or chain[-1].__context__) is not None \
+            and cause not in chain:
+        chain.append(cause)
+    return chain
 
 
 def _close_actor(ray, actor, idle: bool) -> None:

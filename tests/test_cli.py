@@ -375,6 +375,27 @@ def test_simulate_workload_writes_artifact_csvs(tmp_path):
         (tmp_path / "synth-20-0.5-1.0-1.0.csv").read_bytes()
 
 
+def test_simulate_capacity_autoscaled_and_pinned_reports(tmp_path):
+    """`--autoscale` runs the elastic pool beside the fixed one it found, in device-hours;
+    `--pin-top 1` sizes a fleet with the hottest model pinned against all-pooled."""
+    result = tokenpool("simulate", "capacity", "--config", SIM_CONFIG, "--workload",
+                       SIM_WORKLOADS / "synth-12-0.1-1.0-1.0.csv", "--schedulers",
+                       "token-level", "--autoscale", "--pin-top", 1, "--json",
+                       tmp_path / "c.json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "c.json").read_text())
+    elastic, fixed = (report["token-level"]["autoscale"][k] for k in ("elastic", "fixed"))
+    assert fixed["devices"] == report["token-level"]["devices"]
+    assert elastic["finished"] == fixed["finished"] == elastic["requests"]  # none lost
+    assert elastic["min_workers"] <= elastic["mean_devices"] <= elastic["peak_devices"] \
+        <= elastic["max_workers"]
+    assert elastic["device_hours"] > 0 and fixed["device_hours"] > 0
+    pinned = report["token-level+pins"]
+    assert pinned["pinned_devices"] == 1
+    assert pinned["devices"] == pinned["pinned_devices"] + pinned["pooled_devices"]
+    assert pinned["pinned_switches"] == [1]  # its one load, never a switch after
+
+
 def test_simulate_capacity_finds_devices_and_the_saving(tmp_path):
     result = tokenpool("simulate", "capacity", "--config", SIM_CONFIG, "--workload",
                        SIM_WORKLOADS / "synth-12-0.1-1.0-1.0.csv", "--json", tmp_path / "c.json")
