@@ -12,10 +12,8 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 
-from tokenpool.schedulers.registry import scheduler_from_config
 from tokenpool.schedulers.types import SLO
-from tokenpool.sim.run import devices_needed, model_load, roles_of
-from tokenpool.sim.simulator import simulate
+from tokenpool.sim.run import devices_needed, simulated
 from tokenpool.sim.timelines import summarize
 from tokenpool.sim.workload import WorkloadRequest
 
@@ -58,13 +56,7 @@ def split_report(config, workload: list[WorkloadRequest], scheduler_name: str, s
                  hot: set[str]) -> dict:
     """One run: the metrics of the `hot` models' requests and of the rest's, and the
     switches of the pinned devices (each) and of the pooled ones (in all)."""
-    cost = config.cost_model({r.model for r in workload})
-    roles = roles_of(config)
-    scheduler = scheduler_from_config(config.scheduler, roles, cost, lambda _m: slo,
-                                      name=scheduler_name, model_load=model_load(workload),
-                                      pins=config.pins)
-    outcome = simulate(workload, scheduler, len(roles.all), cost, lambda _m: slo)
-    duration = max(1.0, max((r.arrival_s for r in workload), default=0.0))
+    outcome, duration = simulated(config, workload, scheduler_name, slo)
     sides: dict[str, list] = {"hot": [], "rest": []}
     for request, timeline in zip(workload, outcome.timelines):  # both in workload order
         sides["hot" if request.model in hot else "rest"].append(timeline)

@@ -34,20 +34,25 @@ def model_load(workload: list[WorkloadRequest]) -> dict[str, float]:
     return load
 
 
-def run_one(config, workload: list[WorkloadRequest], scheduler_name: str, slo: SLO) -> dict:
+def simulated(config, workload: list[WorkloadRequest], scheduler_name: str, slo: SLO):
+    """(outcome, duration): the workload served by `scheduler_name` on the config's fixed
+    pool, and its arrival window (at least a second), what goodput is per second of."""
     cost = config.cost_model({r.model for r in workload})
     roles = roles_of(config)
     scheduler = scheduler_from_config(config.scheduler, roles, cost, lambda _model: slo,
                                       name=scheduler_name, model_load=model_load(workload),
                                       pins=config.pins)
     outcome = simulate(workload, scheduler, len(roles.all), cost, lambda _model: slo)
-    # Goodput per second of the workload's arrival window (at least a second).
-    duration = max(1.0, max((r.arrival_s for r in workload), default=0.0))
+    return outcome, max(1.0, max((r.arrival_s for r in workload), default=0.0))
+
+
+def run_one(config, workload: list[WorkloadRequest], scheduler_name: str, slo: SLO) -> dict:
+    outcome, duration = simulated(config, workload, scheduler_name, slo)
     summary = summarize(outcome.timelines, duration, slo.ttft_s, slo.tbt_s)
     return {
         "scheduler": scheduler_name,
         "num_models": len({r.model for r in workload}),
-        "num_devices": len(roles.all),
+        "num_devices": len(outcome.workers),
         **summary,
         "switches": sum(w.switches for w in outcome.workers),
         "busy_s": [round(w.busy_s, 6) for w in outcome.workers],

@@ -14,21 +14,17 @@ import time
 
 import pytest
 
+from helpers import TINY_FLEET
 from serving_fixtures import stack_over_http, wait_until_idle
 
 openai = pytest.importorskip("openai")
 
-FLEET = """\
-models:
-  - {id: t0, source: "synth:2,64,4,2@1"}
-  - {id: t1, source: "synth:2,64,4,2@2"}
-engine: {device: cpu, dtype: float32, kv_cache_bytes: 16MiB}
-memory: {slab_bytes: 4MiB, host_cache_bytes: 256MiB, swap_bytes: 8MiB, host_cache_dir: CACHE}
-pool: {backend: local, num_workers: 1, min_workers: 1, max_workers: 3}
-slo: {ttft_s: 60, tbt_s: 0.001}
+FLEET = TINY_FLEET.replace(
+    "pool: {backend: local, num_workers: 1}",
+    "pool: {backend: local, num_workers: 1, min_workers: 1, max_workers: 3}").replace(
+    "slo: {ttft_s: 30, tbt_s: 5}", """slo: {ttft_s: 60, tbt_s: 0.001}
 scheduler: {max_alpha: 1000000, shed_ttft_factor: 1000000}
-scaling: {check_s: 0.05, grow_after_s: 0.2, cooldown_s: 0.2, idle_after_s: 0.5}
-"""
+scaling: {check_s: 0.05, grow_after_s: 0.2, cooldown_s: 0.2, idle_after_s: 0.5}""")
 PROMPTS = ["one two three four", "the sky is", "a b c d e f g", "hello there my friend"]
 MAX_TOKENS = 60
 LOAD_S = 6.0  # how long the load phase keeps requests coming

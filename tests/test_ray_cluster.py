@@ -19,21 +19,17 @@ from pathlib import Path
 import httpx
 import pytest
 
+from helpers import TINY_FLEET
 from ray_cluster import AUTH, WORKER_RESOURCE, Cluster, wait_for
 
 pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 
-FLEET = """\
-models:
-  - {id: t0, source: "synth:2,64,4,2@1"}
-  - {id: t1, source: "synth:2,64,4,2@2"}
-engine: {device: cpu, dtype: float32, kv_cache_bytes: 16MiB}
-memory: {slab_bytes: 4MiB, host_cache_bytes: 256MiB, swap_bytes: 8MiB, host_cache_dir: CACHE}
-pool: {backend: ray, ray_address: auto, num_workers: 2, worker_resource: RESOURCE}
-slo: {ttft_s: 60, tbt_s: 0.005}
-scheduler: {max_alpha: 1000000, shed_ttft_factor: 1000000}
-"""
+FLEET = TINY_FLEET.replace(
+    "pool: {backend: local, num_workers: 1}",
+    "pool: {backend: ray, ray_address: auto, num_workers: 2, worker_resource: RESOURCE}"
+).replace("slo: {ttft_s: 30, tbt_s: 5}", """slo: {ttft_s: 60, tbt_s: 0.005}
+scheduler: {max_alpha: 1000000, shed_ttft_factor: 1000000}""")
 # The TBT SLO is tight so that one worker's round of both models is heavy enough for
 # placement to spread requests over every worker (a light one would keep them together,
 # saving switches); admission is set never to shed.
