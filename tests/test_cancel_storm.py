@@ -143,7 +143,7 @@ def test_cancelled_streams_leave_nothing_behind(edges, edge_loop, serving_stack,
     # grow to their working size, so the counts below are of leaks, not of warm-up.
     asyncio.run(storm(listening, CONCURRENCY, seed=1))
     wait_until_idle(controller, timeout_s=120)
-    threads_before, tasks_before = threading.active_count(), _tasks(edge_loop)
+    tasks_before = _tasks(edge_loop)
     names_before = {t.name for t in threading.enumerate()}
     cancelled_before = controller.snapshot().as_json()["cancelled"]
 
@@ -160,8 +160,10 @@ def test_cancelled_streams_leave_nothing_behind(edges, edge_loop, serving_stack,
                                     "streams": 0}
     assert _settles(lambda: servers.metrics.num_live, 0, timeout_s=10) == 0
     assert _settles(lambda: _tasks(edge_loop), tasks_before) <= tasks_before
-    _settles(threading.active_count, threads_before)
-    assert _unbounded_new_threads(names_before, edge_loop.loop) == set()
+    # Threads started by the storm must go, but for bounded pools' (which may keep a
+    # worker or two): wait for those, not for the total to fall back, which a pool's
+    # idle thread can keep one above for good.
+    assert _settles(lambda: len(_unbounded_new_threads(names_before, edge_loop.loop)), 0) == 0
     # And it still serves, over both edges.
     with grpc.insecure_channel(listening.grpc) as channel:
         replies = list(pb2_grpc.GenerationStub(channel).Generate(
