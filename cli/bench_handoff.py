@@ -73,7 +73,7 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-tokens", metavar="N", type=_args.positive_int, default=512,
                    help="tokens of each random prompt (default: 512)")
     p.add_argument("--repeats", metavar="N", type=_args.positive_int, default=5,
-                   help="timed rounds per mode, after one warm-up round (default: 5)")
+                   help="timed rounds per mode, after two warm-up rounds (default: 5)")
     p.add_argument("--seed", metavar="N", type=_args.any_int, default=0,
                    help="seed of the random prompts (default: 0)")
     _args.add_json_out(p)
