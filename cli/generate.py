@@ -7,7 +7,6 @@ import sys
 import time
 from typing import TextIO
 
-from tokenpool.models.prompts import encode_chat, encode_text
 from tokenpool.cli import _args
 
 DEFAULT_MAX_TOKENS = 64  # neither --max-tokens nor the model's defaults set one
@@ -99,6 +98,9 @@ def sampling_request(args: argparse.Namespace):
 
 
 def encode_prompt(tokenizer, prompt: str, *, chat: bool) -> list[int]:
+    # Imported here: it pulls in torch, which `--help` and argument errors need not wait for.
+    from tokenpool.models.prompts import encode_chat, encode_text
+
     if chat:
         return encode_chat(tokenizer, [{"role": "user", "content": prompt}])
     return encode_text(tokenizer, prompt)

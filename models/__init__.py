@@ -1,11 +1,24 @@
 """tokenpool.models: checkpoints (HF layout and GGUF), tokenizers and streaming detokenization."""
 
-from tokenpool.models.checkpoint import Checkpoint, load_checkpoint
-from tokenpool.models.config import ModelConfig
-from tokenpool.models.detokenizer import IncrementalDetokenizer
-from tokenpool.models.locate import resolve_source, smollm2_gguf_path
-from tokenpool.models.synth import parse_shape, write_synthetic_checkpoint
-from tokenpool.models.tokenizer import Tokenizer
+import importlib
+
+# Names resolve on first use (PEP 562): importing a light submodule (families, config) must
+# not pull in torch through checkpoint, or every CLI `--help` waits for it.
+_HOME = {
+    "Checkpoint": "checkpoint", "load_checkpoint": "checkpoint",
+    "ModelConfig": "config",
+    "IncrementalDetokenizer": "detokenizer",
+    "resolve_source": "locate", "smollm2_gguf_path": "locate",
+    "parse_shape": "synth", "write_synthetic_checkpoint": "synth",
+    "Tokenizer": "tokenizer",
+}
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+
 
 __all__ = [
     "Checkpoint",
