@@ -18,7 +18,8 @@ class PoolConfig:
     min_workers: int | None = None
     max_workers: int | None = None
     # 0: colocated roles, every worker prefills and decodes. N > 0: the first N workers
-    # prefill only and hand KV to the others, which decode only (Aegaeon's disaggregation).
+    # prefill only and hand KV to the others, which decode only (Aegaeon's disaggregation);
+    # an elastic pool's workers above num_workers take the role each grow wants.
     prefill_workers: int = 0
     # Ray only. None: start a local cluster (dashboard off); "auto": join the running one
     # (`ray start --head` on the head node); or a cluster address such as "ray://host:10001".

@@ -134,11 +134,11 @@ class Pool:
         self.dispatched: list[int] = []
         self.now = 0.0
 
-    def arrive(self, i: int, model: str, output: int = 30) -> None:
+    def arrive(self, i: int, model: str, output: int = 30, slo: SLO = SLO_):
         rid = f"r{i}"
         self.requests[rid] = SimRequest(rid, model, 100, output,
-                                        TokenTimeline(self.now, SLO_.ttft_s, SLO_.tbt_s))
-        self.step(arrivals=[Arrival(RequestInfo(rid, model, 100, self.now, 64), SLO_)])
+                                        TokenTimeline(self.now, slo.ttft_s, slo.tbt_s))
+        return self.step(arrivals=[Arrival(RequestInfo(rid, model, 100, self.now, 64), slo)])
 
     def step(self, results=(), arrivals=()):
         out = self.core.step(self.now, arrivals, (), results)
@@ -227,3 +227,49 @@ def test_the_rule_leaves_unscaled_workers_alone():
     assert {0, 1} <= pool.core.members.up
     assert {w.worker for w in pool.core.members.view(pool.now, pool.core.idle).workers} \
         <= {2, 3}
+
+
+def test_a_disaggregated_pool_grows_the_role_its_pressure_asks_for():
+    """Arrivals predicted over their TTFT SLO press on the one prefill worker: the pool grows
+    a prefill worker into its free slot (one fixed to decode could not help). Retired once
+    idle, the slot grown again for decode pressure decodes, and no longer exports KV."""
+    from tokenpool.gpu_pool.pool import WorkerInfo
+    from tokenpool.schedulers.scaling import Grow, ScaleUp, ScalingConfig, ScalingRule
+
+    rule = ScalingRule(ScalingConfig(min_workers=2, max_workers=3, check_s=0.1,
+                                     grow_after_s=0.5, cooldown_s=0.0, idle_after_s=1.0))
+    pool = Pool(policy("token-level", prefill=(0,), decode=(1,)), 2, max_workers=3,
+                scaling=rule, role_of=lambda w: "prefill" if w == 0 else "decode",
+                grow_roles=("prefill", "decode"), prefill_only=frozenset({0}))
+    members = pool.core.members
+    grown = []
+    for i in range(40):  # a new model every 0.1 s: each a switch on the prefill worker
+        pool.now = i * 0.1
+        grown += [d for d in pool.arrive(i, "abcd"[i % 4], slo=SLO(0.5, 0.1)).scale
+                  if type(d) is Grow]
+        if grown:
+            break
+    assert grown == [Grow((2,))] and members.role_of(2) == "prefill"
+    pool.step([WorkerJoined(2)])
+    assert 2 in pool.core.scheduler.prefill.queues and 2 in pool.core.prefill_only
+    infos = [WorkerInfo(w, "decode" if w else "prefill", "cpu", 0) for w in range(3)]
+    assert [w.role for w in pool.core.snapshot(infos).workers] == \
+        ["prefill", "decode", "prefill"]  # the core's role, not the pool config's
+    pool.dispatched.clear()
+    for i in range(100, 140):  # more than the open groups on worker 0 take
+        pool.arrive(i, "abcd"[i % 4])
+    pool.drain()
+    assert 2 in pool.dispatched and not pool.core.requests
+
+    for tick in range(1, 40):  # idle: the grown worker drains and retires
+        pool.now += 0.1
+        if [d for d in pool.step().scale if type(d) is Retire]:
+            break
+    [freed] = {0, 2} - members.up  # one of the two prefill workers
+    assert members.up == {1, 2 if freed == 0 else 0}
+    assert members.grown_roles == ({2: "prefill"} if freed == 0 else {})
+    scale = []
+    members._grow(ScaleUp(prefill=0, decode=1), pool.now, scale)
+    assert scale == [Grow((freed,))] and members.role_of(freed) == "decode"
+    pool.step([WorkerJoined(freed)])
+    assert freed in pool.core.scheduler.decode.workers and freed not in pool.core.prefill_only
