@@ -41,9 +41,6 @@ class CoreConfig:
     max_workers: int | None = None
     scaling: ScalingRule | None = None
     role_of: Callable[[int], str] = field(default=lambda worker: "prefill+decode")
-    # The roles a slot grown above num_workers chooses from, by the capacity the rule wants
-    # (a disaggregated pool: prefill or decode). Empty: role_of's.
-    grow_roles: tuple[str, ...] = ()
     # Workers the scaling rule leaves alone: the ones pinned models own (never drained, and
     # not what growth is measured on, since new workers join the pooled ones).
     unscaled: frozenset[int] = frozenset()
@@ -66,7 +63,7 @@ class ControllerCore:
         self.prefill_only = set(config.prefill_only)
         self.members = PoolMembers(scheduler, config.num_workers,
                                    config.max_workers or config.num_workers, config.role_of,
-                                   config.scaling, config.unscaled, config.grow_roles)
+                                   config.scaling, config.unscaled)
         stats.reserve(self.members.max_workers)
 
     def step(self, now: float, arrivals: Iterable[Arrival] = (), cancels: Iterable[str] = (),
@@ -215,12 +212,9 @@ class ControllerCore:
             self._forget(rid, out)  # its client has its end already: a final event, or gone
 
     def _join(self, worker: int, now: float) -> None:
-        if not self.members.joined(worker, now, self.idle):
-            return
-        if self.members.role_of(worker) == "prefill":
+        if self.members.joined(worker, now, self.idle) and \
+                self.config.role_of(worker) == "prefill":
             self.prefill_only.add(worker)  # it exports KV after prefill, as at start
-        else:  # a slot grown for decode, that prefilled in an earlier life
-            self.prefill_only.discard(worker)
 
     def _retry(self, tracked: Tracked, streamed: tuple[int, ...], now: float) -> None:
         tracked.worker = None
@@ -233,5 +227,4 @@ class ControllerCore:
 
     def snapshot(self, infos: list[WorkerInfo]) -> PoolSnapshot:
         return self.stats.snapshot(infos, self.jobs, self.requests.values(),
-                                   self.scheduler.worker_state, self.members.state_of,
-                                   self.members.role_of)
+                                   self.scheduler.worker_state, self.members.state_of)

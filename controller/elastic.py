@@ -4,9 +4,7 @@ Slots are worker ids below `max_workers`. A slot is up (the policy places work t
 pending (the core asked the pool to grow into it; it counts from `Grow` until its
 `WorkerJoined`), down (lost; it rejoins with `WorkerJoined` whenever its pool brings it back)
 or free. An up slot may be draining: it runs what it holds and takes nothing new, and is
-retired once it holds nothing and runs no job. Where a pool's slots may take one of several
-roles (`grow_roles`: a disaggregated pool's prefill or decode), a free slot gets the one its
-grow wants, and keeps it until it is retired. The rule (schedulers/scaling.py) sees all of
+retired once it holds nothing and runs no job. The rule (schedulers/scaling.py) sees all of
 it as a `ScalingView` and answers `ScaleUp` / `ScaleDown`; this turns those into policy
 calls and `Grow` / `Retire` decisions for the pool.
 """
@@ -22,15 +20,11 @@ from tokenpool.schedulers.scaling import (Grow, Retire, ScaleDown, ScaleUp, Scal
 
 class PoolMembers:
     def __init__(self, scheduler, num_workers: int, max_workers: int, role_of, rule=None,
-                 unscaled: frozenset[int] = frozenset(), grow_roles: tuple[str, ...] = ()):
-        """`role_of`: worker id -> "prefill" | "decode" | "prefill+decode", for the initial
-        workers, and the grown ones unless `grow_roles` names the roles they choose from.
-        `unscaled`: workers the rule neither weighs nor drains (pinned models' own)."""
+                 unscaled: frozenset[int] = frozenset()):
+        """`unscaled`: workers the rule neither weighs nor drains (pinned models' own)."""
         self.scheduler = scheduler
         self.unscaled = unscaled
-        self._initial_role = role_of
-        self.grow_roles = grow_roles
-        self.grown_roles: dict[int, str] = {}  # grown slot -> the role it was grown for
+        self.role_of = role_of  # worker id -> "prefill" | "decode" | "prefill+decode"
         self.rule = rule  # a ScalingRule, or None: the pool changes only by losses
         self.max_workers = max_workers
         self.up = set(range(num_workers))
@@ -44,15 +38,6 @@ class PoolMembers:
         # (time, slot -> busy seconds then), one per check over the last idle_after_s
         self._busy_marks: deque[tuple[float, dict[int, float]]] = deque()
         self._next_check = -math.inf
-
-    def role_of(self, worker: int) -> str:
-        return self.grown_roles.get(worker) or self._initial_role(worker)
-
-    def _slot_roles(self, worker: int) -> tuple[str, ...]:
-        """The roles a grow can give `worker`: a free slot any of `grow_roles`; a draining
-        worker, taken back, its own."""
-        free = worker not in self.up and worker not in self.down and worker not in self.pending
-        return self.grow_roles if free and self.grow_roles else (self.role_of(worker),)
 
     # -- what the pool reports -----------------------------------------------------------------
 
@@ -81,7 +66,6 @@ class PoolMembers:
         self.draining.discard(worker)
         self.pending.pop(worker, None)
         if leaving:
-            self.grown_roles.pop(worker, None)
             scale.append(Retire(worker))
         else:
             self.down.add(worker)
@@ -133,10 +117,9 @@ class PoolMembers:
             loads.append(WorkerLoad(w, self.role_of(w), held, idle_s,
                                     None if policy is None else policy.decode_load,
                                     w in self.draining, busy.get(w)))
-        slots = [self._slot_roles(w) for w in self._free_slots() + sorted(self.draining)]
+        roles = [self.role_of(w) for w in self._free_slots() + sorted(self.draining)]
         return ScalingView(tuple(loads), tuple(sorted(self.pending)),
-                           sum(any("prefill" in r for r in roles) for roles in slots),
-                           sum(any("decode" in r for r in roles) for roles in slots))
+                           sum("prefill" in r for r in roles), sum("decode" in r for r in roles))
 
     def _free_slots(self) -> list[int]:
         taken = self.up | self.down | self.pending.keys()
@@ -159,19 +142,15 @@ class PoolMembers:
 
     def _grow(self, up: ScaleUp, now: float, scale: list) -> None:
         """Draining workers take work again first; then free slots are asked for, lowest
-        first, each as it serves a capacity still wanted (a colocated one serves both; a slot
-        of several roles takes the first that serves one, prefill before decode)."""
+        first, each as it serves a capacity still wanted (a colocated one serves both)."""
         need = {"prefill": up.prefill, "decode": up.decode}
         slots = []
         for w in sorted(self.draining) + self._free_slots():
-            role = next((r for r in self._slot_roles(w)
-                         if any(n and c in r for c, n in need.items())), None)
-            if role is None:
+            serves = [c for c, n in need.items() if n and c in self.role_of(w)]
+            if not serves:
                 continue
-            for c in need:
-                need[c] -= need[c] > 0 and c in role
-            if len(self._slot_roles(w)) > 1:
-                self.grown_roles[w] = role
+            for c in serves:
+                need[c] -= 1
             if w in self.draining:
                 self.draining.discard(w)
                 self.scheduler.add_worker(w, self.role_of(w))
@@ -187,7 +166,6 @@ class PoolMembers:
             return
         if worker in self.pending:
             del self.pending[worker]
-            self.grown_roles.pop(worker, None)
             scale.append(Retire(worker))
         elif worker in self.up and worker not in self.draining:
             self.draining.add(worker)
@@ -201,5 +179,4 @@ class PoolMembers:
         self.draining.discard(worker)
         idle.discard(worker)
         self.active_at.pop(worker, None)
-        self.grown_roles.pop(worker, None)
         scale.append(Retire(worker))

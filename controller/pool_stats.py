@@ -216,19 +216,17 @@ class PoolStats:
         w.failures += 1
 
     def snapshot(self, infos, jobs: dict, requests, worker_state,
-                 membership=lambda worker: None, role_of=None) -> PoolSnapshot:
+                 membership=lambda worker: None) -> PoolSnapshot:
         """`requests`: the core's Tracked requests; `worker_state(worker)`: the policy's view
         of a worker (None for policies without one); `membership(worker)`: the core's, where
-        it is "down", "starting" or "draining" (None: up); `role_of(worker)`: the core's
-        role for it (a grown slot's is chosen at the grow; None: the pool's)."""
+        it is "down", "starting" or "draining" (None: up)."""
         queued, running = Counter(), Counter()
         for tracked in requests:
             if tracked.worker is not None:
                 (running if tracked.decoding else queued)[tracked.worker] += 1
         workers = tuple(self._worker_view(info, info.id in jobs, queued[info.id],
                                           running[info.id], worker_state(info.id),
-                                          membership(info.id),
-                                          role_of(info.id) if role_of else info.role)
+                                          membership(info.id))
                         for info in infos)
         cached = self._cached_pages_per_model()
         models = tuple(ModelView(model, c.waiting, c.running, self.slos[model], c.switches,
@@ -245,9 +243,9 @@ class PoolStats:
         return cached
 
     def _worker_view(self, info, busy: bool, queued: int, running: int, policy,
-                     member: str | None, role: str) -> WorkerView:
+                     member: str | None) -> WorkerView:
         w = self.workers[info.id]
         state = _state(info, busy, member)
-        return WorkerView(info.id, role, info.device, info.pid, w.model, state, queued,
+        return WorkerView(info.id, info.role, info.device, info.pid, w.model, state, queued,
                           running, w.kv_pages_used, w.switches, w.failures, info.restarts,
                           policy, w.cached_pages, info.node)

@@ -104,8 +104,7 @@ def make_core(fleet, cost) -> ControllerCore:
     config = CoreConfig(pool.num_workers, frozenset(roles.prefill) - set(roles.decode),
                         SLOAdmission(s.shed_ttft_factor, s.max_alpha, s.max_waiting),
                         PageNamer.of_fleet(fleet), max_workers=high, scaling=rule,
-                        role_of=pool.role, unscaled=frozenset(pinned),
-                        grow_roles=("prefill", "decode") if pool.prefill_workers else ())
+                        role_of=pool.role, unscaled=frozenset(pinned))
     stats = PoolStats(fleet.pool.num_workers, {m.id: fleet.slo_of(m.id) for m in fleet.models})
     return ControllerCore(scheduler, config, stats, cost)
 

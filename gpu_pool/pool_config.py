@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from tokenpool.errors import ConfigError
+from tokenpool.schedulers.scaling import interleaved_role
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,7 +20,7 @@ class PoolConfig:
     max_workers: int | None = None
     # 0: colocated roles, every worker prefills and decodes. N > 0: the first N workers
     # prefill only and hand KV to the others, which decode only (Aegaeon's disaggregation);
-    # an elastic pool's workers above num_workers take the role each grow wants.
+    # an elastic pool's workers past num_workers keep that prefill share (role()).
     prefill_workers: int = 0
     # Ray only. None: start a local cluster (dashboard off); "auto": join the running one
     # (`ray start --head` on the head node); or a cluster address such as "ray://host:10001".
@@ -72,6 +73,10 @@ class PoolConfig:
         return tuple(range(self.prefill_workers, self.num_workers))
 
     def role(self, worker: int) -> str:
+        """Worker ids past num_workers (an elastic pool's growth) interleave the roles so
+        that every prefix of ids keeps the initial prefill share: prefill grows with decode."""
         if not self.prefill_workers:
             return "prefill+decode"
+        if worker >= self.num_workers:
+            return interleaved_role(worker, self.prefill_workers, self.num_workers)
         return "prefill" if worker < self.prefill_workers else "decode"

@@ -269,6 +269,14 @@ class ScalingRule:
         self._decode_since = self._calm_since = None
 
 
+def interleaved_role(worker: int, prefill: int, total: int) -> str:
+    """A disaggregated pool's role for slot `worker`, keeping a prefill share of
+    `prefill / total` in every prefix of ids (of the first k slots, ceil(k * share) prefill):
+    a pool grown or shrunk by lowest free slot keeps its shape."""
+    return "prefill" if -(-(worker + 1) * prefill // total) > -(-worker * prefill // total) \
+        else "decode"
+
+
 def _keeping_roles(candidates, accepting, count: int) -> tuple[int, ...]:
     """Up to `count` of `candidates`, in order, leaving each role some accepting worker."""
     left, chosen = list(accepting), []

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tokenpool.schedulers.registry import Roles, scheduler_from_config
-from tokenpool.schedulers.scaling import ScalingConfig, ScalingRule
+from tokenpool.schedulers.scaling import ScalingConfig, ScalingRule, interleaved_role
 from tokenpool.schedulers.types import SLO
 from tokenpool.sim.run import model_load, run_one
 from tokenpool.sim.simulator import Elastic, simulate
@@ -26,10 +26,7 @@ def elastic_role_of(config, scheduler_name: str) -> Callable[[int], str]:
     if scheduler_name != "token-level":
         return lambda worker: "prefill+decode"
     p, d = config.cluster.prefill_per_node, config.cluster.devices_per_node
-
-    def role(worker: int) -> str:
-        return "prefill" if -(-(worker + 1) * p // d) > -(-worker * p // d) else "decode"
-    return role
+    return lambda worker: interleaved_role(worker, p, d)
 
 
 def scaling_of(config, scaling: ScalingConfig | None = None) -> ScalingConfig:
@@ -40,23 +37,17 @@ def scaling_of(config, scaling: ScalingConfig | None = None) -> ScalingConfig:
 
 
 def run_elastic(config, workload: list[WorkloadRequest], scheduler_name: str, slo: SLO,
-                scaling: ScalingConfig | None = None, roles_by_need: bool = True) -> dict:
-    """`workload` on a pool that starts at min_workers and moves by the scaling rule.
-    `roles_by_need`: a disaggregated pool grows the role the rule asks for, as a serving
-    pool does; else each slot keeps its place in the interleaving of `elastic_role_of`."""
+                scaling: ScalingConfig | None = None) -> dict:
+    """`workload` on a pool that starts at min_workers and moves by the scaling rule."""
     scaling = scaling_of(config, scaling)
     role = elastic_role_of(config, scheduler_name)
-    # The simulated cluster gives token-level a prefill and a decode role, always.
-    by_need = scheduler_name == "token-level" and roles_by_need
-    grow_roles = ("prefill", "decode") if by_need else ()
     start = range(scaling.min_workers)
     roles = Roles(tuple(w for w in start if "prefill" in role(w)),
                   tuple(w for w in start if "decode" in role(w)))
     cost = config.cost_model({r.model for r in workload})
     scheduler = scheduler_from_config(config.scheduler, roles, cost, lambda _model: slo,
                                       name=scheduler_name, model_load=model_load(workload))
-    elastic = Elastic(ScalingRule(scaling), scaling.max_workers, role, scaling.start_s,
-                      grow_roles)
+    elastic = Elastic(ScalingRule(scaling), scaling.max_workers, role, scaling.start_s)
     outcome = simulate(workload, scheduler, scaling.min_workers, cost, lambda _model: slo,
                        elastic)
     duration = max(1.0, max((r.arrival_s for r in workload), default=0.0))
@@ -64,7 +55,6 @@ def run_elastic(config, workload: list[WorkloadRequest], scheduler_name: str, sl
     return {
         "scheduler": scheduler_name, "min_workers": scaling.min_workers,
         "max_workers": scaling.max_workers, "start_s": scaling.start_s,
-        "grow_roles": list(grow_roles) or "fixed",
         **summarize(outcome.timelines, duration, slo.ttft_s, slo.tbt_s),
         "device_hours": outcome.device_s / 3600,
         "mean_devices": outcome.device_s / outcome.end_time if outcome.end_time else 0.0,

@@ -33,15 +33,13 @@ MAX_TOKENS = 4096  # the cap a simulated client asks for; workloads carry no max
 
 @dataclass(frozen=True, slots=True)
 class Elastic:
-    """An elastic pool: the rule, worker ids below `max_workers` with their roles (a grown
-    one's chosen among `grow_roles`, where given, as the core's PoolMembers does), and how
+    """An elastic pool: the rule, worker ids below `max_workers` with their roles, and how
     long a grown worker takes to start."""
 
     rule: ScalingRule
     max_workers: int
     role_of: Callable[[int], str]
     start_s: float
-    grow_roles: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,8 +157,7 @@ def simulate(workload: list[WorkloadRequest], scheduler, num_workers: int, cost:
     config = CoreConfig(num_workers)
     if elastic is not None:
         config = CoreConfig(num_workers, max_workers=elastic.max_workers,
-                            scaling=elastic.rule, role_of=elastic.role_of,
-                            grow_roles=elastic.grow_roles)
+                            scaling=elastic.rule, role_of=elastic.role_of)
     sim = _Simulation(workload, ControllerCore(scheduler, config, stats), {}, slo_of)
     sim.workers = {i: SimWorker(i, cost, sim.requests) for i in range(num_workers)}
     if elastic is not None:
