@@ -13,7 +13,7 @@ from tokenpool.gpu_pool.engine_config import EngineConfig
 from tokenpool.controller.serve_config import SLOConfig
 from tokenpool.gpu_pool.pool_config import PoolConfig
 from tokenpool.memory.config import MemoryConfig
-from tokenpool.models.quant_plan import check_mode
+from tokenpool.memory.quant_formats import check_mode
 from tokenpool.proxy.config import ProxyConfig
 from tokenpool.sampling import SamplingDefaults
 from tokenpool.schedulers.config import SchedulerConfig

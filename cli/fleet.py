@@ -72,8 +72,7 @@ def run_synth(args: argparse.Namespace) -> int:
 
 
 def _parse_shape(text: str) -> dict[str, int]:
-    from tokenpool.models import parse_shape
-    from tokenpool.models.synth import default_intermediate_size
+    from tokenpool.models.synth_shape import default_intermediate_size, parse_shape
 
     shape = parse_shape(text)
     if shape.get("intermediate_size") is None:

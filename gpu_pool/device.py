@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 from tokenpool.errors import ConfigError
+from tokenpool.gpu_pool.engine_config import DTYPE_NAMES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 @functools.cache

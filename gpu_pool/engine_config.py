@@ -6,8 +6,11 @@ import re
 from dataclasses import dataclass
 
 from tokenpool.errors import ConfigError
-from tokenpool.gpu_pool.device import DTYPES
-from tokenpool.models.quant_plan import check_mode
+from tokenpool.memory.quant_formats import check_mode
+
+# The dtypes an engine runs in, by name; gpu_pool/device.py maps them to torch's. Names only
+# here, so that reading a fleet file does not load torch.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +41,8 @@ class EngineConfig:
         # Checked when the fleet file loads, long before a checkpoint is read.
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device must be cpu, cuda or cuda:N; got {self.device!r}")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be auto or one of {', '.join(DTYPES)}; "
+        if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
+            raise ConfigError(f"dtype must be auto or one of {', '.join(DTYPE_NAMES)}; "
                               f"got {self.dtype!r}")
         check_mode(self.quantization)
         if self.prefill_chunk_tokens < 0:

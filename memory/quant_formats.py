@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tokenpool.errors import ConfigError
+
 
 @dataclass(frozen=True, slots=True)
 class QuantFormat:
@@ -56,6 +58,12 @@ BY_GGML_TYPE = {f.ggml_type: f for f in QUANT_FORMATS.values() if f.ggml_type is
 # (int4: groups of 32 with a float16 scale and minimum, stored as q4_1 blocks).
 QUANT_MODES = ("none", "native", "int8", "int4")
 LOAD_FORMATS = {"int8": "int8", "int4": "q4_1"}
+
+
+def check_mode(mode: str) -> str:
+    if mode not in QUANT_MODES:
+        raise ConfigError(f"quantization must be one of {', '.join(QUANT_MODES)}; got {mode!r}")
+    return mode
 
 
 def is_quantized(dtype: str) -> bool:

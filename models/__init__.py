@@ -9,7 +9,7 @@ _HOME = {
     "ModelConfig": "config",
     "IncrementalDetokenizer": "detokenizer",
     "resolve_source": "locate", "smollm2_gguf_path": "locate",
-    "parse_shape": "synth", "write_synthetic_checkpoint": "synth",
+    "parse_shape": "synth_shape", "write_synthetic_checkpoint": "synth",
     "Tokenizer": "tokenizer",
 }
 

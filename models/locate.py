@@ -74,7 +74,8 @@ def synthetic_source(spec: str, base_dir: Path) -> Path:
     import tempfile
 
     from tokenpool.models.families import FAMILIES
-    from tokenpool.models.synth import parse_shape, write_synthetic_checkpoint
+    from tokenpool.models.synth import write_synthetic_checkpoint
+    from tokenpool.models.synth_shape import parse_shape
 
     family, _, rest = spec.rpartition(":")
     shape, _, seed = rest.partition("@")

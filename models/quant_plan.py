@@ -9,8 +9,7 @@ segment per run of equal formats.
 
 from __future__ import annotations
 
-from tokenpool.errors import ConfigError
-from tokenpool.memory.quant_formats import LOAD_FORMATS, QUANT_FORMATS, QUANT_MODES
+from tokenpool.memory.quant_formats import LOAD_FORMATS, QUANT_FORMATS, check_mode
 from tokenpool.models.config import ModelConfig
 from tokenpool.models.quantized import QuantizedTensor
 from tokenpool.models.tensor_layout import expected_shapes, packed_sources
@@ -21,12 +20,6 @@ Segment = tuple[str | None, int]  # (format, None for the serving dtype; rows)
 QUANTIZABLE_ROLES = ("embed", "lm_head", "qkv", "o", "gate_up", "down", "experts_gate_up",
                      "experts_down")
 _EXPERT_ROLES = ("experts_gate_up", "experts_down")
-
-
-def check_mode(mode: str) -> str:
-    if mode not in QUANT_MODES:
-        raise ConfigError(f"quantization must be one of {', '.join(QUANT_MODES)}; got {mode!r}")
-    return mode
 
 
 def plan_formats(cfg: ModelConfig, mode: str, tied: bool,

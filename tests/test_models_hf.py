@@ -13,7 +13,8 @@ from tokenpool.errors import CheckpointError
 from tokenpool.models import (
     load_checkpoint, parse_shape, resolve_source, smollm2_gguf_path, write_synthetic_checkpoint,
 )
-from tokenpool.models.synth import default_intermediate_size, random_weights
+from tokenpool.models.synth import random_weights
+from tokenpool.models.synth_shape import default_intermediate_size
 
 SHAPE = dict(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2)
 
