@@ -119,7 +119,8 @@ class PoolMembers:
                                     w in self.draining, busy.get(w)))
         roles = [self.role_of(w) for w in self._free_slots() + sorted(self.draining)]
         return ScalingView(tuple(loads), tuple(sorted(self.pending)),
-                           sum("prefill" in r for r in roles), sum("decode" in r for r in roles))
+                           sum("prefill" in r for r in roles), sum("decode" in r for r in roles),
+                           len(self.up & self.unscaled))
 
     def _free_slots(self) -> list[int]:
         taken = self.up | self.down | self.pending.keys()

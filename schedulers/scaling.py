@@ -86,6 +86,9 @@ class ScalingView:
     # that prefill, and that decode.
     prefill_room: int
     decode_room: int
+    # Workers up that the rule leaves alone (pinned models' own): not in `workers`, but they
+    # count towards min_workers, which bounds the whole pool.
+    unscaled: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +231,7 @@ class ScalingRule:
 
     def _shrink(self, now: float, view: ScalingView, accepting,
                 calm: bool) -> ScaleDown | None:
-        spare = len(accepting) + len(view.pending) - self.config.min_workers
+        spare = len(accepting) + len(view.pending) + view.unscaled - self.config.min_workers
         if spare <= 0:
             return None
         # Busy shares span idle_after_s: one taken before the last action measured another pool.

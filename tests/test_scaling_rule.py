@@ -121,6 +121,16 @@ def test_never_the_last_worker_of_a_role_nor_below_min_workers():
     assert run(r, three, 0.0, 60.0) == []
 
 
+def test_min_workers_counts_the_workers_the_rule_leaves_alone():
+    """Pinned models' workers are not in the view, but min_workers bounds the whole pool: 3
+    pooled workers stay at a floor of 3; with a pinned one up besides, one of them may go."""
+    idle = [worker(0, "prefill"), *[worker(w, holds=0, load=0.0, idle_s=99.0) for w in (1, 2)]]
+    alone = ScalingView(tuple(idle), (), 4, 4)
+    assert run(rule(min_workers=3), alone, 0.0, 60.0) == []
+    pinned = ScalingView(tuple(idle), (), 4, 4, unscaled=1)
+    assert run(rule(min_workers=3), pinned, 0.0, 10.0) == [(10.0, ScaleDown((2,)))]
+
+
 def test_decode_work_that_fits_fewer_workers_drains_the_lightest_at_once():
     r = rule()
     light = disaggregated(0.3, 0.1, 0.2, 0.25)
