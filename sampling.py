@@ -9,11 +9,16 @@ from dataclasses import dataclass, field
 from tokenpool.errors import InvalidSamplingError
 
 MAX_LOGPROBS = 20
+# Temperatures below this decode greedily, as vLLM's do. Their limit is the argmax anyway, and
+# below ~1e-37 dividing float32 logits by them overflows to inf (or divides by a float32 0),
+# which would sample a junk token.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """What to generate. temperature == 0 means greedy; top_k == -1 (or 0) disables top-k."""
+    """What to generate. temperature 0 (or below GREEDY_BELOW) means greedy; top_k == -1 (or
+    0) disables top-k."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -46,7 +51,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 def _check(ok: bool, param: str, message: str) -> None:
